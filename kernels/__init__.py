@@ -1,0 +1,1 @@
+"""Optional Triton kernels (none yet): see README.md."""

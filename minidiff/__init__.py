@@ -1,0 +1,2 @@
+"""minidiff: small, readable text-to-image diffusion in plain PyTorch."""
+__version__ = "0.1.0"

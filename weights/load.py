@@ -1,0 +1,149 @@
+"""Load safetensors straight into a model built on the meta device.
+
+The module is created with no storage, every tensor of the file is read once, cast to the target
+dtype, moved to the target device and assigned in place: no random init, no second fp32 copy, so
+loading takes about as long as reading the file and peaks at about one copy of the weights.
+Every key and shape is checked against the model before any tensor is read.
+"""
+import json
+import os
+
+import torch
+
+from .config import config_from_dict, config_to_dict
+from .hub import _check_pickle, read_json, resolve_weights
+
+
+def read_header(path):
+    """{key: (shape, dtype_name)} of a safetensors file, read from its header only."""
+    from safetensors import safe_open
+    try:
+        with safe_open(path, framework="pt", device="cpu") as f:
+            out = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                out[k] = (tuple(sl.get_shape()), sl.get_dtype())
+            return out
+    except Exception as e:  # safetensors raises its own error types for truncated and corrupt files
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+
+
+def read_state_dict(files, allow_pickle=False):
+    """Whole state dict of one or more files (safetensors, or pickle when allowed) on the CPU."""
+    sd = {}
+    for path in files:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+            read_header(path)  # clear error for a bad file
+            sd.update(load_file(path, device="cpu"))
+        else:
+            _check_pickle(path, allow_pickle)
+            sd.update(torch.load(path, map_location="cpu", weights_only=True))
+    return sd
+
+
+def _iter_tensors(files, allow_pickle):
+    """(file, key, tensor) one at a time, so that only one tensor is in flight."""
+    for path in files:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+            with safe_open(path, framework="pt", device="cpu") as f:
+                for k in f.keys():
+                    try:
+                        t = f.get_tensor(k)
+                    except Exception as e:
+                        raise ValueError(f"{path}: could not read tensor {k!r} (truncated or corrupt file?): {e}") from e
+                    yield path, k, t
+        else:
+            _check_pickle(path, allow_pickle)
+            for k, t in torch.load(path, map_location="cpu", weights_only=True).items():
+                yield path, k, t
+
+
+def _shapes(files, allow_pickle):
+    shapes = {}
+    for path in files:
+        if path.endswith(".safetensors"):
+            for k, (shape, _) in read_header(path).items():
+                shapes[k] = (path, shape)
+        else:
+            _check_pickle(path, allow_pickle)
+            for k, t in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items():
+                shapes[k] = (path, tuple(t.shape))
+    return shapes
+
+
+def _listing(keys, n=12):
+    keys = sorted(keys)
+    more = f" ... and {len(keys) - n} more" if len(keys) > n else ""
+    return ", ".join(keys[:n]) + more
+
+
+def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=False):
+    """Assign the tensors of `files` to `model` (built on meta), checking every key and shape first.
+
+    `rename(file_key) -> module_key` maps another key form of the same model (None: keys are equal).
+    Floating tensors are cast to `dtype` (None: float32); others keep theirs.
+    """
+    rename = rename or (lambda k: k)
+    dtype = dtype or torch.float32
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    found = {rename(k): (path, shape, k) for k, (path, shape) in _shapes(files, allow_pickle).items()}
+    where = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} shards)"
+    missing = expected.keys() - found.keys()
+    unexpected = found.keys() - expected.keys()
+    wrong = [f"{k}: file {found[k][1]} vs model {expected[k]}" for k in expected.keys() & found.keys()
+             if tuple(found[k][1]) != expected[k]]
+    if missing or unexpected or wrong:
+        parts = [f"{where} does not fit {type(model).__name__}:"]
+        if missing:
+            parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
+        if unexpected:
+            parts.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+        if wrong:
+            parts.append(f"{len(wrong)} wrong shapes: {_listing(wrong, 6)}")
+        parts.append("(is the config.json beside the weights the one they were saved with?)")
+        raise ValueError("\n  ".join(parts))
+    sd = {}
+    for _, k, t in _iter_tensors(files, allow_pickle):
+        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+        sd[rename(k)] = t
+    model.load_state_dict(sd, strict=True, assign=True)
+    left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
+    if left:
+        raise RuntimeError(f"{type(model).__name__}: tensors not set by {where}: {_listing(left)}")
+    return model
+
+
+def load_model(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
+               allow_pickle=False, config=None):
+    """Build `cls` from its config.json and load its weights: the body of every model's from_pretrained.
+
+    The class provides `config_class` (a dataclass), `weight_names` (file stems) and optionally
+    `rename_key(file_key)` for a second key form of the same weights.
+    """
+    repo_or_path = os.fspath(repo_or_path)
+    if config is None:
+        raw = read_json(repo_or_path, "config.json", subfolder)
+        config = config_from_dict(cls.config_class, raw, where=os.path.join(repo_or_path, subfolder or "", "config.json"))
+    files = resolve_weights(repo_or_path, cls.weight_names, subfolder, variant, allow_pickle)
+    with torch.device("meta"):
+        model = cls(config)
+    load_into(model, files, torch_dtype, device, getattr(cls, "rename_key", None), allow_pickle)
+    return model.eval()
+
+
+def save_model(model, folder, weight_name="diffusion_pytorch_model", class_name=None):
+    """Write config.json and <weight_name>.safetensors into `folder` (the Hub layout diffusers reads)."""
+    from safetensors.torch import save_file
+    os.makedirs(folder, exist_ok=True)
+    with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
+        json.dump(config_to_dict(model.config, class_name or type(model).__name__), f, indent=2)
+    sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    save_file(sd, os.path.join(folder, weight_name + ".safetensors"), metadata={"format": "pt"})
+
+
+def load_config(cls_config, repo_or_path, subfolder=None):
+    raw = read_json(repo_or_path, "config.json", subfolder)
+    return config_from_dict(cls_config, raw, where=os.path.join(os.fspath(repo_or_path), subfolder or "", "config.json"))
