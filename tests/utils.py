@@ -15,6 +15,8 @@ def seeded_(module, seed=0, std=0.05):
     """Fill every parameter with seeded random values (diffusers' inits leave many at zero)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in module.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) * std + (1.0 if p.ndim == 1 and std == 0 else 0))
+        for name, p in module.named_parameters():
+            # norm scales around 1, everything else around 0
+            base = 1.0 if p.ndim == 1 and name.endswith("weight") else 0.0
+            p.copy_(torch.randn(p.shape, generator=g) * std + base)
     return module
