@@ -1,0 +1,352 @@
+"""What every pipeline shares: building it from a repo's model_index.json, moving it between devices,
+manual model offload, a progress bar, and turning decoded tensors into images.
+
+A pipeline is a plain object holding its components; its __call__ is the whole algorithm, written out.
+"""
+import importlib
+import inspect
+import json
+import os
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ..weights.hub import read_json
+
+# model_index.json names classes; this is where each one lives in minidiff. Several Hub names map to one class.
+COMPONENT_MODULES = {
+    "UNet2DConditionModel": "minidiff.models.unet",
+    "AutoencoderKL": "minidiff.models.vae",
+    "AutoencoderTiny": "minidiff.models.taesd",
+    "CLIPTextModel": "minidiff.models.clip",
+    "CLIPTextModelWithProjection": "minidiff.models.clip",
+    "CLIPTokenizer": "minidiff.tokenizer",
+    "CLIPTokenizerFast": "minidiff.tokenizer",
+    "PreTrainedTokenizerFast": "minidiff.tokenizer",
+    "EulerDiscreteScheduler": "minidiff.schedulers",
+    "EulerAncestralDiscreteScheduler": "minidiff.schedulers",
+    "DDIMScheduler": "minidiff.schedulers",
+    "PNDMScheduler": "minidiff.schedulers",
+    "LCMScheduler": "minidiff.schedulers",
+    "DDPMWuerstchenScheduler": "minidiff.schedulers.ddpm_wuerstchen",
+    "WuerstchenPrior": "minidiff.models.wuerstchen_prior",
+    "WuerstchenDiffNeXt": "minidiff.models.wuerstchen_diffnext",
+    "PaellaVQModel": "minidiff.models.paella_vq",
+    "VQModelPaella": "minidiff.models.paella_vq",
+}
+# Tokenizer class names in model_index.json that are served by minidiff's one CLIPTokenizer.
+CLASS_ALIASES = {"CLIPTokenizerFast": "CLIPTokenizer", "PreTrainedTokenizerFast": "CLIPTokenizer",
+                 "VQModelPaella": "PaellaVQModel"}
+# Components minidiff does not run; the pipeline holds None for them.
+SKIPPED = {"safety_checker", "feature_extractor", "image_encoder"}
+
+
+def component_class(name, where):
+    if name not in COMPONENT_MODULES:
+        raise ValueError(f"{where}: component class {name!r} is not implemented by minidiff "
+                         f"(known: {', '.join(sorted(COMPONENT_MODULES))})")
+    module = importlib.import_module(COMPONENT_MODULES[name])
+    return getattr(module, CLASS_ALIASES.get(name, name))
+
+
+@dataclass
+class PipelineOutput:
+    """What a pipeline returns: `.images` (PIL list, numpy array, tensor or latents)."""
+    images: object
+    nsfw_content_detected: object = None
+
+
+StableDiffusionPipelineOutput = PipelineOutput
+
+
+class DiffusionPipeline:
+    """Base of every pipeline: construction from the Hub layout, devices, offload. No denoising here."""
+
+    # Component names, in model_index.json order; subclasses list theirs.
+    component_names = ()
+    # Optional components a pipeline can run without (e.g. text encoders when embeddings are given).
+    optional_components = ()
+
+    def __init__(self, **components):
+        for name in self.component_names:
+            setattr(self, name, components.get(name))
+        self._offload_device = None
+        self._progress_disable = False
+
+    # ---- construction -------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, repo_or_path, torch_dtype=None, variant=None, device=None, allow_pickle=False, **kwargs):
+        """Build the pipeline from a Hub repo id or a local folder holding model_index.json.
+
+        Keyword arguments named after a component replace it (`vae=AutoencoderTiny.from_pretrained(...)`,
+        `text_encoder=None`); other keyword arguments go to the pipeline's constructor.
+        """
+        repo_or_path = os.fspath(repo_or_path)
+        index = read_json(repo_or_path, "model_index.json")
+        where = os.path.join(repo_or_path, "model_index.json")
+        if cls is DiffusionPipeline:  # the generic entry point picks the class the repo names
+            from . import PIPELINES
+            name = index.get("_class_name")
+            if name not in PIPELINES:
+                raise ValueError(f"{where}: pipeline class {name!r} is not implemented by minidiff "
+                                 f"(known: {', '.join(sorted(PIPELINES))})")
+            return PIPELINES[name].from_pretrained(repo_or_path, torch_dtype=torch_dtype, variant=variant,
+                                                   device=device, allow_pickle=allow_pickle, **kwargs)
+        init_params = inspect.signature(cls.__init__).parameters
+        components, options = {}, {}
+        for key, value in index.items():
+            if key.startswith("_"):
+                continue
+            if key in kwargs:
+                components[key] = kwargs.pop(key)
+            elif key in SKIPPED or not (isinstance(value, (list, tuple)) and len(value) == 2):
+                if key in init_params and not isinstance(value, (list, tuple)):
+                    options[key] = value
+            elif value[1] is None:
+                components[key] = None
+            else:
+                klass = component_class(value[1], f"{where} ({key})")
+                if hasattr(klass, "config_class"):  # a model with weights
+                    components[key] = klass.from_pretrained(repo_or_path, subfolder=key, variant=variant,
+                                                            torch_dtype=torch_dtype, device=device,
+                                                            allow_pickle=allow_pickle)
+                else:  # a scheduler or a tokenizer
+                    components[key] = klass.from_pretrained(repo_or_path, subfolder=key)
+        unknown = [k for k in kwargs if k not in init_params]
+        if unknown:
+            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {unknown}")
+        for name in cls.component_names:
+            if name not in components and name not in kwargs and name not in cls.optional_components:
+                raise ValueError(f"{where} has no {name!r} component, which {cls.__name__} needs")
+        return cls(**components, **options, **kwargs)
+
+    def save_pretrained(self, folder):
+        """Write the pipeline in the Hub layout (model_index.json + one folder per component)."""
+        os.makedirs(folder, exist_ok=True)
+        index = {"_class_name": type(self).__name__, "_diffusers_version": "0.39.0"}
+        for name in self.component_names:
+            comp = getattr(self, name)
+            if comp is None:
+                index[name] = [None, None]
+                continue
+            lib = "transformers" if type(comp).__name__.startswith("CLIP") else "diffusers"
+            index[name] = [lib, type(comp).__name__]
+            comp.save_pretrained(os.path.join(folder, name))
+        index.update(self.extra_config())
+        with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as f:
+            json.dump(index, f, indent=2)
+
+    def extra_config(self):
+        """Pipeline options written to model_index.json (e.g. force_zeros_for_empty_prompt)."""
+        return {}
+
+    @property
+    def components(self):
+        return {name: getattr(self, name) for name in self.component_names}
+
+    def modules(self):
+        return [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
+
+    # ---- devices ------------------------------------------------------------------------------
+    def to(self, device=None, dtype=None):
+        for m in self.modules():
+            m.to(device=device, dtype=dtype)
+        return self
+
+    @property
+    def device(self):
+        for m in self.modules():
+            return next(m.parameters()).device
+        return torch.device("cpu")
+
+    @property
+    def dtype(self):
+        for m in self.modules():
+            return next(m.parameters()).dtype
+        return torch.float32
+
+    @property
+    def _execution_device(self):
+        return torch.device(self._offload_device) if self._offload_device is not None else self.device
+
+    def enable_model_cpu_offload(self, device="cuda"):
+        """Keep every model on the CPU and move each to `device` only while it works (one at a time)."""
+        self._offload_device = torch.device(device)
+        for m in self.modules():
+            m.to("cpu")
+
+    @contextmanager
+    def _on_device(self, model):
+        """With offload on: `model` sits on the execution device inside the block, on the CPU after."""
+        if self._offload_device is None or model is None:
+            yield model
+            return
+        model.to(self._offload_device)
+        try:
+            yield model
+        finally:
+            model.to("cpu")
+
+    def enable_vae_slicing(self):
+        self.vae.enable_slicing()
+
+    def disable_vae_slicing(self):
+        self.vae.disable_slicing()
+
+    # ---- progress -----------------------------------------------------------------------------
+    def set_progress_bar_config(self, disable=False, **_):
+        self._progress_disable = disable
+
+    def progress_bar(self, iterable, desc="denoising"):
+        return progress(iterable, desc, disable=self._progress_disable)
+
+
+def progress(iterable, desc="", disable=False, stream=None):
+    """A one-line progress bar on stderr: `desc  12/25 [00:01<00:02, 9.1it/s]`."""
+    items = list(iterable)
+    if disable or not items:
+        yield from items
+        return
+    stream = stream or sys.stderr
+    n, start = len(items), time.perf_counter()
+    for i, item in enumerate(items):
+        yield item
+        done = i + 1
+        elapsed = time.perf_counter() - start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (n - done) / rate if rate > 0 else 0.0
+        bar = "#" * (20 * done // n)
+        stream.write(f"\r{desc} |{bar:<20}| {done}/{n} [{elapsed:5.1f}s<{left:5.1f}s, {rate:5.2f}it/s]")
+        stream.flush()
+    stream.write("\n")
+
+
+# ---- images in and out ----------------------------------------------------------------------------
+def postprocess(image, output_type="pil"):
+    """Decoded images in [-1, 1] (B, C, H, W) -> "pt" tensor in [0, 1], "np" (B, H, W, C) array, or PIL list."""
+    if output_type not in ("pil", "np", "pt"):
+        raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
+    image = (image / 2 + 0.5).clamp(0, 1)
+    if output_type == "pt":
+        return image
+    image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+    if output_type == "np":
+        return image
+    return numpy_to_pil(image)
+
+
+def numpy_to_pil(images):
+    images = (images * 255).round().astype("uint8")
+    if images.shape[-1] == 1:
+        return [Image.fromarray(im[..., 0], mode="L") for im in images]
+    return [Image.fromarray(im) for im in images]
+
+
+def preprocess_image(image, vae_scale_factor, height=None, width=None, latent_channels=4):
+    """PIL / numpy / tensor image(s) in [0, 1] -> (B, 3, H, W) tensor in [-1, 1], H and W multiples of the VAE factor.
+
+    A tensor with `latent_channels` channels is taken as latents and returned unchanged.
+    """
+    images = image if isinstance(image, list) else [image]
+    if not images:
+        raise ValueError("image is an empty list")
+    first = images[0]
+    if isinstance(first, Image.Image):
+        bad = [im.mode for im in images if im.mode != "RGB"]
+        if bad:
+            raise ValueError(f"image has mode {bad[0]!r}; an RGB image is needed: pass image.convert('RGB')")
+        h = height or first.height
+        w = width or first.width
+        h, w = h - h % vae_scale_factor, w - w % vae_scale_factor
+        images = [im.resize((w, h), resample=Image.LANCZOS, reducing_gap=None) for im in images]
+        arr = np.stack([np.array(im).astype(np.float32) / 255.0 for im in images])
+        x = torch.from_numpy(arr).permute(0, 3, 1, 2)
+    elif isinstance(first, (np.ndarray, torch.Tensor)):
+        if isinstance(first, np.ndarray):
+            arr = np.concatenate(images) if first.ndim == 4 else np.stack(images)
+            if arr.ndim == 3:
+                arr = arr[..., None]
+            x = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
+        else:
+            x = torch.cat(images) if first.ndim == 4 else torch.stack(images)
+            if x.shape[1] == latent_channels:
+                return x
+        if x.shape[1] != 3:
+            raise ValueError(f"image has {x.shape[1]} channels; an RGB image (3 channels) or latents "
+                             f"({latent_channels} channels) are needed")
+        h = height or x.shape[2]
+        w = width or x.shape[3]
+        h, w = h - h % vae_scale_factor, w - w % vae_scale_factor
+        if (h, w) != tuple(x.shape[2:]):
+            x = torch.nn.functional.interpolate(x, size=(h, w))
+    else:
+        raise ValueError(f"image of type {type(first).__name__}: pass a PIL image, a numpy array or a torch tensor")
+    if x.min() < 0:  # already in [-1, 1]
+        return x
+    return x * 2 - 1
+
+
+def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
+    """Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules..."): match the text branch's std
+    to undo over-exposure from large guidance, blended by `guidance_rescale`."""
+    dims = list(range(1, noise_pred_text.ndim))
+    std_text = noise_pred_text.std(dim=dims, keepdim=True)
+    std_cfg = noise_cfg.std(dim=dims, keepdim=True)
+    rescaled = noise_cfg * (std_text / std_cfg)
+    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
+
+
+def guidance_scale_embedding(w, dim, dtype=torch.float32):
+    """LCM's guidance embedding: w (B,) scaled by 1000, sin then cos, frequencies exp(-log(1e4) i / (half - 1))."""
+    from ..nn import timestep_embedding
+    return timestep_embedding(w * 1000.0, dim, flip_sin_to_cos=False, freq_shift=1.0).to(dtype)
+
+
+def prompt_batch(prompt, prompt_embeds):
+    if prompt is None and prompt_embeds is None:
+        raise ValueError("pass `prompt` or `prompt_embeds`")
+    if prompt is not None and prompt_embeds is not None:
+        raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+    if prompt is None:
+        return prompt_embeds.shape[0]
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        return len(prompt)
+    raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
+
+
+def check_common_inputs(height, width, num_inference_steps, generator, batch, vae_scale_factor,
+                        negative_prompt=None, negative_prompt_embeds=None, prompt_embeds=None):
+    """Errors before any work: sizes, steps, list lengths."""
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and (not isinstance(v, int) or v <= 0 or v % vae_scale_factor):
+            raise ValueError(f"{name}={v!r} must be a positive multiple of {vae_scale_factor}")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
+    if isinstance(generator, list) and len(generator) != batch:
+        raise ValueError(f"{len(generator)} generators were passed for a batch of {batch} images "
+                         f"(prompts x num_images_per_prompt); pass one generator or exactly {batch}")
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+    if (prompt_embeds is not None and negative_prompt_embeds is not None
+            and prompt_embeds.shape != negative_prompt_embeds.shape):
+        raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                         f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
+
+
+def negative_list(negative_prompt, batch_size):
+    """The negative prompt as a list of `batch_size` strings ("" when absent)."""
+    if negative_prompt is None:
+        return [""] * batch_size
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * batch_size
+    if len(negative_prompt) != batch_size:
+        raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}: "
+                         "pass one negative prompt per prompt, or a single string")
+    return list(negative_prompt)

@@ -1,0 +1,226 @@
+"""Stable Diffusion 1.x / 2.x (and SD-Turbo, segmind small/tiny, LCM UNets): text-to-image and image-to-image.
+
+The algorithm, top to bottom: encode the prompt with CLIP (and the negative prompt for classifier-free
+guidance), draw Gaussian latents (or noise an encoded image up to `strength`), run the scheduler's loop
+with the UNet, decode with the VAE. Same calls, same random draws as diffusers, so the same seed gives the
+same image.
+"""
+import torch
+
+from ..schedulers.common import randn_tensor
+from .common import (DiffusionPipeline, PipelineOutput, check_common_inputs, guidance_scale_embedding,
+                     negative_list, postprocess, preprocess_image, prompt_batch, rescale_noise_cfg)
+
+
+class StableDiffusionPipeline(DiffusionPipeline):
+    component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
+    optional_components = ("text_encoder", "tokenizer", "safety_checker", "feature_extractor")
+
+    def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
+                 requires_safety_checker=False, image_encoder=None):
+        # minidiff runs no safety checker: those components are accepted and left unused.
+        super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
+                         safety_checker=None, feature_extractor=None)
+
+    @property
+    def vae_scale_factor(self):
+        return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+
+    # ---- prompt ---------------------------------------------------------------------------------
+    def _embed(self, texts, clip_skip=None):
+        """CLIP embeddings of a list of texts: last hidden state, or with clip_skip=k the hidden state k layers
+        before the last, through the final layer norm."""
+        if self.text_encoder is None or self.tokenizer is None:
+            raise ValueError("this pipeline has no text encoder/tokenizer: pass prompt_embeds (and "
+                             "negative_prompt_embeds) instead of prompts")
+        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids
+        device = self._execution_device
+        with self._on_device(self.text_encoder) as te:
+            if clip_skip is None:
+                return te(ids.to(device))[0]
+            hidden = te(ids.to(device), output_hidden_states=True).hidden_states[-(clip_skip + 1)]
+            return te.text_model.final_layer_norm(hidden)
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt, device=None, num_images_per_prompt=1, do_classifier_free_guidance=True,
+                      negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None,
+                      clip_skip=None):
+        """(prompt_embeds, negative_prompt_embeds), each repeated for num_images_per_prompt.
+
+        The negative side is None without guidance. As in diffusers, clip_skip applies to the prompt only.
+        """
+        device = device or self._execution_device
+        batch = prompt_batch(prompt, prompt_embeds)
+        if prompt_embeds is None:
+            prompt_embeds = self._embed([prompt] if isinstance(prompt, str) else prompt, clip_skip)
+        dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
+        prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
+        if do_classifier_free_guidance:
+            if negative_prompt_embeds is None:
+                negative_prompt_embeds = self._embed(negative_list(negative_prompt, batch))
+            negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
+            negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
+        return prompt_embeds, negative_prompt_embeds
+
+    # ---- denoising ------------------------------------------------------------------------------
+    def _guided(self, guidance_scale):
+        # LCM-distilled UNets take the guidance scale as an embedding and need no unconditional pass.
+        return guidance_scale > 1 and self.unet.config.time_cond_proj_dim is None
+
+    def _timestep_cond(self, guidance_scale, batch, dtype):
+        dim = self.unet.config.time_cond_proj_dim
+        if dim is None:
+            return None
+        w = torch.full((batch,), guidance_scale - 1, dtype=torch.float32)
+        return guidance_scale_embedding(w, dim).to(device=self._execution_device, dtype=dtype)
+
+    def _denoise(self, latents, timesteps, embeds, guidance_scale, guidance_rescale, generator, eta,
+                 cross_attention_kwargs, added_cond_kwargs=None, callback_on_step_end=None):
+        guided = self._guided(guidance_scale)
+        timestep_cond = self._timestep_cond(guidance_scale, latents.shape[0], latents.dtype)
+        step_kwargs = {"generator": generator}
+        if eta is not None and "eta" in self.scheduler.step.__code__.co_varnames:
+            step_kwargs["eta"] = eta
+        with self._on_device(self.unet) as unet:
+            for i, t in enumerate(self.progress_bar(timesteps)):
+                x = torch.cat([latents] * 2) if guided else latents
+                x = self.scheduler.scale_model_input(x, t)
+                noise_pred = unet(x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond,
+                                  cross_attention_kwargs=cross_attention_kwargs,
+                                  added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+                if guided:
+                    uncond, text = noise_pred.chunk(2)
+                    noise_pred = uncond + guidance_scale * (text - uncond)
+                    if guidance_rescale > 0:
+                        noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale)
+                latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
+                if callback_on_step_end is not None:
+                    out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
+                    latents = out.get("latents", latents)
+        return latents
+
+    def _decode(self, latents, output_type, generator=None):
+        if output_type == "latent":
+            return latents
+        from ..models.vae import check_finite
+        with self._on_device(self.vae) as vae:
+            image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
+        check_finite(image, f"{type(self.vae).__name__}.decode")
+        return postprocess(image, output_type)
+
+    def _check(self, prompt, height, width, num_inference_steps, num_images_per_prompt, generator, negative_prompt,
+               prompt_embeds, negative_prompt_embeds, output_type):
+        batch = prompt_batch(prompt, prompt_embeds)
+        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+        check_common_inputs(height, width, num_inference_steps, generator, batch * num_images_per_prompt,
+                            self.vae_scale_factor, negative_prompt, negative_prompt_embeds, prompt_embeds)
+        if isinstance(negative_prompt, list):
+            negative_list(negative_prompt, batch)
+        if output_type not in ("pil", "np", "pt", "latent"):
+            raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
+        return batch
+
+    # ---- text-to-image --------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt=None, height=None, width=None, num_inference_steps=50, timesteps=None,
+                 guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
+                 latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
+                 cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None, callback_on_step_end=None):
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        batch = self._check(prompt, height, width, num_inference_steps, num_images_per_prompt, generator,
+                            negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        device = self._execution_device
+        guided = self._guided(guidance_scale)
+
+        cond, uncond = self.encode_prompt(prompt, device, num_images_per_prompt, guided, negative_prompt,
+                                          prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip)
+        embeds = torch.cat([uncond, cond]) if guided else cond  # diffusers' batch order: [uncond, cond]
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
+        n = batch * num_images_per_prompt
+        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        latents = latents.to(device) * self.scheduler.init_noise_sigma
+
+        latents = self._denoise(latents, self.scheduler.timesteps, embeds, guidance_scale, guidance_rescale,
+                                generator, eta, cross_attention_kwargs, callback_on_step_end=callback_on_step_end)
+        images = self._decode(latents, output_type, generator)
+        return PipelineOutput(images) if return_dict else (images, None)
+
+
+class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
+    """Image-to-image: encode the image, noise it to the timestep that `strength` picks, denoise from there."""
+
+    def _encode_image(self, image, n, generator, dtype):
+        device = self._execution_device
+        image = image.to(device=device, dtype=dtype)
+        if image.shape[1] == self.vae.config.latent_channels:  # already latents
+            init = image
+        else:
+            with self._on_device(self.vae) as vae:
+                if isinstance(generator, list):  # one generator per image: encode them one by one
+                    if n % image.shape[0]:
+                        raise ValueError(f"cannot repeat {image.shape[0]} images to a batch of {n}")
+                    image = torch.cat([image] * (n // image.shape[0]))
+                    init = torch.cat([_image_latents(vae, image[i:i + 1], generator[i]) for i in range(n)])
+                else:
+                    init = _image_latents(vae, image, generator)
+            init = init * self.vae.config.scaling_factor
+        if n > init.shape[0]:
+            if n % init.shape[0]:
+                raise ValueError(f"cannot repeat {init.shape[0]} images to a batch of {n}")
+            init = torch.cat([init] * (n // init.shape[0]))
+        elif n < init.shape[0]:
+            raise ValueError(f"{init.shape[0]} images passed for {n} prompts x images per prompt")
+        return init
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, image=None, strength=0.8, num_inference_steps=50, timesteps=None,
+                 guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
+                 cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None, callback_on_step_end=None):
+        if image is None:
+            raise ValueError("image-to-image needs `image`")
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength={strength!r} must be in [0, 1]")
+        batch = self._check(prompt, None, None, num_inference_steps, num_images_per_prompt, generator,
+                            negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        x = preprocess_image(image, self.vae_scale_factor, latent_channels=self.vae.config.latent_channels)
+        device = self._execution_device
+        guided = self._guided(guidance_scale)
+
+        cond, uncond = self.encode_prompt(prompt, device, num_images_per_prompt, guided, negative_prompt,
+                                          prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip)
+        embeds = torch.cat([uncond, cond]) if guided else cond
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
+        steps = len(timesteps) if timesteps else num_inference_steps
+        t_start = max(steps - min(int(steps * strength), steps), 0)
+        ts = self.scheduler.timesteps[t_start * self.scheduler.order:]
+        if len(ts) == 0:
+            raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
+        self.scheduler.set_begin_index(t_start * self.scheduler.order)
+
+        n = batch * num_images_per_prompt
+        init = self._encode_image(x, n, generator, cond.dtype)
+        noise = randn_tensor(init.shape, generator=generator, device=device, dtype=cond.dtype)
+        latents = self.scheduler.add_noise(init, noise, ts[:1].repeat(n))
+
+        latents = self._denoise(latents, ts, embeds, guidance_scale, guidance_rescale, generator, eta,
+                                cross_attention_kwargs, callback_on_step_end=callback_on_step_end)
+        images = self._decode(latents, output_type, generator)
+        return PipelineOutput(images) if return_dict else (images, None)
+
+
+def _image_latents(vae, image, generator):
+    """Latents of an image batch: a sample of the KL VAE's posterior (drawn with `generator`), or TAESD's output."""
+    out = vae.encode(image)
+    if hasattr(out, "latent_dist"):
+        return out.latent_dist.sample(generator)
+    return out.latents

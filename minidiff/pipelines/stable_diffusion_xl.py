@@ -1,0 +1,334 @@
+"""SDXL (base, refiner, Turbo, SSD-1B/Vega): text-to-image and image-to-image.
+
+What SDXL adds to Stable Diffusion: two text encoders whose penultimate hidden states are concatenated
+(768 + 1280 wide), a pooled embedding from the second, and micro-conditioning: the original size, crop
+corner and target size (or, for the refiner, an aesthetic score) embedded and added to the time embedding.
+The denoising loop is Stable Diffusion's.
+"""
+import torch
+
+from ..schedulers.common import randn_tensor
+from .common import PipelineOutput, postprocess, preprocess_image, prompt_batch
+from .stable_diffusion import StableDiffusionPipeline, _image_latents
+
+
+def _as_list(p, batch):
+    return [p] * batch if isinstance(p, str) else list(p)
+
+
+class StableDiffusionXLPipeline(StableDiffusionPipeline):
+    component_names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
+                       "image_encoder", "feature_extractor")
+    optional_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "image_encoder",
+                           "feature_extractor")
+
+    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
+                 image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt=True,
+                 requires_aesthetics_score=False, add_watermarker=None):
+        # No invisible watermark: diffusers adds one only when its optional package is installed.
+        self.vae, self.text_encoder, self.text_encoder_2 = vae, text_encoder, text_encoder_2
+        self.tokenizer, self.tokenizer_2, self.unet, self.scheduler = tokenizer, tokenizer_2, unet, scheduler
+        self.image_encoder = self.feature_extractor = None
+        self.force_zeros_for_empty_prompt = force_zeros_for_empty_prompt
+        self.requires_aesthetics_score = requires_aesthetics_score
+        self._offload_device = None
+        self._progress_disable = False
+
+    def extra_config(self):
+        return {"force_zeros_for_empty_prompt": self.force_zeros_for_empty_prompt,
+                "requires_aesthetics_score": self.requires_aesthetics_score}
+
+    # ---- prompt ---------------------------------------------------------------------------------
+    def _encoders(self):
+        pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
+        pairs = [(t, e) for t, e in pairs if e is not None]
+        if not pairs or any(t is None for t, _ in pairs):
+            raise ValueError("this pipeline has no text encoders/tokenizers: pass prompt_embeds and "
+                             "pooled_prompt_embeds (see encode_prompt)")
+        return pairs
+
+    def _embed_xl(self, texts_per_encoder, clip_skip=None):
+        """Penultimate (or clip_skip-deeper) hidden states of each encoder, concatenated; pooled from the last."""
+        device = self._execution_device
+        hidden, pooled = [], None
+        for texts, (tok, enc) in zip(texts_per_encoder, self._encoders()):
+            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
+                      return_tensors="pt").input_ids
+            with self._on_device(enc):
+                out = enc(ids.to(device), output_hidden_states=True)
+            if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
+                pooled = out[0]
+            hidden.append(out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)])
+        return torch.cat(hidden, dim=-1), pooled
+
+    @torch.no_grad()
+    def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt=1,
+                      do_classifier_free_guidance=True, negative_prompt=None, negative_prompt_2=None,
+                      prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                      negative_pooled_prompt_embeds=None, lora_scale=None, clip_skip=None):
+        """(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
+        repeated for num_images_per_prompt; the negatives are None without guidance."""
+        device = device or self._execution_device
+        batch = prompt_batch(prompt, prompt_embeds)
+        if prompt_embeds is None:
+            prompt = _as_list(prompt, batch)
+            prompt_2 = _as_list(prompt_2 or prompt, batch)
+            # zipped with the encoders present: a refiner (second encoder only) reads `prompt`, as in diffusers
+            prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip)
+        elif pooled_prompt_embeds is None:
+            raise ValueError("prompt_embeds were passed without pooled_prompt_embeds: pass both (encode_prompt "
+                             "returns them)")
+        if do_classifier_free_guidance and negative_prompt_embeds is None:
+            if negative_prompt is None and self.force_zeros_for_empty_prompt:
+                negative_prompt_embeds = torch.zeros_like(prompt_embeds)
+                negative_pooled_prompt_embeds = torch.zeros_like(pooled_prompt_embeds)
+            else:
+                negative_prompt = negative_prompt or ""
+                negative_prompt_2 = negative_prompt_2 or negative_prompt
+                neg, neg2 = _as_list(negative_prompt, batch), _as_list(negative_prompt_2, batch)
+                if len(neg) != batch or len(neg2) != batch:
+                    raise ValueError(f"negative_prompt has {len(neg)} entries but prompt has {batch}")
+                negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed_xl([neg, neg2])
+        elif do_classifier_free_guidance and negative_pooled_prompt_embeds is None:
+            raise ValueError("negative_prompt_embeds were passed without negative_pooled_prompt_embeds")
+        dtype = self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.unet.dtype
+
+        def rep(x):
+            return None if x is None else x.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, 0)
+
+        if not do_classifier_free_guidance:
+            negative_prompt_embeds = negative_pooled_prompt_embeds = None
+        return rep(prompt_embeds), rep(negative_prompt_embeds), rep(pooled_prompt_embeds), rep(negative_pooled_prompt_embeds)
+
+    # ---- micro-conditioning -----------------------------------------------------------------------
+    def _time_ids(self, ids, pooled_dim, dtype):
+        expected = self.unet.add_embedding.linear_1.in_features
+        passed = self.unet.config.addition_time_embed_dim * len(ids) + pooled_dim
+        if expected != passed:
+            hint = ""
+            if abs(expected - passed) == self.unet.config.addition_time_embed_dim:
+                hint = (" (a refiner-style UNet takes an aesthetic score instead of the target size: set "
+                        f"requires_aesthetics_score={expected < passed} on the pipeline)")
+            raise ValueError(f"the UNet's add_embedding takes {expected} features but the time ids {list(ids)} and "
+                             f"the pooled embedding ({pooled_dim}) make {passed}{hint}")
+        return torch.tensor([list(ids)], dtype=dtype)
+
+    def _pooled_dim(self, pooled):
+        return self.text_encoder_2.config.projection_dim if self.text_encoder_2 is not None else int(pooled.shape[-1])
+
+    def _unet_inputs(self, cond, uncond, pooled, neg_pooled, time_ids, neg_time_ids, n, guided):
+        device = self._execution_device
+        if guided:
+            embeds = torch.cat([uncond, cond])
+            text_embeds = torch.cat([neg_pooled, pooled])
+            time_ids = torch.cat([neg_time_ids.repeat(n, 1), time_ids.repeat(n, 1)])
+        else:
+            embeds, text_embeds, time_ids = cond, pooled, time_ids.repeat(n, 1)
+        return embeds.to(device), {"text_embeds": text_embeds.to(device), "time_ids": time_ids.to(device)}
+
+    # ---- decoding ---------------------------------------------------------------------------------
+    def _decode(self, latents, output_type, generator=None):
+        if output_type == "latent":
+            return latents
+        from ..models.vae import check_finite
+        with self._on_device(self.vae) as vae:
+            upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
+            if upcast:  # the SDXL VAE overflows in fp16: decode in fp32, as its config asks
+                vae.to(torch.float32)
+            latents = latents.to(vae.dtype)
+            mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+                std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
+                latents = latents * std / vae.config.scaling_factor + mean
+            else:
+                latents = latents / vae.config.scaling_factor
+            image = vae.decode(latents, return_dict=False)[0]
+            if upcast:
+                vae.to(torch.float16)
+        check_finite(image, f"{type(self.vae).__name__}.decode")
+        return postprocess(image, output_type)
+
+    @staticmethod
+    def _cut_end(timesteps, denoising_end, num_train_timesteps):
+        """Keep the steps above the `denoising_end` fraction: the base model's half of a base-to-refiner run."""
+        if denoising_end is None:
+            return timesteps
+        if not (isinstance(denoising_end, float) and 0 < denoising_end < 1):
+            raise ValueError(f"denoising_end={denoising_end!r} must be a float in (0, 1)")
+        cutoff = int(round(num_train_timesteps - denoising_end * num_train_timesteps))
+        return timesteps[:int((timesteps >= cutoff).sum())]
+
+    # ---- text-to-image ----------------------------------------------------------------------------
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, height=None, width=None, num_inference_steps=50, timesteps=None,
+                 denoising_end=None, guidance_scale=5.0, negative_prompt=None, negative_prompt_2=None,
+                 num_images_per_prompt=1, eta=0.0, generator=None, latents=None, prompt_embeds=None,
+                 negative_prompt_embeds=None, pooled_prompt_embeds=None, negative_pooled_prompt_embeds=None,
+                 output_type="pil", return_dict=True, cross_attention_kwargs=None, guidance_rescale=0.0,
+                 original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
+                 negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None,
+                 callback_on_step_end=None):
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        batch = self._check(prompt, height, width, num_inference_steps, num_images_per_prompt, generator,
+                            negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        device = self._execution_device
+        guided = self._guided(guidance_scale)
+        original_size = tuple(original_size or (height, width))
+        target_size = tuple(target_size or (height, width))
+
+        cond, uncond, pooled, neg_pooled = self.encode_prompt(
+            prompt, prompt_2, device, num_images_per_prompt, guided, negative_prompt, negative_prompt_2,
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+            clip_skip=clip_skip)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
+        n = batch * num_images_per_prompt
+        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        latents = latents.to(device) * self.scheduler.init_noise_sigma
+
+        pooled_dim = self._pooled_dim(pooled)
+        time_ids = self._time_ids(original_size + tuple(crops_coords_top_left) + target_size, pooled_dim, cond.dtype)
+        neg_time_ids = time_ids
+        if negative_original_size is not None and negative_target_size is not None:
+            neg_time_ids = self._time_ids(tuple(negative_original_size) + tuple(negative_crops_coords_top_left)
+                                          + tuple(negative_target_size), pooled_dim, cond.dtype)
+        embeds, added = self._unet_inputs(cond, uncond, pooled, neg_pooled, time_ids, neg_time_ids, n, guided)
+
+        ts = self._cut_end(self.scheduler.timesteps, denoising_end, self.scheduler.config.num_train_timesteps)
+        self.scheduler.set_begin_index(0)
+        latents = self._denoise(latents, ts, embeds, guidance_scale, guidance_rescale, generator, eta,
+                                cross_attention_kwargs, added, callback_on_step_end)
+        images = self._decode(latents, output_type, generator)
+        return PipelineOutput(images) if return_dict else (images,)
+
+
+class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
+    """Image-to-image, and the refiner's half of a base-to-refiner run (`denoising_start` on the base's latents)."""
+
+    def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
+                 image_encoder=None, feature_extractor=None, requires_aesthetics_score=False,
+                 force_zeros_for_empty_prompt=True, add_watermarker=None):
+        super().__init__(vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
+                         force_zeros_for_empty_prompt=force_zeros_for_empty_prompt,
+                         requires_aesthetics_score=requires_aesthetics_score)
+
+    def _start(self, num_inference_steps, strength, denoising_start):
+        """The timesteps to run, from `strength` or from the `denoising_start` fraction (refiner hand-off)."""
+        sched = self.scheduler
+        if denoising_start is None:
+            t_start = max(num_inference_steps - min(int(num_inference_steps * strength), num_inference_steps), 0)
+            sched.set_begin_index(t_start * sched.order)
+            return sched.timesteps[t_start * sched.order:]
+        cutoff = int(round(sched.config.num_train_timesteps * (1 - denoising_start)))
+        steps = int((sched.timesteps < cutoff).sum())
+        if sched.order == 2 and steps % 2 == 0:  # a second-order step must not be split
+            steps += 1
+        t_start = len(sched.timesteps) - steps
+        sched.set_begin_index(t_start)
+        return sched.timesteps[t_start:]
+
+    def _image_latents(self, x, n, generator, dtype):
+        device = self._execution_device
+        x = x.to(device=device, dtype=dtype)
+        if x.shape[1] == self.vae.config.latent_channels:
+            init = x
+        else:
+            with self._on_device(self.vae) as vae:
+                upcast = getattr(vae.config, "force_upcast", False)
+                if upcast:
+                    x = x.float()
+                    vae.to(torch.float32)
+                if isinstance(generator, list):
+                    if n % x.shape[0]:
+                        raise ValueError(f"cannot repeat {x.shape[0]} images to a batch of {n}")
+                    x = torch.cat([x] * (n // x.shape[0]))
+                    init = torch.cat([_image_latents(vae, x[i:i + 1], generator[i]) for i in range(n)])
+                else:
+                    init = _image_latents(vae, x, generator)
+                if upcast:
+                    vae.to(dtype)
+            init = init.to(dtype)
+            mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
+            if mean is not None and std is not None:
+                mean = torch.tensor(mean).view(1, -1, 1, 1).to(device, dtype)
+                std = torch.tensor(std).view(1, -1, 1, 1).to(device, dtype)
+                init = (init - mean) * self.vae.config.scaling_factor / std
+            else:
+                init = init * self.vae.config.scaling_factor
+        if n > init.shape[0]:
+            if n % init.shape[0]:
+                raise ValueError(f"cannot repeat {init.shape[0]} images to a batch of {n}")
+            init = torch.cat([init] * (n // init.shape[0]))
+        return init
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, prompt_2=None, image=None, strength=0.3, num_inference_steps=50, timesteps=None,
+                 denoising_start=None, denoising_end=None, guidance_scale=5.0, negative_prompt=None,
+                 negative_prompt_2=None, num_images_per_prompt=1, eta=0.0, generator=None, latents=None,
+                 prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
+                 negative_pooled_prompt_embeds=None, output_type="pil", return_dict=True,
+                 cross_attention_kwargs=None, guidance_rescale=0.0, original_size=None, crops_coords_top_left=(0, 0),
+                 target_size=None, negative_original_size=None, negative_crops_coords_top_left=(0, 0),
+                 negative_target_size=None, aesthetic_score=6.0, negative_aesthetic_score=2.5, clip_skip=None,
+                 callback_on_step_end=None):
+        if image is None:
+            raise ValueError("image-to-image needs `image` (an image, or the base pipeline's latents)")
+        if not 0 <= strength <= 1:
+            raise ValueError(f"strength={strength!r} must be in [0, 1]")
+        for name, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
+            if v is not None and not (isinstance(v, float) and 0 < v < 1):
+                raise ValueError(f"{name}={v!r} must be a float in (0, 1)")
+        if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
+            raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+        batch = self._check(prompt, None, None, num_inference_steps, num_images_per_prompt, generator,
+                            negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        device = self._execution_device
+        guided = self._guided(guidance_scale)
+
+        cond, uncond, pooled, neg_pooled = self.encode_prompt(
+            prompt, prompt_2, device, num_images_per_prompt, guided, negative_prompt, negative_prompt_2,
+            prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
+            clip_skip=clip_skip)
+        x = preprocess_image(image, self.vae_scale_factor, latent_channels=self.vae.config.latent_channels)
+
+        self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
+        if timesteps:
+            num_inference_steps = len(timesteps)
+        ts = self._start(num_inference_steps, strength, denoising_start)
+        if len(ts) == 0:
+            raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
+        n = batch * num_images_per_prompt
+        if latents is None:
+            latents = self._image_latents(x, n, generator, cond.dtype)
+            if denoising_start is None:  # the refiner continues the base's noisy latents as they are
+                noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=cond.dtype)
+                latents = self.scheduler.add_noise(latents, noise, ts[:1].repeat(n))
+
+        height, width = (s * self.vae_scale_factor for s in latents.shape[-2:])
+        original_size = tuple(original_size or (height, width))
+        target_size = tuple(target_size or (height, width))
+        neg_original_size = tuple(negative_original_size or original_size)
+        neg_target_size = tuple(negative_target_size or target_size)
+        crops = tuple(crops_coords_top_left)
+        if self.requires_aesthetics_score:
+            ids = original_size + crops + (aesthetic_score,)
+            neg_ids = neg_original_size + tuple(negative_crops_coords_top_left) + (negative_aesthetic_score,)
+        else:  # as diffusers: the negative ids reuse the positive crop corner here
+            ids = original_size + crops + target_size
+            neg_ids = neg_original_size + crops + neg_target_size
+        pooled_dim = self._pooled_dim(pooled)
+        time_ids = self._time_ids(ids, pooled_dim, cond.dtype)
+        neg_time_ids = self._time_ids(neg_ids, pooled_dim, cond.dtype)
+        embeds, added = self._unet_inputs(cond, uncond, pooled, neg_pooled, time_ids, neg_time_ids, n, guided)
+
+        ts = self._cut_end(ts, denoising_end, self.scheduler.config.num_train_timesteps)
+        latents = self._denoise(latents, ts, embeds, guidance_scale, guidance_rescale, generator, eta,
+                                cross_attention_kwargs, added, callback_on_step_end)
+        images = self._decode(latents, output_type, generator)
+        return PipelineOutput(images) if return_dict else (images,)
