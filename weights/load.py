@@ -82,7 +82,8 @@ def _listing(keys, n=12):
 def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=False):
     """Assign the tensors of `files` to `model` (built on meta), checking every key and shape first.
 
-    `rename(file_key) -> module_key` maps another key form of the same model (None: keys are equal).
+    `rename(file_key) -> module_key` maps another key form of the same model (None: keys are equal);
+    a key it maps to None is skipped (a stale buffer some files carry, e.g. CLIP's position_ids).
     Floating tensors are cast to `dtype` (None: float32); others keep theirs.
     """
     rename = rename or (lambda k: k)
@@ -90,6 +91,7 @@ def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=F
     device = torch.device(device) if device is not None else torch.device("cpu")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     found = {rename(k): (path, shape, k) for k, (path, shape) in _shapes(files, allow_pickle).items()}
+    found.pop(None, None)
     where = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} shards)"
     missing = expected.keys() - found.keys()
     unexpected = found.keys() - expected.keys()
@@ -107,6 +109,8 @@ def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=F
         raise ValueError("\n  ".join(parts))
     sd = {}
     for _, k, t in _iter_tensors(files, allow_pickle):
+        if rename(k) is None:
+            continue
         t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
         sd[rename(k)] = t
     model.load_state_dict(sd, strict=True, assign=True)

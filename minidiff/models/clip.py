@@ -1,0 +1,280 @@
+"""CLIP's text encoder (Radford et al. 2021), as Stable Diffusion uses it to turn a prompt into tokens.
+
+A causal pre-norm transformer over at most 77 BPE tokens: token + learned position embeddings, N
+layers of [LayerNorm -> causal self-attention -> +residual, LayerNorm -> MLP -> +residual], a final
+LayerNorm. The "pooled" prompt vector is the final state at the <|endoftext|> token;
+CLIPTextModelWithProjection (SDXL's second encoder) maps it through a bias-less linear layer.
+
+Outputs equal transformers' CLIPTextModel / CLIPTextModelWithProjection; module names equal the Hub
+keys (`text_model.encoder.layers.0.self_attn.q_proj.weight`, ...) so the file loads as it is.
+"""
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from typing import ClassVar, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from minidiff.nn import attention
+from weights.load import load_model, save_model
+
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0  # kept for the config's sake: dropout only acts in training
+    pad_token_id: int = 1
+    bos_token_id: int = 49406
+    # picks the pooled row; 2 in older configs means "argmax of the ids" (see pooled_row)
+    eos_token_id: int = 49407
+
+    # transformers' generic config keys that would change the architecture
+    NEUTRAL: ClassVar[dict] = {
+        "model_type": "clip_text_model",
+        "pruned_heads": ({},),
+        "is_decoder": False,
+        "add_cross_attention": False,
+        "is_encoder_decoder": False,
+        "tie_encoder_decoder": False,
+    }
+    # informational, training-only (dropout, init), generation and output-format defaults
+    IGNORED: ClassVar[tuple] = (
+        "architectures", "torch_dtype", "dtype", "transformers_version", "initializer_range", "initializer_factor",
+        "dropout", "output_attentions", "output_hidden_states", "return_dict", "torchscript", "use_bfloat16",
+        "chunk_size_feed_forward", "tie_word_embeddings", "cross_attention_hidden_size", "finetuning_task",
+        "id2label", "label2id", "task_specific_params", "problem_type", "tokenizer_class", "prefix", "sep_token_id",
+        "decoder_start_token_id", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+        "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+        "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+        "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+        "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+        "begin_suppress_tokens", "tf_legacy_loss", "gradient_checkpointing",
+    )
+
+    def validate(self, where):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"{where}: hidden_act={self.hidden_act!r} is not supported by minidiff's CLIP text "
+                             f"encoder (supported: {', '.join(repr(a) for a in ACTIVATIONS)})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"{where}: hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
+
+
+def quick_gelu(x):
+    # OpenAI CLIP's sigmoid approximation of GELU (SD 1.x); OpenCLIP models use the exact one
+    return x * torch.sigmoid(1.702 * x)
+
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
+
+
+# ---- outputs: attribute access like transformers' ModelOutput, and out[0], out[1], ... over the fields set
+
+
+@dataclass
+class ModelOutput:
+    def to_tuple(self):
+        return tuple(v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None)
+
+    def __getitem__(self, i):
+        return getattr(self, i) if isinstance(i, str) else self.to_tuple()[i]
+
+
+@dataclass
+class CLIPTextOutput(ModelOutput):
+    last_hidden_state: torch.Tensor = None  # (B, L, hidden), after the final LayerNorm
+    pooler_output: torch.Tensor = None  # (B, hidden): the <|endoftext|> row of last_hidden_state
+    hidden_states: Optional[tuple] = None  # embeddings + each layer's output (before the final LayerNorm)
+
+
+@dataclass
+class CLIPTextProjectionOutput(ModelOutput):
+    text_embeds: torch.Tensor = None  # (B, projection_dim): projected pooled vector
+    last_hidden_state: torch.Tensor = None
+    hidden_states: Optional[tuple] = None
+
+
+# ---- the transformer
+
+
+class CLIPTextEmbeddings(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.token_embedding = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
+        self.position_embedding = nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+
+    def forward(self, input_ids):
+        length, max_len = input_ids.shape[-1], self.position_embedding.num_embeddings
+        if length > max_len:
+            raise ValueError(f"CLIP text encoder: input_ids has {length} tokens, more than its "
+                             f"max_position_embeddings={max_len}; truncate the prompt (tokenizer truncation=True)")
+        return self.token_embedding(input_ids) + self.position_embedding.weight[:length]
+
+
+class CLIPAttention(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.heads = cfg.num_attention_heads
+        dim = cfg.hidden_size
+        self.q_proj = nn.Linear(dim, dim)
+        self.k_proj = nn.Linear(dim, dim)
+        self.v_proj = nn.Linear(dim, dim)
+        self.out_proj = nn.Linear(dim, dim)
+
+    def forward(self, x, mask=None):
+        # no padding mask: SDPA's own causal masking, which lets it pick its fastest kernel
+        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask=mask, causal=mask is None)
+        return self.out_proj(out)
+
+
+class CLIPMLP(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.act = ACTIVATIONS[cfg.hidden_act]
+        self.fc1 = nn.Linear(cfg.hidden_size, cfg.intermediate_size)
+        self.fc2 = nn.Linear(cfg.intermediate_size, cfg.hidden_size)
+
+    def forward(self, x):
+        return self.fc2(self.act(self.fc1(x)))
+
+
+class CLIPEncoderLayer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.self_attn = CLIPAttention(cfg)
+        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.mlp = CLIPMLP(cfg)
+
+    def forward(self, x, mask=None):
+        x = x + self.self_attn(self.layer_norm1(x), mask)
+        return x + self.mlp(self.layer_norm2(x))
+
+
+class CLIPEncoder(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.layers = nn.ModuleList([CLIPEncoderLayer(cfg) for _ in range(cfg.num_hidden_layers)])
+
+
+def attention_bias(attention_mask, length, dtype):
+    """Additive (B, 1, L, L) bias: causal part + padded keys, each the dtype's lowest value where blocked.
+
+    The two parts are summed as transformers does, so that even a query with every key blocked
+    (left padding) gets transformers' result rather than NaN.
+    """
+    lowest = torch.finfo(dtype).min
+    causal = torch.full((length, length), lowest, dtype=dtype, device=attention_mask.device).triu(1)
+    padded = torch.zeros(attention_mask.shape, dtype=dtype, device=attention_mask.device)
+    padded = padded.masked_fill(attention_mask == 0, lowest)
+    return causal + padded[:, None, None, :]
+
+
+def pooled_row(input_ids, eos_token_id):
+    """Index of the token whose final state is the pooled prompt vector, per sequence."""
+    if eos_token_id == 2:
+        # configs written before transformers fixed eos_token_id: <|endoftext|> has the highest id
+        return input_ids.argmax(dim=-1)
+    # first <|endoftext|> (the pad token may be <|endoftext|> too)
+    return (input_ids == eos_token_id).int().argmax(dim=-1)
+
+
+class CLIPTextTransformer(nn.Module):
+    def __init__(self, cfg):
+        super().__init__()
+        self.config = cfg
+        self.embeddings = CLIPTextEmbeddings(cfg)
+        self.encoder = CLIPEncoder(cfg)
+        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
+        input_ids = input_ids.view(-1, input_ids.shape[-1])
+        x = self.embeddings(input_ids)
+        mask = None if attention_mask is None else attention_bias(attention_mask.view(input_ids.shape),
+                                                                   input_ids.shape[1], x.dtype)
+        hidden_states = [x] if output_hidden_states else None
+        for layer in self.encoder.layers:
+            x = layer(x, mask)
+            if output_hidden_states:
+                hidden_states.append(x)
+        last = self.final_layer_norm(x)
+        rows = pooled_row(input_ids.to(last.device), self.config.eos_token_id)
+        pooled = last[torch.arange(last.shape[0], device=last.device), rows]
+        return CLIPTextOutput(last, pooled, tuple(hidden_states) if output_hidden_states else None)
+
+
+# ---- the two Hub classes
+
+
+class _CLIPTextBase(nn.Module):
+    config_class = CLIPTextConfig
+    weight_names = ("model",)
+
+    @staticmethod
+    def rename_key(key):
+        """Hub files name keys `text_model.…`; transformers 5 saves them without the prefix. None skips
+        `position_ids`, a constant buffer older files carry (positions are computed in forward)."""
+        if key.endswith("embeddings.position_ids"):
+            return None
+        if key.startswith(("text_model.", "text_projection.")):
+            return key
+        return "text_model." + key
+
+    @classmethod
+    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
+                        allow_pickle=False):
+        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
+
+    def save_pretrained(self, folder):
+        save_model(self, folder, weight_name="model")
+        # transformers reads the config too when it names its model type and class
+        path = os.path.join(folder, "config.json")
+        with open(path, encoding="utf-8") as f:
+            cfg = json.load(f)
+        cfg.update(architectures=[type(self).__name__], model_type="clip_text_model")
+        with open(path, "w", encoding="utf-8") as f:
+            json.dump(cfg, f, indent=2)
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+
+class CLIPTextModel(_CLIPTextBase):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.text_model = CLIPTextTransformer(config)
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, return_dict=True):
+        out = self.text_model(input_ids, attention_mask, output_hidden_states)
+        return out if return_dict else out.to_tuple()
+
+
+class CLIPTextModelWithProjection(_CLIPTextBase):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.text_model = CLIPTextTransformer(config)
+        self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
+
+    def forward(self, input_ids, attention_mask=None, output_hidden_states=False, return_dict=True):
+        out = self.text_model(input_ids, attention_mask, output_hidden_states)
+        out = CLIPTextProjectionOutput(self.text_projection(out.pooler_output), out.last_hidden_state,
+                                       out.hidden_states)
+        return out if return_dict else out.to_tuple()

@@ -1,0 +1,394 @@
+"""CLIP's byte-level BPE tokenizer, read from a Hub repo's tokenizer/ folder.
+
+It gives the ids of transformers' CLIPTokenizer, the Python tokenizer diffusers pipelines load, on
+the path it takes when ftfy is not installed:
+
+  1. the raw text is cut at the added tokens (<|startoftext|>, <|endoftext|>, the pad token, ...);
+  2. each piece between them is cleaned: control characters dropped, whitespace unified, CJK
+     ideographs spaced apart, NFC-normalised, lower-cased;
+  3. CLIP's regex splits it into words (runs of letters, single digits, runs of other symbols,
+     English contractions), each word's UTF-8 bytes are mapped to printable characters and
+     BPE-merged with `</w>` marking the word's end;
+  4. <|startoftext|> ... <|endoftext|> around it, truncation, padding.
+
+Steps 1, 2 and 4 are plain Python; the regex and the BPE merges run in the `tokenizers` library.
+"""
+import json
+import os
+import re
+import unicodedata
+from functools import lru_cache
+
+from tokenizers import Regex, models, pre_tokenizers
+
+from weights.hub import resolve_file
+
+# Words as CLIP cuts them. The two special tokens are kept whole when cleaning makes them appear
+# (e.g. "<|ENDOFTEXT|>" lower-cased); the contractions are matched case-insensitively.
+WORD_PATTERN = r"""(?i)<\|startoftext\|>|<\|endoftext\|>|'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""
+INLINE_SPECIALS = ("<|startoftext|>", "<|endoftext|>")
+
+# CLIP's BPE was trained on at most 49152 tokens: 256 bytes x 2 (with/without </w>), the merges, 2 specials.
+MAX_MERGES = 49152 - 256 - 2
+
+SPECIAL_KEYS = ("bos_token", "eos_token", "unk_token", "pad_token")
+
+
+def byte_to_char():
+    """GPT-2's reversible map of the 256 byte values to printable unicode characters.
+
+    Printable latin-1 bytes stand for themselves; the others (controls, space, soft hyphen...) are
+    moved to code points 256 and up, in byte order, so that no BPE symbol is whitespace.
+    """
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), ord("ÿ") + 1)]
+    table, extra = {}, 0
+    for b in range(256):
+        if b in printable:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
+BYTE_TO_CHAR = byte_to_char()
+CHAR_TO_BYTE = {c: b for b, c in BYTE_TO_CHAR.items()}
+
+
+def _is_cjk(cp):
+    # CJK Unified Ideographs and their extensions / compatibility blocks (BERT's definition)
+    return (0x4E00 <= cp <= 0x9FFF or 0x3400 <= cp <= 0x4DBF or 0x20000 <= cp <= 0x2A6DF or 0x2A700 <= cp <= 0x2B73F
+            or 0x2B740 <= cp <= 0x2B81F or 0x2B820 <= cp <= 0x2CEAF or 0xF900 <= cp <= 0xFAFF
+            or 0x2F800 <= cp <= 0x2FA1F)
+
+
+def clean_text(text):
+    """transformers' ftfy-less cleanup: what CLIP's BPE sees of a piece of raw text."""
+    out = []
+    for ch in text:
+        if ch in "\t\n\r" or unicodedata.category(ch) == "Zs":
+            out.append(" ")
+        elif ch in "\x00\ufffd" or unicodedata.category(ch).startswith("C"):
+            continue  # control, format, unassigned, private-use characters are dropped
+        elif _is_cjk(ord(ch)):
+            out.append(f" {ch} ")  # each ideograph is its own word
+        else:
+            out.append(ch)
+    text = unicodedata.normalize("NFC", "".join(out))
+    # str.split() also splits on the non-Zs whitespace (line separators); whole words are lower-cased
+    # so that Greek final sigma comes out as Python's str.lower gives it
+    return " ".join(text.split()).lower()
+
+
+def _token_content(value):
+    """A special token as tokenizer_config.json writes it: a string, or an AddedToken dict."""
+    if isinstance(value, dict):
+        return value.get("content"), bool(value.get("lstrip")), bool(value.get("rstrip"))
+    return value, False, False
+
+
+class BatchEncoding(dict):
+    """{"input_ids": ..., "attention_mask": ...} whose keys also read as attributes, as in transformers."""
+
+    def __getattr__(self, name):
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+
+class CLIPTokenizer:
+    def __init__(self, vocab, merges, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
+                 unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77, added_tokens=None,
+                 padding_side="right", clean_up_tokenization_spaces=False):
+        """vocab: {token: id}; merges: [(left, right)] by rank; added_tokens: {content: {"id", "lstrip",
+        "rstrip", "special"}} for tokens cut out of the raw text before cleanup (the special tokens are
+        added to it)."""
+        self.vocab = dict(vocab)
+        self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
+        self.model_max_length = model_max_length
+        self.padding_side = padding_side
+        self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
+        merges = [tuple(m) for m in merges][:MAX_MERGES]
+        self._bpe = models.BPE(vocab=self.vocab, merges=merges, unk_token=unk_token, end_of_word_suffix="</w>",
+                               continuing_subword_prefix="", fuse_unk=False)
+        self._splitter = pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="removed", invert=True)
+
+        self.added_tokens = {k: dict(v) for k, v in (added_tokens or {}).items()}
+        for tok in (bos_token, eos_token, unk_token, pad_token):
+            if tok is not None:
+                entry = self.added_tokens.setdefault(tok, {"id": None, "lstrip": False, "rstrip": False})
+                entry["special"] = True
+        # tokens missing from the vocabulary get the next free ids, as transformers appends them
+        next_id = max([len(self.vocab)] + [v["id"] + 1 for v in self.added_tokens.values() if v["id"] is not None])
+        for tok, entry in self.added_tokens.items():
+            if entry["id"] is None:
+                entry["id"] = self.vocab.get(tok)
+            if entry["id"] is None:
+                entry["id"], next_id = next_id, next_id + 1
+        self.special_tokens = {t for t, v in self.added_tokens.items() if v.get("special")}
+        self.id_to_token = {i: t for t, i in self.vocab.items()}
+        self.id_to_token.update({v["id"]: t for t, v in self.added_tokens.items()})
+        # longest first, so that a token containing another one wins
+        names = sorted(self.added_tokens, key=len, reverse=True)
+        self._added_split = re.compile("(" + "|".join(re.escape(n) for n in names) + ")") if names else None
+        self._word_ids = lru_cache(maxsize=65536)(self._word_ids_uncached)
+
+    # ---- loading ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_pretrained(cls, repo_or_path, subfolder=None):
+        """Read vocab.json + merges.txt (or tokenizer.json) and tokenizer_config.json /
+        special_tokens_map.json from a local folder or a Hub repo (e.g. subfolder="tokenizer_2")."""
+        repo_or_path = os.fspath(repo_or_path)
+
+        def optional_json(name):
+            path = resolve_file(repo_or_path, name, subfolder, required=False)
+            if path is None:
+                return None
+            with open(path, encoding="utf-8") as f:
+                try:
+                    return json.load(f)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{path} is not valid JSON: {e}") from e
+
+        config = optional_json("tokenizer_config.json") or {}
+        vocab_path = resolve_file(repo_or_path, "vocab.json", subfolder, required=False)
+        merges_path = resolve_file(repo_or_path, "merges.txt", subfolder, required=False)
+        added = {}
+        if vocab_path and merges_path:
+            with open(vocab_path, encoding="utf-8") as f:
+                vocab = json.load(f)
+            with open(merges_path, encoding="utf-8") as f:
+                # the first line is the "#version" header
+                lines = f.read().strip().split("\n")[1:]
+            merges = [tuple(line.split()) for line in lines]
+        else:
+            fast = optional_json("tokenizer.json")
+            if fast is None:
+                where = os.path.join(repo_or_path, subfolder or "")
+                hint = "" if subfolder else " (for a pipeline repo pass subfolder='tokenizer' or 'tokenizer_2')"
+                raise FileNotFoundError(f"no CLIP tokenizer in {where}: need vocab.json and merges.txt, "
+                                        f"or tokenizer.json{hint}")
+            model = fast.get("model", {})
+            if model.get("type") != "BPE":
+                raise ValueError(f"{os.path.join(repo_or_path, subfolder or '', 'tokenizer.json')}: model type "
+                                 f"{model.get('type')!r} is not a BPE model; CLIPTokenizer needs CLIP's BPE")
+            vocab = model["vocab"]
+            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            for t in fast.get("added_tokens", []):
+                added[t["content"]] = {"id": t["id"], "lstrip": t.get("lstrip", False),
+                                       "rstrip": t.get("rstrip", False), "special": t.get("special", False)}
+
+        if "added_tokens_decoder" in config:
+            for tid, t in config["added_tokens_decoder"].items():
+                added[t["content"]] = {"id": int(tid), "lstrip": t.get("lstrip", False),
+                                       "rstrip": t.get("rstrip", False), "special": t.get("special", False)}
+        else:
+            # older repos: special_tokens_map.json overrides tokenizer_config.json, added_tokens.json lists extras
+            config.update({k: v for k, v in (optional_json("special_tokens_map.json") or {}).items() if v})
+            for content, tid in (optional_json("added_tokens.json") or {}).items():
+                added[content] = {"id": tid, "lstrip": False, "rstrip": False, "special": False}
+
+        specials = {}
+        for key, default in zip(SPECIAL_KEYS, ("<|startoftext|>", "<|endoftext|>", "<|endoftext|>", "<|endoftext|>")):
+            content, lstrip, rstrip = _token_content(config.get(key, default))
+            specials[key] = content
+            if content is not None and content not in added and (lstrip or rstrip):
+                added[content] = {"id": None, "lstrip": lstrip, "rstrip": rstrip, "special": True}
+        for t in config.get("additional_special_tokens") or []:
+            content, lstrip, rstrip = _token_content(t)
+            if content in added:
+                added[content]["special"] = True
+            elif content is not None:
+                added[content] = {"id": None, "lstrip": lstrip, "rstrip": rstrip, "special": True}
+        # a limit-less tokenizer (transformers' huge default) is CLIP's context length in practice
+        max_len = config.get("model_max_length")
+        max_len = 77 if max_len is None or max_len > 1e12 else int(max_len)
+        return cls(vocab, merges, **specials, model_max_length=max_len, added_tokens=added,
+                   padding_side=config.get("padding_side", "right"),
+                   clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces", False))
+
+    # ---- ids -------------------------------------------------------------------------------------
+
+    @property
+    def bos_token_id(self):
+        return self._special_id(self.bos_token)
+
+    @property
+    def eos_token_id(self):
+        return self._special_id(self.eos_token)
+
+    @property
+    def pad_token_id(self):
+        return self._special_id(self.pad_token)
+
+    @property
+    def unk_token_id(self):
+        return self._special_id(self.unk_token)
+
+    def _special_id(self, token):
+        return None if token is None else self.added_tokens[token]["id"]
+
+    @property
+    def all_special_ids(self):
+        return sorted({self.added_tokens[t]["id"] for t in self.special_tokens})
+
+    @property
+    def vocab_size(self):
+        return len(self.vocab)
+
+    def __len__(self):
+        return len(set(self.vocab.values()) | {v["id"] for v in self.added_tokens.values()})
+
+    def get_vocab(self):
+        return {**self.vocab, **{t: v["id"] for t, v in self.added_tokens.items()}}
+
+    def _word_ids_uncached(self, word):
+        if word in INLINE_SPECIALS and word in self.vocab:
+            return (self.vocab[word],)
+        symbols = "".join(BYTE_TO_CHAR[b] for b in word.encode("utf-8"))
+        return tuple(t.id for t in self._bpe.tokenize(symbols))
+
+    def _split_added(self, text):
+        """Raw text -> [(piece, is_added_token)], honouring an added token's lstrip/rstrip."""
+        if self._added_split is None:
+            return [(text, False)]
+        parts = self._added_split.split(text)
+        out = []
+        for i, part in enumerate(parts):
+            if i % 2 == 1:
+                out.append((part, True))
+                continue
+            if i > 0 and self.added_tokens[parts[i - 1]]["rstrip"]:
+                part = part.lstrip()
+            if i + 1 < len(parts) and self.added_tokens[parts[i + 1]]["lstrip"]:
+                part = part.rstrip()
+            out.append((part, False))
+        return out
+
+    def encode_plain(self, text):
+        """Ids of `text` without <|startoftext|> / <|endoftext|> around it."""
+        ids = []
+        for piece, is_added in self._split_added(text):
+            if is_added:
+                ids.append(self.added_tokens[piece]["id"])
+            elif piece:
+                for word, _ in self._splitter.pre_tokenize_str(clean_text(piece)):
+                    ids.extend(self._word_ids(word))
+        return ids
+
+    def tokenize(self, text):
+        return [self.id_to_token[i] for i in self.encode_plain(text)]
+
+    def convert_tokens_to_ids(self, tokens):
+        def one(t):
+            return self.added_tokens[t]["id"] if t in self.added_tokens else self.vocab.get(t, self.unk_token_id)
+        return one(tokens) if isinstance(tokens, str) else [one(t) for t in tokens]
+
+    def convert_ids_to_tokens(self, ids):
+        return self.id_to_token.get(ids) if isinstance(ids, int) else [self.id_to_token.get(int(i)) for i in ids]
+
+    def encode(self, text, add_special_tokens=True):
+        ids = self.encode_plain(text)
+        return [self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids
+
+    def __call__(self, text, padding=False, truncation=None, max_length=None, return_tensors=None,
+                 add_special_tokens=True, return_attention_mask=True):
+        """Tokenize a string or a list of strings, as transformers' tokenizer(...) does.
+
+        padding: False / "do_not_pad", True / "longest", or "max_length" (max_length or model_max_length).
+        truncation: True cuts each sequence to max_length (or model_max_length), keeping
+        <|endoftext|> last; None truncates only when max_length is given without padding.
+        return_tensors: None (lists) or "pt" (int64 tensors of shape (batch, length)).
+        """
+        single = isinstance(text, str)
+        texts = [text] if single else list(text)
+        if not all(isinstance(t, str) for t in texts):
+            raise TypeError(f"CLIPTokenizer: text must be a str or a list of str, got {type(text).__name__}")
+        padding = {True: "longest", False: None, "do_not_pad": None}.get(padding, padding)
+        if padding not in (None, "longest", "max_length"):
+            raise ValueError(f"CLIPTokenizer: padding={padding!r}; use False, True, 'longest' or 'max_length'")
+        if truncation is None:
+            truncation = max_length is not None and padding is None
+        elif truncation not in (True, False, "longest_first", "only_first", "do_not_truncate"):
+            raise ValueError(f"CLIPTokenizer: truncation={truncation!r}; use True or False")
+        truncation = truncation not in (False, "do_not_truncate")
+        limit = max_length if max_length is not None else self.model_max_length
+
+        n_special = 2 if add_special_tokens else 0
+        batch = []
+        for t in texts:
+            ids = self.encode_plain(t)
+            if truncation:
+                ids = ids[:max(limit - n_special, 0)]
+            batch.append([self.bos_token_id, *ids, self.eos_token_id] if add_special_tokens else ids)
+        masks = [[1] * len(ids) for ids in batch]
+
+        target = {"longest": max((len(ids) for ids in batch), default=0), "max_length": limit}.get(padding)
+        if target is not None:
+            if self.pad_token_id is None:
+                raise ValueError("CLIPTokenizer: padding was asked for but this tokenizer has no pad token")
+            for ids, mask in zip(batch, masks):
+                n = target - len(ids)
+                if n > 0:
+                    left = self.padding_side == "left"
+                    ids[:] = [self.pad_token_id] * n + ids if left else ids + [self.pad_token_id] * n
+                    mask[:] = [0] * n + mask if left else mask + [0] * n
+
+        if return_tensors == "pt":
+            import torch
+            if len({len(ids) for ids in batch}) > 1:
+                raise ValueError("CLIPTokenizer: sequences of different lengths cannot make one tensor; "
+                                 "pass padding='longest' or padding='max_length'")
+            input_ids, attention_mask = torch.tensor(batch, dtype=torch.long), torch.tensor(masks, dtype=torch.long)
+        elif return_tensors is None:
+            input_ids, attention_mask = (batch[0], masks[0]) if single else (batch, masks)
+        else:
+            raise ValueError(f"CLIPTokenizer: return_tensors={return_tensors!r}; use None or 'pt'")
+        out = BatchEncoding(input_ids=input_ids)
+        if return_attention_mask:
+            out["attention_mask"] = attention_mask
+        return out
+
+    # ---- decoding --------------------------------------------------------------------------------
+
+    def _symbols_to_text(self, tokens):
+        data = bytearray(CHAR_TO_BYTE[c] for c in "".join(tokens) if c in CHAR_TO_BYTE)
+        return data.decode("utf-8", errors="replace").replace("</w>", " ").strip()
+
+    def decode(self, ids, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        """Text of `ids` (best effort: word boundaries come back as single spaces, case is lost)."""
+        if hasattr(ids, "tolist"):
+            ids = ids.tolist()
+        if isinstance(ids, int):
+            ids = [ids]
+        parts, run = [], []
+        for i in ids:
+            tok = self.id_to_token.get(int(i))
+            if tok is None or (skip_special_tokens and tok in self.special_tokens):
+                continue
+            if tok in self.added_tokens and tok not in self.special_tokens:
+                # user-added tokens are not byte-mapped: decode the run before them and keep them whole
+                if run:
+                    text = self._symbols_to_text(run)
+                    if text:
+                        parts.append(text)
+                    run = []
+                parts.append(tok)
+            else:
+                run.append(tok)
+        if run:
+            parts.append(self._symbols_to_text(run))
+        text = " ".join(parts)
+        cleanup = self.clean_up_tokenization_spaces if clean_up_tokenization_spaces is None else clean_up_tokenization_spaces
+        if cleanup:
+            for before, after in ((" .", "."), (" ?", "?"), (" !", "!"), (" ,", ","), (" ' ", "'"), (" n't", "n't"),
+                                  (" 'm", "'m"), (" 's", "'s"), (" 've", "'ve"), (" 're", "'re")):
+                text = text.replace(before, after)
+        return text
+
+    def batch_decode(self, sequences, skip_special_tokens=False, clean_up_tokenization_spaces=None):
+        if hasattr(sequences, "tolist"):
+            sequences = sequences.tolist()
+        return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in sequences]
