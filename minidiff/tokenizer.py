@@ -109,8 +109,8 @@ class CLIPTokenizer:
         self.model_max_length = model_max_length
         self.padding_side = padding_side
         self.clean_up_tokenization_spaces = clean_up_tokenization_spaces
-        merges = [tuple(m) for m in merges][:MAX_MERGES]
-        self._bpe = models.BPE(vocab=self.vocab, merges=merges, unk_token=unk_token, end_of_word_suffix="</w>",
+        self.merges = [tuple(m) for m in merges][:MAX_MERGES]
+        self._bpe = models.BPE(vocab=self.vocab, merges=self.merges, unk_token=unk_token, end_of_word_suffix="</w>",
                                continuing_subword_prefix="", fuse_unk=False)
         self._splitter = pre_tokenizers.Split(Regex(WORD_PATTERN), behavior="removed", invert=True)
 
@@ -208,6 +208,27 @@ class CLIPTokenizer:
         return cls(vocab, merges, **specials, model_max_length=max_len, added_tokens=added,
                    padding_side=config.get("padding_side", "right"),
                    clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces", False))
+
+    def save_pretrained(self, folder):
+        """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json, the files
+        transformers' CLIPTokenizer reads too."""
+        os.makedirs(folder, exist_ok=True)
+        with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
+            json.dump(self.vocab, f, ensure_ascii=False)
+        with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
+            f.write("#version: 0.2\n" + "".join(f"{a} {b}\n" for a, b in self.merges))
+        specials = {"bos_token": self.bos_token, "eos_token": self.eos_token, "unk_token": self.unk_token,
+                    "pad_token": self.pad_token}
+        added = {str(v["id"]): {"content": t, "lstrip": v["lstrip"], "rstrip": v["rstrip"], "normalized": False,
+                                "single_word": False, "special": bool(v.get("special"))}
+                 for t, v in sorted(self.added_tokens.items(), key=lambda kv: kv[1]["id"])}
+        config = {"tokenizer_class": "CLIPTokenizer", **specials, "added_tokens_decoder": added,
+                  "model_max_length": self.model_max_length, "padding_side": self.padding_side,
+                  "clean_up_tokenization_spaces": self.clean_up_tokenization_spaces, "errors": "replace"}
+        with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
+            json.dump(config, f, indent=2, ensure_ascii=False)
+        with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
+            json.dump(specials, f, indent=2, ensure_ascii=False)
 
     # ---- ids -------------------------------------------------------------------------------------
 

@@ -217,3 +217,19 @@ def test_missing_files(tmp_path, repo):
     with pytest.raises(FileNotFoundError, match=r"need vocab.json and merges.txt, or tokenizer.json .*"
                                                 r"subfolder='tokenizer'"):
         CLIPTokenizer.from_pretrained(repo)
+
+
+@pytest.mark.parametrize("sub", SUBS)
+def test_save_pretrained(tmp_path, tokenizers, sub):
+    """Our saved folder reads back, in minidiff and in transformers, to the same tokenizer."""
+    ours, slow, _ = tokenizers[sub]
+    ours.save_pretrained(tmp_path / "saved")
+    again = CLIPTokenizer.from_pretrained(tmp_path / "saved")
+    theirs = transformers.CLIPTokenizer.from_pretrained(tmp_path / "saved")
+    assert again.pad_token_id == theirs.pad_token_id == slow.pad_token_id
+    assert again.model_max_length == theirs.model_max_length == 77
+    batch = PROMPTS[::4] + SLOW_ONLY
+    kwargs = {"padding": "max_length", "max_length": 77, "truncation": True}
+    expected = slow(batch, **kwargs).input_ids
+    assert again(batch, **kwargs).input_ids == expected
+    assert theirs(batch, **kwargs).input_ids == expected
