@@ -21,7 +21,7 @@ from functools import lru_cache
 
 from tokenizers import Regex, models, pre_tokenizers
 
-from weights.hub import resolve_file
+from .weights.hub import resolve_file
 
 # Words as CLIP cuts them. The two special tokens are kept whole when cleaning makes them appear
 # (e.g. "<|ENDOFTEXT|>" lower-cased); the contractions are matched case-insensitively.

@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidiff.nn import attention
-from weights.load import load_model, save_model
+from ..weights.load import load_model, save_model
 
 
 @dataclass
