@@ -1,0 +1,498 @@
+"""AutoencoderKL: the variational autoencoder of latent diffusion (Rombach et al. 2022, "High-Resolution
+Image Synthesis with Latent Diffusion Models"), as in Stable Diffusion 1.x/2.x and SDXL.
+
+The encoder maps an image in [-1, 1] to a diagonal Gaussian over latents 8x smaller (with four blocks);
+the decoder maps latents back to pixels. Both are stacks of ResNet blocks with one self-attention layer
+in the middle, at the lowest resolution. Module names equal diffusers' checkpoint keys, so a Hub
+`vae/diffusion_pytorch_model.safetensors` loads as is.
+
+Latent scaling. Diffusion models work on `scaling_factor * (z - shift)` (unit variance); the helpers
+`encoder_output_to_latents` and `latents_to_decoder_input` convert between the two spaces, including the
+per-channel `latents_mean` / `latents_std` form some VAEs (Playground v2.5) use.
+
+For pipelines, this file also provides `retrieve_latents` (the latents of an `encode` output of this VAE
+or of AutoencoderTiny) and `check_finite` (a clear error when an fp16 decode overflowed).
+"""
+from dataclasses import dataclass
+from typing import ClassVar, NamedTuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ..nn import GroupNorm, attention
+from ..weights.load import load_model, save_model
+
+ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "mish": nn.Mish}
+
+
+@dataclass
+class AutoencoderKLConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple = ("DownEncoderBlock2D",)
+    up_block_types: tuple = ("UpDecoderBlock2D",)
+    block_out_channels: tuple = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: object = 32  # int or [height, width]; only sets the tile size of tiled decoding
+    scaling_factor: float = 0.18215
+    shift_factor: float = None
+    latents_mean: tuple = None
+    latents_std: tuple = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    # diffusers' AutoencoderKL has no further arguments: nothing to declare neutral or ignored.
+    NEUTRAL: ClassVar[dict] = {}
+    IGNORED: ClassVar[tuple] = ()
+
+    def validate(self, where="config"):
+        def bad(key, value, want):
+            raise ValueError(f"{where}: {key}={value!r} is not supported by minidiff's AutoencoderKL ({want})")
+
+        n = len(self.block_out_channels)
+        if n == 0:
+            bad("block_out_channels", self.block_out_channels, "need at least one block")
+        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            types = list(getattr(self, key))
+            if any(t != want for t in types):
+                bad(key, types, f"every block must be {want!r}")
+            if len(types) != n:
+                bad(key, types, f"need one entry per block_out_channels entry ({n})")
+        if self.act_fn not in ACTIVATIONS:
+            bad("act_fn", self.act_fn, f"supported: {', '.join(ACTIVATIONS)}")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            bad("norm_num_groups", self.norm_num_groups, f"must divide every block_out_channels entry "
+                f"{list(self.block_out_channels)}")
+        if (self.latents_mean is None) != (self.latents_std is None):
+            bad("latents_mean", self.latents_mean, "latents_mean and latents_std must be given together")
+        for key in ("latents_mean", "latents_std"):
+            value = getattr(self, key)
+            if value is not None and len(value) != self.latent_channels:
+                bad(key, value, f"need one value per latent channel ({self.latent_channels})")
+
+
+def activation(name):
+    return ACTIVATIONS[name]()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Building blocks
+
+
+class ResnetBlock2D(nn.Module):
+    """norm -> act -> conv, twice, plus a (1x1-projected when channels change) skip connection."""
+
+    def __init__(self, in_channels, out_channels, groups, act_fn):
+        super().__init__()
+        self.norm1 = GroupNorm(groups, in_channels, eps=1e-6)
+        self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
+        self.norm2 = GroupNorm(groups, out_channels, eps=1e-6)
+        self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
+        self.nonlinearity = activation(act_fn)
+        self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
+
+    def forward(self, x):
+        h = self.conv1(self.nonlinearity(self.norm1(x)))
+        h = self.conv2(self.nonlinearity(self.norm2(h)))
+        if self.conv_shortcut is not None:
+            x = self.conv_shortcut(x)
+        return x + h
+
+
+class SpatialSelfAttention(nn.Module):
+    """One-head self-attention over the H*W positions of a feature map, with a residual connection."""
+
+    def __init__(self, channels, groups):
+        super().__init__()
+        self.group_norm = GroupNorm(groups, channels, eps=1e-6)
+        self.to_q = nn.Linear(channels, channels)
+        self.to_k = nn.Linear(channels, channels)
+        self.to_v = nn.Linear(channels, channels)
+        self.to_out = nn.ModuleList([nn.Linear(channels, channels)])
+
+    def forward(self, x):
+        b, c, h, w = x.shape
+        tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
+        out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), heads=1)
+        out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
+        return x + out
+
+
+class MidBlock(nn.Module):
+    """ResNet, self-attention (optional), ResNet: the global mixing at the lowest resolution."""
+
+    def __init__(self, channels, groups, act_fn, add_attention):
+        super().__init__()
+        self.attentions = nn.ModuleList([SpatialSelfAttention(channels, groups)] if add_attention else [])
+        self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, groups, act_fn) for _ in range(2)])
+
+    def forward(self, x):
+        x = self.resnets[0](x)
+        for attn in self.attentions:
+            x = attn(x)
+        return self.resnets[1](x)
+
+
+class Downsample2D(nn.Module):
+    """Stride-2 3x3 conv; the padding is one pixel on the right and bottom only, as the checkpoints were trained."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=0)
+
+    def forward(self, x):
+        return self.conv(F.pad(x, (0, 1, 0, 1)))
+
+
+class Upsample2D(nn.Module):
+    """Nearest-neighbour 2x upsampling followed by a 3x3 conv."""
+
+    def __init__(self, channels):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x):
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class DownEncoderBlock2D(nn.Module):
+    def __init__(self, in_channels, out_channels, num_layers, groups, act_fn, add_downsample):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
+                                      for i in range(num_layers)])
+        self.downsamplers = nn.ModuleList([Downsample2D(out_channels)]) if add_downsample else None
+
+    def forward(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.downsamplers is not None:
+            x = self.downsamplers[0](x)
+        return x
+
+
+class UpDecoderBlock2D(nn.Module):
+    def __init__(self, in_channels, out_channels, num_layers, groups, act_fn, add_upsample):
+        super().__init__()
+        self.resnets = nn.ModuleList([ResnetBlock2D(in_channels if i == 0 else out_channels, out_channels, groups, act_fn)
+                                      for i in range(num_layers)])
+        self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
+
+    def forward(self, x):
+        for resnet in self.resnets:
+            x = resnet(x)
+        if self.upsamplers is not None:
+            x = self.upsamplers[0](x)
+        return x
+
+
+class Encoder(nn.Module):
+    """Image -> 2 * latent_channels moments (mean and log-variance), downsampling after every block but the last."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, groups = list(cfg.block_out_channels), cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.in_channels, ch[0], 3, padding=1)
+        self.down_blocks = nn.ModuleList([
+            DownEncoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block, groups, cfg.act_fn,
+                               add_downsample=i < len(ch) - 1)
+            for i in range(len(ch))])
+        self.mid_block = MidBlock(ch[-1], groups, cfg.act_fn, cfg.mid_block_add_attention)
+        self.conv_norm_out = GroupNorm(groups, ch[-1], eps=1e-6)
+        self.conv_act = nn.SiLU()  # SiLU here whatever act_fn says, as in the original LDM code
+        self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
+
+    def forward(self, x):
+        x = self.conv_in(x)
+        for block in self.down_blocks:
+            x = block(x)
+        x = self.mid_block(x)
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+
+
+class Decoder(nn.Module):
+    """Latents -> image, mirroring the encoder with one more ResNet per block."""
+
+    def __init__(self, cfg):
+        super().__init__()
+        ch, groups = list(reversed(cfg.block_out_channels)), cfg.norm_num_groups
+        self.conv_in = nn.Conv2d(cfg.latent_channels, ch[0], 3, padding=1)
+        self.mid_block = MidBlock(ch[0], groups, cfg.act_fn, cfg.mid_block_add_attention)
+        self.up_blocks = nn.ModuleList([
+            UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, groups, cfg.act_fn,
+                             add_upsample=i < len(ch) - 1)
+            for i in range(len(ch))])
+        self.conv_norm_out = GroupNorm(groups, ch[-1], eps=1e-6)
+        self.conv_act = nn.SiLU()
+        self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
+
+    def forward(self, z):
+        x = self.mid_block(self.conv_in(z))
+        for block in self.up_blocks:
+            x = block(x)
+        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The posterior and the outputs
+
+
+def randn(shape, generator=None, device=None, dtype=None):
+    """Gaussian noise drawn the way diffusers' randn_tensor draws it, so seeds give the same numbers.
+
+    A CPU generator draws on the CPU and the result is moved to `device`; a list of generators draws one
+    batch row from each. Without a generator the draw happens on `device`.
+    """
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if isinstance(generator, (list, tuple)) and len(generator) == 1:
+        generator = generator[0]
+    gens = generator if isinstance(generator, (list, tuple)) else [generator]
+    draw_device = device
+    if gens[0] is not None and gens[0].device.type != device.type:
+        if gens[0].device.type != "cpu":
+            raise ValueError(f"generator on {gens[0].device} cannot draw noise for a tensor on {device}: "
+                             "use a CPU generator or one on the tensor's device")
+        draw_device = torch.device("cpu")
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}: pass one per batch row")
+        rows = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in generator]
+        return torch.cat(rows).to(device)
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+class DiagonalGaussianDistribution:
+    """The encoder's posterior N(mean, std^2), per latent element. `moments` is mean and log-variance
+    stacked on the channel axis."""
+
+    def __init__(self, moments):
+        self.parameters = moments
+        self.mean, logvar = moments.chunk(2, dim=1)
+        self.logvar = logvar.clamp(-30.0, 20.0)
+        self.std = torch.exp(0.5 * self.logvar)
+        self.var = torch.exp(self.logvar)
+
+    def sample(self, generator=None):
+        noise = randn(self.mean.shape, generator, self.parameters.device, self.parameters.dtype)
+        return self.mean + self.std * noise
+
+    def mode(self):
+        return self.mean
+
+
+class AutoencoderKLOutput(NamedTuple):
+    latent_dist: DiagonalGaussianDistribution
+
+
+class DecoderOutput(NamedTuple):
+    sample: torch.Tensor
+
+
+def retrieve_latents(encoder_output, generator=None, sample_mode="sample"):
+    """Raw latents from `vae.encode(x)` of AutoencoderKL (a sample of, or with sample_mode="argmax" the mean
+    of, `.latent_dist`) or of AutoencoderTiny (its deterministic `.latents`), as diffusers' img2img does."""
+    if sample_mode not in ("sample", "argmax"):
+        raise ValueError(f"retrieve_latents: sample_mode={sample_mode!r} must be 'sample' or 'argmax'")
+    if hasattr(encoder_output, "latent_dist"):
+        dist = encoder_output.latent_dist
+        return dist.sample(generator) if sample_mode == "sample" else dist.mode()
+    if hasattr(encoder_output, "latents"):
+        return encoder_output.latents
+    raise TypeError(f"retrieve_latents: {type(encoder_output).__name__} has neither .latent_dist nor .latents")
+
+
+def check_finite(images, where="decode"):
+    """Raise if a decoded batch holds NaN or inf, which in practice means the VAE overflowed in float16."""
+    if not torch.isfinite(images).all():
+        what = "NaN" if torch.isnan(images).any() else "inf"
+        raise FloatingPointError(
+            f"{where}: decode produced {what} (dtype {images.dtype}): the VAE overflowed in float16; load it in "
+            "float32 or use madebyollin/sdxl-vae-fp16-fix")
+    return images
+
+
+def _scaling(config, like):
+    """(mean, std) as tensors shaped for (B, C, H, W) latents, or None without per-channel statistics."""
+    if getattr(config, "latents_mean", None) is None:
+        return None
+    mean = torch.tensor(config.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+    std = torch.tensor(config.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
+    return mean, std
+
+
+def latents_to_decoder_input(latents, config):
+    """Diffusion latents -> the decoder's latent space: z = latents / scaling_factor + shift_factor, or, for a
+    config with latents_mean/std, z = latents * std / scaling_factor + mean."""
+    stats = _scaling(config, latents)
+    if stats is not None:
+        mean, std = stats
+        return latents * std / config.scaling_factor + mean
+    return latents / config.scaling_factor + (config.shift_factor or 0.0)
+
+
+def encoder_output_to_latents(z, config):
+    """The encoder's latent space -> diffusion latents, the inverse of `latents_to_decoder_input`."""
+    stats = _scaling(config, z)
+    if stats is not None:
+        mean, std = stats
+        return (z - mean) * config.scaling_factor / std
+    return (z - (config.shift_factor or 0.0)) * config.scaling_factor
+
+
+def _blend_tiles(prev, tile, extent, dim):
+    """Cross-fade the first `extent` rows (dim=2) or columns (dim=3) of `tile` from the last ones of `prev`,
+    in place: later tiles blend against already-blended neighbours, as diffusers' tiling does."""
+    extent = min(prev.shape[dim], tile.shape[dim], extent)
+    if extent <= 0:
+        return tile
+    w = (torch.arange(extent, dtype=torch.float64) / extent).to(tile.device, tile.dtype)
+    w = w.view(-1, 1) if dim == 2 else w.view(1, -1)
+    head = tile.narrow(dim, 0, extent)
+    head.copy_(prev.narrow(dim, prev.shape[dim] - extent, extent) * (1 - w) + head * w)
+    return tile
+
+
+def _tiled(x, fn, tile_in, tile_out, overlap_factor):
+    """Run `fn` on overlapping tile_in-sized tiles of x (stride tile_in * (1 - overlap)), blend the overlaps and
+    keep the top-left (tile_out - blend) of each output tile."""
+    stride = int(tile_in * (1 - overlap_factor))
+    blend = int(tile_out * overlap_factor)
+    keep = tile_out - blend
+    rows = [[fn(x[:, :, i:i + tile_in, j:j + tile_in]) for j in range(0, x.shape[3], stride)]
+            for i in range(0, x.shape[2], stride)]
+    out_rows = []
+    for i, row in enumerate(rows):
+        for j, tile in enumerate(row):
+            if i > 0:
+                _blend_tiles(rows[i - 1][j], tile, blend, dim=2)
+            if j > 0:
+                _blend_tiles(row[j - 1], tile, blend, dim=3)
+        out_rows.append(torch.cat([tile[:, :, :keep, :keep] for tile in row], dim=3))
+    return torch.cat(out_rows, dim=2)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model
+
+
+class AutoencoderKL(nn.Module):
+    """The VAE. `encode(x)` -> `.latent_dist`; `decode(z)` -> `.sample` (images in [-1, 1]).
+
+    `decode` takes the decoder's latent space: convert diffusion latents first with
+    `latents_to_decoder_input` (or `latents / config.scaling_factor`, as diffusers' pipelines write it).
+    Pipelines run a `force_upcast` VAE in float32 when it is float16: see `needs_upcast`.
+    """
+
+    config_class = AutoencoderKLConfig
+    weight_names = ("diffusion_pytorch_model",)
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.encoder = Encoder(config)
+        self.decoder = Decoder(config)
+        latent = config.latent_channels
+        self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if config.use_quant_conv else None
+        self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
+        # Slicing runs a batch one image at a time; tiling runs big images in overlapping tiles (both save memory).
+        self.use_slicing = False
+        self.use_tiling = False
+        size = config.sample_size[0] if isinstance(config.sample_size, (list, tuple)) else config.sample_size
+        self.tile_sample_min_size = size
+        self.tile_latent_min_size = int(size / 2 ** (len(config.block_out_channels) - 1))
+        self.tile_overlap_factor = 0.25
+
+    @classmethod
+    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
+                        allow_pickle=False):
+        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
+
+    def save_pretrained(self, folder):
+        save_model(self, folder)
+
+    @property
+    def dtype(self):
+        return next(self.parameters()).dtype
+
+    @property
+    def device(self):
+        return next(self.parameters()).device
+
+    def enable_slicing(self):
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
+
+    def enable_tiling(self):
+        self.use_tiling = True
+
+    def disable_tiling(self):
+        self.use_tiling = False
+
+    def needs_upcast(self):
+        """True when this float16 VAE is known to overflow (config.force_upcast): decode it in float32."""
+        return self.dtype == torch.float16 and bool(self.config.force_upcast)
+
+    def latents_to_decoder_input(self, latents):
+        return latents_to_decoder_input(latents, self.config)
+
+    def encoder_output_to_latents(self, z):
+        return encoder_output_to_latents(z, self.config)
+
+    def _check_channels(self, t, want, arg, key):
+        if t.ndim != 4 or t.shape[1] != want:
+            raise ValueError(f"AutoencoderKL: {arg} has shape {tuple(t.shape)}; expected (batch, {want}, height, "
+                             f"width) with {want} = config.{key}")
+
+    def _encode_moments(self, x):
+        if self.use_tiling and max(x.shape[2], x.shape[3]) > self.tile_sample_min_size:
+            return _tiled(x, self._encode_tile, self.tile_sample_min_size, self.tile_latent_min_size,
+                          self.tile_overlap_factor)
+        return self._encode_tile(x)
+
+    def _encode_tile(self, x):
+        h = self.encoder(x)
+        return self.quant_conv(h) if self.quant_conv is not None else h
+
+    def _decode_one(self, z):
+        if self.use_tiling and max(z.shape[2], z.shape[3]) > self.tile_latent_min_size:
+            return _tiled(z, self._decode_tile, self.tile_latent_min_size, self.tile_sample_min_size,
+                          self.tile_overlap_factor)
+        return self._decode_tile(z)
+
+    def _decode_tile(self, z):
+        if self.post_quant_conv is not None:
+            z = self.post_quant_conv(z)
+        return self.decoder(z)
+
+    def encode(self, x, return_dict=True):
+        """Images (B, in_channels, H, W) in [-1, 1] -> the posterior over the decoder's latent space."""
+        self._check_channels(x, self.config.in_channels, "x", "in_channels")
+        if self.use_slicing and x.shape[0] > 1:
+            moments = torch.cat([self._encode_moments(one) for one in x.split(1)])
+        else:
+            moments = self._encode_moments(x)
+        posterior = DiagonalGaussianDistribution(moments)
+        return AutoencoderKLOutput(posterior) if return_dict else (posterior,)
+
+    def decode(self, z, return_dict=True, generator=None):
+        """Latents (B, latent_channels, h, w) in the decoder's space -> images in about [-1, 1].
+        `generator` is accepted for diffusers' signature and unused: decoding is deterministic."""
+        self._check_channels(z, self.config.latent_channels, "z", "latent_channels")
+        if self.use_slicing and z.shape[0] > 1:
+            images = torch.cat([self._decode_one(one) for one in z.split(1)])
+        else:
+            images = self._decode_one(z)
+        return DecoderOutput(images) if return_dict else (images,)
+
+    def forward(self, sample, sample_posterior=False, return_dict=True, generator=None):
+        """Reconstruct `sample`: encode, take the posterior's mean (or a sample), decode."""
+        posterior = self.encode(sample).latent_dist
+        z = posterior.sample(generator) if sample_posterior else posterior.mode()
+        return self.decode(z, return_dict=return_dict)
