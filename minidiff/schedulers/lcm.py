@@ -1,0 +1,177 @@
+"""Latent Consistency Model sampler (Luo et al. 2023, Algorithm 3), as diffusers' LCMScheduler.
+
+The schedule is a subset of the `original_inference_steps`-step grid the model was distilled on
+(t = k * (1000 // original) - 1). Each step maps x_t straight to a clean estimate with the consistency
+boundary condition denoised = c_skip(t) x_t + c_out(t) x_0(x_t), then noises it again to the next
+timestep with fresh noise; the last step returns the clean estimate (no noise drawn).
+"""
+import dataclasses
+from typing import ClassVar, Optional
+
+import numpy as np
+import torch
+
+from .common import (BETA_SCHEDULES, SPACINGS, LCMSchedulerOutput, add_noise_vp, check_choice, from_config,
+                     from_pretrained, index_for_timestep, make_betas, make_config, randn_tensor, save_config)
+
+
+@dataclasses.dataclass
+class LCMConfig:
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    beta_schedule: str = "scaled_linear"
+    trained_betas: Optional[list] = None
+    original_inference_steps: int = 50
+    clip_sample: bool = False
+    clip_sample_range: float = 1.0
+    set_alpha_to_one: bool = True
+    steps_offset: int = 0  # unused by LCM's schedule (as in diffusers)
+    prediction_type: str = "epsilon"
+    dynamic_thresholding_ratio: float = 0.995  # used only with thresholding, which is not implemented
+    sample_max_value: float = 1.0  # used only with thresholding
+    timestep_spacing: str = "leading"  # unused by LCM's schedule (as in diffusers)
+    timestep_scaling: float = 10.0
+    rescale_betas_zero_snr: bool = False
+
+    NEUTRAL: ClassVar = {"thresholding": False}
+
+    def validate(self, where):
+        if self.trained_betas is None:
+            check_choice(where, "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
+        check_choice(where, "prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))
+        check_choice(where, "timestep_spacing", self.timestep_spacing, SPACINGS)
+
+
+class LCMScheduler:
+    order = 1
+    init_noise_sigma = 1.0  # the loop starts from unit Gaussian noise and the UNet input is not scaled
+
+    def __init__(self, _carried=None, _where="LCMScheduler(...)", **config):
+        self.config = make_config(LCMConfig, config, _where, _carried)
+        c = self.config
+        self.betas = make_betas(c)
+        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.final_alpha_cumprod = torch.tensor(1.0) if c.set_alpha_to_one else self.alphas_cumprod[0]
+        self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1)
+        self.num_inference_steps = None
+        self.custom_timesteps = False
+        self._step_index = None
+        self._begin_index = None
+
+    @classmethod
+    def from_config(cls, config, **overrides):
+        return from_config(cls, LCMConfig, config, overrides)
+
+    @classmethod
+    def from_pretrained(cls, repo_or_path, subfolder=None, **overrides):
+        return from_pretrained(cls, LCMConfig, repo_or_path, subfolder, overrides)
+
+    def save_pretrained(self, folder):
+        save_config(self, folder)
+
+    def __len__(self):
+        return self.config.num_train_timesteps
+
+    @property
+    def step_index(self):
+        return self._step_index
+
+    @property
+    def begin_index(self):
+        return self._begin_index
+
+    def set_begin_index(self, begin_index=0):
+        """Start the loop at position `begin_index` of `timesteps`."""
+        self._begin_index = begin_index
+
+    def scale_model_input(self, sample, timestep=None):
+        return sample
+
+    def set_timesteps(self, num_inference_steps=None, device=None, original_inference_steps=None, timesteps=None,
+                      strength=1.0):
+        """`num_inference_steps` timesteps evenly spaced (by index) over the distillation grid, or the given
+        descending `timesteps`; `strength` < 1 (img2img) keeps only the lower part of the grid."""
+        N = self.config.num_train_timesteps
+        if (num_inference_steps is None) == (timesteps is None):
+            raise ValueError("LCMScheduler.set_timesteps: pass exactly one of num_inference_steps or timesteps")
+        original = original_inference_steps if original_inference_steps is not None \
+            else self.config.original_inference_steps
+        if original > N:
+            raise ValueError(f"LCMScheduler.set_timesteps: original_inference_steps={original} is more than the "
+                             f"{N} training timesteps")
+        grid = np.arange(1, int(original * strength) + 1) * (N // original) - 1  # ascending
+        if timesteps is not None:
+            if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
+                raise ValueError(f"LCMScheduler.set_timesteps: timesteps must be descending, got {list(timesteps)}")
+            if timesteps[0] >= N:
+                raise ValueError(f"LCMScheduler.set_timesteps: timesteps must be below {N}, got {timesteps[0]}")
+            timesteps = np.array(timesteps, dtype=np.int64)
+            self.num_inference_steps = len(timesteps)
+            self.custom_timesteps = True
+            # img2img: keep the last `strength` fraction of the given steps
+            kept = min(int(self.num_inference_steps * strength), self.num_inference_steps)
+            timesteps = timesteps[max(self.num_inference_steps - kept, 0) * self.order:]
+        else:
+            n = num_inference_steps
+            if n > N:
+                raise ValueError(f"LCMScheduler.set_timesteps: num_inference_steps={n} is more than the {N} "
+                                 "training timesteps")
+            if len(grid) // n < 1:
+                raise ValueError(f"LCMScheduler.set_timesteps: original_inference_steps x strength = {original} x "
+                                 f"{strength} leaves {len(grid)} timesteps, fewer than num_inference_steps={n}; "
+                                 f"lower num_inference_steps or raise strength to at least {n / original}")
+            if n > original:
+                raise ValueError(f"LCMScheduler.set_timesteps: num_inference_steps={n} is more than "
+                                 f"original_inference_steps={original}, the grid the schedule is taken from")
+            self.num_inference_steps = n
+            picks = np.floor(np.linspace(0, len(grid), num=n, endpoint=False)).astype(np.int64)
+            timesteps = grid[::-1][picks]
+        self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(device=device, dtype=torch.long)
+        self._step_index = None
+        self._begin_index = None
+
+    def boundary_scalings(self, timestep):
+        """(c_skip, c_out) of consistency models with sigma_data 0.5, at scaled time t * timestep_scaling:
+        c_skip -> 1 and c_out -> 0 as t -> 0, so the model is the identity on clean data."""
+        sigma_data = 0.5
+        scaled = timestep * self.config.timestep_scaling
+        c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
+        c_out = scaled / (scaled ** 2 + sigma_data ** 2) ** 0.5
+        return c_skip, c_out
+
+    def step(self, model_output, timestep, sample, generator=None, return_dict=True):
+        if self.num_inference_steps is None:
+            raise ValueError("LCMScheduler.step: call set_timesteps first")
+        if self._step_index is None:
+            self._step_index = (self._begin_index if self._begin_index is not None
+                                else index_for_timestep(self.timesteps, timestep))
+        c = self.config
+        nxt = self._step_index + 1
+        t = int(timestep)
+        t_prev = int(self.timesteps[nxt]) if nxt < len(self.timesteps) else t
+        a_t = self.alphas_cumprod[t]
+        a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
+        b_t, b_prev = 1 - a_t, 1 - a_prev
+        c_skip, c_out = self.boundary_scalings(torch.as_tensor(timestep))
+        if c.prediction_type == "epsilon":
+            x0 = (sample - b_t.sqrt() * model_output) / a_t.sqrt()
+        elif c.prediction_type == "sample":
+            x0 = model_output
+        else:  # v_prediction
+            x0 = a_t.sqrt() * sample - b_t.sqrt() * model_output
+        if c.clip_sample:
+            x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
+        denoised = c_out * x0 + c_skip * sample
+        if self._step_index != self.num_inference_steps - 1:  # noise again, down to the next timestep
+            noise = randn_tensor(model_output.shape, generator, model_output.device, denoised.dtype)
+            prev_sample = a_prev.sqrt() * denoised + b_prev.sqrt() * noise
+        else:
+            prev_sample = denoised
+        self._step_index += 1
+        if not return_dict:
+            return prev_sample, denoised
+        return LCMSchedulerOutput(prev_sample, denoised)
+
+    def add_noise(self, original_samples, noise, timesteps):
+        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
