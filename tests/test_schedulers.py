@@ -441,7 +441,8 @@ def test_step_returns(name):
     for sched, return_dict in [(s, False), (ref, False), (s, True)]:
         sched.set_timesteps(5)
         t = sched.timesteps[0]
-        g = {"generator": torch.Generator().manual_seed(0)} if "generator" in inspect.signature(sched.step).parameters else {}
+        takes_generator = "generator" in inspect.signature(sched.step).parameters
+        g = {"generator": torch.Generator().manual_seed(0)} if takes_generator else {}
         results.append(sched.step(fake_unet(x, t), t, x, return_dict=return_dict, **g))
     plain, ref_plain, out = results
     assert type(plain) is tuple and len(plain) == len(ref_plain)

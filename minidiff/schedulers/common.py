@@ -89,9 +89,10 @@ def spaced_timesteps(config, num_inference_steps, round_linspace):
 def add_noise_vp(alphas_cumprod, original_samples, noise, timesteps):
     """Forward process of the DDPM-style schedulers: sqrt(a_t) x_0 + sqrt(1 - a_t) noise, per batch item.
     alphas_cumprod is cast to the samples' dtype before the square roots, as diffusers does."""
-    a = alphas_cumprod.to(device=original_samples.device, dtype=original_samples.dtype)[timesteps.to(original_samples.device)]
-    shape = (-1,) + (1,) * (original_samples.ndim - 1)
-    return (a ** 0.5).flatten().view(shape) * original_samples + ((1 - a) ** 0.5).flatten().view(shape) * noise
+    x = original_samples
+    a = alphas_cumprod.to(device=x.device, dtype=x.dtype)[timesteps.to(x.device)]
+    shape = (-1,) + (1,) * (x.ndim - 1)
+    return (a ** 0.5).flatten().view(shape) * x + ((1 - a) ** 0.5).flatten().view(shape) * noise
 
 
 def add_noise_sigma(scheduler, original_samples, noise, timesteps):
@@ -175,7 +176,7 @@ def _known_keys(config_cls):
 
 
 def make_config(config_cls, explicit, where, carried=None):
-    """The scheduler's `.config` from the keys a caller set (checked and validated; errors name `where`)."""
+    """(parsed dataclass, the scheduler's `.config` dict) from the keys a caller set; errors name `where`."""
     explicit = {k: v for k, v in explicit.items() if not k.startswith("_")}  # _class_name and the like
     unknown = sorted(set(explicit) - _known_keys(config_cls))
     if unknown:
@@ -187,7 +188,7 @@ def make_config(config_cls, explicit, where, carried=None):
     view["_use_default_values"] = sorted(k for k in view if k not in explicit and k != "_use_default_values")
     for k, v in (carried or {}).items():
         view.setdefault(k, v)
-    return view
+    return cfg, view
 
 
 def from_config(cls, config_cls, config, overrides, where=None):

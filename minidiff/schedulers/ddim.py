@@ -45,7 +45,7 @@ class DDIMScheduler:
     init_noise_sigma = 1.0  # the loop starts from unit Gaussian noise and the UNet input is not scaled
 
     def __init__(self, _carried=None, _where="DDIMScheduler(...)", **config):
-        self.config = make_config(DDIMConfig, config, _where, _carried)
+        _, self.config = make_config(DDIMConfig, config, _where, _carried)
         c = self.config
         self.betas = make_betas(c)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)

@@ -67,7 +67,7 @@ class EulerDiscreteScheduler:
     order = 1
 
     def __init__(self, _carried=None, _where="EulerDiscreteScheduler(...)", **config):
-        self.config = make_config(EulerDiscreteConfig, config, _where, _carried)
+        _, self.config = make_config(EulerDiscreteConfig, config, _where, _carried)
         c = self.config
         self.betas = make_betas(c)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)

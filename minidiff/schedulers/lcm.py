@@ -1,4 +1,4 @@
-"""Latent Consistency Model sampler (Luo et al. 2023, Algorithm 3), as diffusers' LCMScheduler.
+"""Multistep Latent Consistency Model sampling (Luo et al. 2023), as diffusers' LCMScheduler.
 
 The schedule is a subset of the `original_inference_steps`-step grid the model was distilled on
 (t = k * (1000 // original) - 1). Each step maps x_t straight to a clean estimate with the consistency
@@ -48,7 +48,7 @@ class LCMScheduler:
     init_noise_sigma = 1.0  # the loop starts from unit Gaussian noise and the UNet input is not scaled
 
     def __init__(self, _carried=None, _where="LCMScheduler(...)", **config):
-        self.config = make_config(LCMConfig, config, _where, _carried)
+        _, self.config = make_config(LCMConfig, config, _where, _carried)
         c = self.config
         self.betas = make_betas(c)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)

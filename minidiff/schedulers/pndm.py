@@ -1,10 +1,10 @@
 """PNDM (Liu et al. 2022, "Pseudo Numerical Methods for Diffusion Models"), as diffusers' PNDMScheduler.
 
-The transfer x_t -> x_t' (eq. 11) is DDIM's deterministic step with a given noise estimate. PLMS feeds it
-a linear-multistep combination of the last noise predictions (Adams-Bashforth of order 1..4). Its first
-step is taken twice at the same timestep: once with eps(x_t), then again from x_t with the mean of
-eps(x_t) and eps(x_t') (a Heun step), which is why `timesteps` repeats its second value. Without
-`skip_prk_steps` the first three steps are pseudo Runge-Kutta (RK4, 4 UNet calls each) instead.
+The transfer x_t -> x_t' (the paper's phi) is DDIM's deterministic step with a given noise
+estimate. PLMS feeds it a linear-multistep combination of the last noise predictions (Adams-Bashforth
+of order 1..4). Its first step t0 -> t1 is taken twice: with eps(x_t0), then again from x_t0 with the
+mean of eps(x_t0) and eps at the result (a Heun step), which is why `timesteps` lists t1 twice.
+Without `skip_prk_steps` the first three steps are pseudo Runge-Kutta (RK4, 4 UNet calls each) instead.
 """
 import dataclasses
 from typing import ClassVar, Optional
@@ -43,7 +43,7 @@ class PNDMScheduler:
     init_noise_sigma = 1.0  # the loop starts from unit Gaussian noise and the UNet input is not scaled
 
     def __init__(self, _carried=None, _where="PNDMScheduler(...)", **config):
-        self.config = make_config(PNDMConfig, config, _where, _carried)
+        _, self.config = make_config(PNDMConfig, config, _where, _carried)
         c = self.config
         self.betas = make_betas(c)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
@@ -152,7 +152,7 @@ class PNDMScheduler:
         return self._transfer(sample, t_from, t_to, model_output)
 
     def _transfer(self, sample, t, t_prev, eps):
-        """Eq. 11: x_t' from x_t and a noise estimate (DDIM's deterministic step, rearranged)."""
+        """The transfer phi: x_t' from x_t and a noise estimate (DDIM's deterministic step, rearranged)."""
         a_t = self.alphas_cumprod[t]
         a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
         b_t, b_prev = 1 - a_t, 1 - a_prev
