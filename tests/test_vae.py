@@ -70,7 +70,7 @@ def test_sampling_follows_diffusers_generators(tmp_path):
     assert torch.equal(retrieve_latents(ours.encode(x), sample_mode="argmax"), our_post.mean)
     # the draw is not the mean: a sampling bug that returned the mean would fail above, check it differs
     assert not torch.allclose(our_post.sample(torch.Generator().manual_seed(1)), our_post.mean)
-    with pytest.raises(ValueError, match="2 generators for a batch of 3"):
+    with pytest.raises(ValueError, match="2 generators was given for a batch of 3"):
         our_post.sample([torch.Generator(), torch.Generator()])
 
 

@@ -21,6 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..nn import GroupNorm, attention
+from ..schedulers.common import randn_tensor
 from ..weights.load import load_model, save_model
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "mish": nn.Mish}
@@ -242,30 +243,6 @@ class Decoder(nn.Module):
 # The posterior and the outputs
 
 
-def randn(shape, generator=None, device=None, dtype=None):
-    """Gaussian noise drawn the way diffusers' randn_tensor draws it, so seeds give the same numbers.
-
-    A CPU generator draws on the CPU and the result is moved to `device`; a list of generators draws one
-    batch row from each. Without a generator the draw happens on `device`.
-    """
-    device = torch.device(device) if device is not None else torch.device("cpu")
-    if isinstance(generator, (list, tuple)) and len(generator) == 1:
-        generator = generator[0]
-    gens = generator if isinstance(generator, (list, tuple)) else [generator]
-    draw_device = device
-    if gens[0] is not None and gens[0].device.type != device.type:
-        if gens[0].device.type != "cpu":
-            raise ValueError(f"generator on {gens[0].device} cannot draw noise for a tensor on {device}: "
-                             "use a CPU generator or one on the tensor's device")
-        draw_device = torch.device("cpu")
-    if isinstance(generator, (list, tuple)):
-        if len(generator) != shape[0]:
-            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}: pass one per batch row")
-        rows = [torch.randn((1, *shape[1:]), generator=g, device=draw_device, dtype=dtype) for g in generator]
-        return torch.cat(rows).to(device)
-    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
-
-
 class DiagonalGaussianDistribution:
     """The encoder's posterior N(mean, std^2), per latent element. `moments` is mean and log-variance
     stacked on the channel axis."""
@@ -278,7 +255,7 @@ class DiagonalGaussianDistribution:
         self.var = torch.exp(self.logvar)
 
     def sample(self, generator=None):
-        noise = randn(self.mean.shape, generator, self.parameters.device, self.parameters.dtype)
+        noise = randn_tensor(self.mean.shape, generator, self.parameters.device, self.parameters.dtype)
         return self.mean + self.std * noise
 
     def mode(self):
