@@ -205,6 +205,51 @@ class DiffusionPipeline:
     def progress_bar(self, iterable, desc="denoising"):
         return progress(iterable, desc, disable=self._progress_disable)
 
+    # ---- LoRA: thin delegates to minidiff/lora.py, which does the work (begin) --------------------
+    def load_lora_weights(self, repo_id_or_file_or_dict, weight_name=None, adapter_name=None, allow_partial=False,
+                          allow_pickle=False, subfolder=None):
+        """Add a LoRA file (kohya, SAI, LoCon, diffusers/PEFT) to the UNet and text encoder(s); see lora.py."""
+        from .. import lora
+        return lora.load_lora_weights(self, repo_id_or_file_or_dict, weight_name, adapter_name, allow_partial,
+                                      allow_pickle, subfolder)
+
+    def set_adapters(self, adapter_names, adapter_weights=None):
+        from .. import lora
+        lora.set_adapters(self, adapter_names, adapter_weights)
+
+    def disable_lora(self):
+        from .. import lora
+        lora.disable_lora(self)
+
+    def enable_lora(self):
+        from .. import lora
+        lora.enable_lora(self)
+
+    def fuse_lora(self, components=None, lora_scale=1.0, adapter_names=None):
+        from .. import lora
+        lora.fuse_lora(self, components, lora_scale, adapter_names)
+
+    def unfuse_lora(self, components=None):
+        from .. import lora
+        lora.unfuse_lora(self, components)
+
+    def unload_lora_weights(self):
+        from .. import lora
+        lora.unload_lora_weights(self)
+
+    def delete_adapters(self, adapter_names):
+        from .. import lora
+        lora.delete_adapters(self, adapter_names)
+
+    def get_active_adapters(self):
+        from .. import lora
+        return lora.get_active_adapters(self)
+
+    def get_list_adapters(self):
+        from .. import lora
+        return lora.get_list_adapters(self)
+    # ---- LoRA (end) ---------------------------------------------------------------------------
+
 
 def progress(iterable, desc="", disable=False, stream=None):
     """A one-line progress bar on stderr: `desc  12/25 [00:01<00:02, 9.1it/s]`."""
