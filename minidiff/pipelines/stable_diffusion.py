@@ -7,6 +7,7 @@ same image.
 """
 import torch
 
+from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from .common import (DiffusionPipeline, PipelineOutput, check_common_inputs, guidance_scale_embedding,
                      negative_list, postprocess, preprocess_image, prompt_batch, rescale_noise_cfg)
@@ -27,7 +28,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
 
     # ---- prompt ---------------------------------------------------------------------------------
-    def _embed(self, texts, clip_skip=None):
+    def _embed(self, texts, clip_skip=None, lora_scale=None):
         """CLIP embeddings of a list of texts: last hidden state, or with clip_skip=k the hidden state k layers
         before the last, through the final layer norm."""
         if self.text_encoder is None or self.tokenizer is None:
@@ -36,7 +37,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
         device = self._execution_device
-        with self._on_device(self.text_encoder) as te:
+        with self._on_device(self.text_encoder) as te, scaled(te, lora_scale):
             if clip_skip is None:
                 return te(ids.to(device))[0]
             hidden = te(ids.to(device), output_hidden_states=True).hidden_states[-(clip_skip + 1)]
@@ -53,12 +54,12 @@ class StableDiffusionPipeline(DiffusionPipeline):
         device = device or self._execution_device
         batch = prompt_batch(prompt, prompt_embeds)
         if prompt_embeds is None:
-            prompt_embeds = self._embed([prompt] if isinstance(prompt, str) else prompt, clip_skip)
+            prompt_embeds = self._embed([prompt] if isinstance(prompt, str) else prompt, clip_skip, lora_scale)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
         if do_classifier_free_guidance:
             if negative_prompt_embeds is None:
-                negative_prompt_embeds = self._embed(negative_list(negative_prompt, batch))
+                negative_prompt_embeds = self._embed(negative_list(negative_prompt, batch), lora_scale=lora_scale)
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         return prompt_embeds, negative_prompt_embeds
@@ -82,7 +83,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         step_kwargs = {"generator": generator}
         if eta is not None and "eta" in self.scheduler.step.__code__.co_varnames:
             step_kwargs["eta"] = eta
-        with self._on_device(self.unet) as unet:
+        # cross_attention_kwargs={"scale": s} scales the LoRA adapters for this call, as in diffusers
+        with self._on_device(self.unet) as unet, scaled(unet, call_scale(cross_attention_kwargs)):
             for i, t in enumerate(self.progress_bar(timesteps)):
                 x = torch.cat([latents] * 2) if guided else latents
                 x = self.scheduler.scale_model_input(x, t)
@@ -136,7 +138,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
         guided = self._guided(guidance_scale)
 
         cond, uncond = self.encode_prompt(prompt, device, num_images_per_prompt, guided, negative_prompt,
-                                          prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip)
+                                          prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
+                                          lora_scale=call_scale(cross_attention_kwargs))
         embeds = torch.cat([uncond, cond]) if guided else cond  # diffusers' batch order: [uncond, cond]
 
         self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
@@ -196,7 +199,8 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         guided = self._guided(guidance_scale)
 
         cond, uncond = self.encode_prompt(prompt, device, num_images_per_prompt, guided, negative_prompt,
-                                          prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip)
+                                          prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
+                                          lora_scale=call_scale(cross_attention_kwargs))
         embeds = torch.cat([uncond, cond]) if guided else cond
 
         self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))

@@ -7,6 +7,7 @@ The denoising loop is Stable Diffusion's.
 """
 import torch
 
+from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from .common import PipelineOutput, postprocess, preprocess_image, prompt_batch
 from .stable_diffusion import StableDiffusionPipeline, _image_latents
@@ -47,14 +48,14 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                              "pooled_prompt_embeds (see encode_prompt)")
         return pairs
 
-    def _embed_xl(self, texts_per_encoder, clip_skip=None):
+    def _embed_xl(self, texts_per_encoder, clip_skip=None, lora_scale=None):
         """Penultimate (or clip_skip-deeper) hidden states of each encoder, concatenated; pooled from the last."""
         device = self._execution_device
         hidden, pooled = [], None
         for texts, (tok, enc) in zip(texts_per_encoder, self._encoders()):
             ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids
-            with self._on_device(enc):
+            with self._on_device(enc), scaled(enc, lora_scale):
                 out = enc(ids.to(device), output_hidden_states=True)
             if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
                 pooled = out[0]
@@ -74,7 +75,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             prompt = _as_list(prompt, batch)
             prompt_2 = _as_list(prompt_2 or prompt, batch)
             # zipped with the encoders present: a refiner (second encoder only) reads `prompt`, as in diffusers
-            prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip)
+            prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip, lora_scale)
         elif pooled_prompt_embeds is None:
             raise ValueError("prompt_embeds were passed without pooled_prompt_embeds: pass both (encode_prompt "
                              "returns them)")
@@ -88,7 +89,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 neg, neg2 = _as_list(negative_prompt, batch), _as_list(negative_prompt_2, batch)
                 if len(neg) != batch or len(neg2) != batch:
                     raise ValueError(f"negative_prompt has {len(neg)} entries but prompt has {batch}")
-                negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed_xl([neg, neg2])
+                negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed_xl([neg, neg2], lora_scale=lora_scale)
         elif do_classifier_free_guidance and negative_pooled_prompt_embeds is None:
             raise ValueError("negative_prompt_embeds were passed without negative_pooled_prompt_embeds")
         dtype = self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.unet.dtype
@@ -181,7 +182,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         cond, uncond, pooled, neg_pooled = self.encode_prompt(
             prompt, prompt_2, device, num_images_per_prompt, guided, negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-            clip_skip=clip_skip)
+            clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs))
 
         self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
         n = batch * num_images_per_prompt
@@ -294,7 +295,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         cond, uncond, pooled, neg_pooled = self.encode_prompt(
             prompt, prompt_2, device, num_images_per_prompt, guided, negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-            clip_skip=clip_skip)
+            clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs))
         x = preprocess_image(image, self.vae_scale_factor, latent_channels=self.vae.config.latent_channels)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
