@@ -1,2 +1,21 @@
-"""minidiff: small, readable text-to-image diffusion in plain PyTorch."""
+"""minidiff: small, readable text-to-image diffusion in plain PyTorch.
+
+The public classes carry diffusers' names, so `from minidiff import StableDiffusionPipeline` replaces
+`from diffusers import StableDiffusionPipeline`.
+"""
+from .models.clip import CLIPTextModel, CLIPTextModelWithProjection
+from .models.taesd import AutoencoderTiny
+from .models.unet import UNet2DConditionModel
+from .models.vae import AutoencoderKL
+from .models.paella_vq import PaellaVQModel
+from .models.wuerstchen_diffnext import WuerstchenDiffNeXt
+from .models.wuerstchen_prior import WuerstchenPrior
+from .pipelines import (DiffusionPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
+                        StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, WuerstchenCombinedPipeline,
+                        WuerstchenDecoderPipeline, WuerstchenPriorPipeline)
+from .schedulers import (DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler,
+                         PNDMScheduler)
+from .schedulers.ddpm_wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, DDPMWuerstchenScheduler
+from .tokenizer import CLIPTokenizer
+
 __version__ = "0.1.0"

@@ -80,8 +80,8 @@ PROMPTS = make_prompts()
 def clip_bpe_files():
     """vocab and merges as CLIP builds them from its merges file (open_clip / OpenAI SimpleTokenizer)."""
     spec = importlib.util.find_spec("open_clip")
-    if spec is None:
-        pytest.skip("open-clip-torch is not installed (it ships CLIP's BPE merges)")
+    assert spec is not None, ("open-clip-torch is not installed; it ships CLIP's BPE merges: "
+                              "pip install --no-deps open-clip-torch")
     path = os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
     lines = gzip.open(path).read().decode("utf-8").split("\n")
     merges = lines[1:49152 - 256 - 2 + 1]

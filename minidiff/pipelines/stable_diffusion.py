@@ -5,6 +5,8 @@ guidance), draw Gaussian latents (or noise an encoded image up to `strength`), r
 with the UNet, decode with the VAE. Same calls, same random draws as diffusers, so the same seed gives the
 same image.
 """
+import inspect
+
 import torch
 
 from ..lora import call_scale, scaled
@@ -80,9 +82,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
                  cross_attention_kwargs, added_cond_kwargs=None, callback_on_step_end=None):
         guided = self._guided(guidance_scale)
         timestep_cond = self._timestep_cond(guidance_scale, latents.shape[0], latents.dtype)
-        step_kwargs = {"generator": generator}
-        if eta is not None and "eta" in self.scheduler.step.__code__.co_varnames:
-            step_kwargs["eta"] = eta
+        # only the schedulers that draw noise take a generator; only DDIM takes eta
+        accepted = inspect.signature(self.scheduler.step).parameters
+        step_kwargs = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in accepted}
         # cross_attention_kwargs={"scale": s} scales the LoRA adapters for this call, as in diffusers
         with self._on_device(self.unet) as unet, scaled(unet, call_scale(cross_attention_kwargs)):
             for i, t in enumerate(self.progress_bar(timesteps)):

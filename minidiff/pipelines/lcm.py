@@ -1,0 +1,73 @@
+"""Latent Consistency Models (Luo et al. 2023): text-to-image in 1-8 steps with an LCM-distilled SD 1.x UNet
+(e.g. SimianLuo/LCM_Dreamshaper_v7), as diffusers' LatentConsistencyModelPipeline.
+
+What differs from Stable Diffusion: the guidance scale w is not applied by a second, unconditional UNet pass
+but given to the UNet as an embedding of w - 1 (the UNet's `time_cond_proj_dim`), so each step is one UNet
+pass on the prompt alone (no negative prompt). Each LCMScheduler step maps the latents to a clean estimate
+(`denoised`) and noises it again to the next timestep; the image is decoded from the last `denoised`.
+"""
+import torch
+
+from ..lora import call_scale, scaled
+from ..schedulers.common import randn_tensor
+from .common import PipelineOutput
+from .stable_diffusion import StableDiffusionPipeline
+
+
+class LatentConsistencyModelPipeline(StableDiffusionPipeline):
+    component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
+
+    @torch.no_grad()
+    def __call__(self, prompt=None, height=None, width=None, num_inference_steps=4, original_inference_steps=None,
+                 timesteps=None, guidance_scale=8.5, num_images_per_prompt=1, generator=None, latents=None,
+                 prompt_embeds=None, output_type="pil", return_dict=True, cross_attention_kwargs=None, clip_skip=None,
+                 callback_on_step_end=None):
+        if not hasattr(self.scheduler, "boundary_scalings"):
+            raise ValueError(f"LatentConsistencyModelPipeline needs an LCMScheduler (it decodes the scheduler's "
+                             f"denoised sample), got {type(self.scheduler).__name__}: set pipe.scheduler = "
+                             "LCMScheduler.from_config(pipe.scheduler.config)")
+        height = height or self.unet.config.sample_size * self.vae_scale_factor
+        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        steps = len(timesteps) if timesteps else num_inference_steps
+        batch = self._check(prompt, height, width, steps, num_images_per_prompt, generator, None, prompt_embeds,
+                            None, output_type)
+        device = self._execution_device
+        lora_scale = call_scale(cross_attention_kwargs)
+
+        cond, _ = self.encode_prompt(prompt, device, num_images_per_prompt, False, prompt_embeds=prompt_embeds,
+                                     lora_scale=lora_scale, clip_skip=clip_skip)
+
+        if timesteps:
+            self.scheduler.set_timesteps(device=device, original_inference_steps=original_inference_steps,
+                                         timesteps=timesteps)
+        else:
+            self.scheduler.set_timesteps(num_inference_steps, device=device,
+                                         original_inference_steps=original_inference_steps)
+        n = batch * num_images_per_prompt
+        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        latents = latents.to(device) * self.scheduler.init_noise_sigma
+
+        # the guidance scale enters as an embedding of w = guidance_scale - 1 (None for a UNet without one,
+        # e.g. SD with an LCM-LoRA: then there is no guidance at all)
+        w_embedding = self._timestep_cond(guidance_scale, n, latents.dtype)
+        denoised = latents
+        with self._on_device(self.unet) as unet, scaled(unet, lora_scale):
+            for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+                latents = latents.to(cond.dtype)
+                model_pred = unet(latents, t, encoder_hidden_states=cond, timestep_cond=w_embedding,
+                                  cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
+                latents, denoised = self.scheduler.step(model_pred, t, latents, generator=generator, return_dict=False)
+                if callback_on_step_end is not None:
+                    out = callback_on_step_end(self, i, t, {"latents": latents, "denoised": denoised,
+                                                            "prompt_embeds": cond, "w_embedding": w_embedding}) or {}
+                    latents = out.get("latents", latents)
+                    denoised = out.get("denoised", denoised)
+                    cond = out.get("prompt_embeds", cond)
+                    w_embedding = out.get("w_embedding", w_embedding)
+
+        images = self._decode(denoised.to(cond.dtype), output_type, generator)
+        return PipelineOutput(images) if return_dict else (images, None)
