@@ -19,7 +19,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidiff.nn import GroupNorm, attention, timestep_embedding
-from weights.load import load_model, save_model
+from ..weights.load import load_model, save_model
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
