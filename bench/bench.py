@@ -1,118 +1,27 @@
 """minidiff vs diffusers on the real model configs (random weights), measured side by side in one run.
 
-    python bench/bench.py sd15            # SD 1.5 UNet, VAE, text encoder; whole 512x512 image
-    python bench/bench.py sdxl            # SDXL UNet: load, peak memory, one step at 128x128 latents
-    python bench/bench.py lcm             # SD 1.5 + LCM-LoRA-shaped adapter: 4 LCM steps at 512x512
-    python bench/bench.py wuerstchen      # stage B and stage C: load, peak memory, one step
+    python bench/bench.py sd15          # SD 1.5 UNet, VAE, text encoder; whole 512x512 image
+    python bench/bench.py lcm           # SD 1.5 + an LCM-LoRA-shaped adapter: 4 LCM steps at 512x512
+    python bench/bench.py sdxl          # SDXL UNet: load, peak memory, one step at 128x128 latents
+    python bench/bench.py wuerstchen    # stage C prior and stage B decoder: load, peak memory, one step
 
-Configs are the Hub repos' (CHECKPOINTS.md); weights are random and saved once under --cache.
-Loads run in fresh subprocesses (time, and peak RSS above the bare interpreter with torch imported);
-compute runs in one process with both models, alternating minidiff and diffusers so that drift of this
-shared machine hits both alike. Prints a table with minidiff/diffusers ratios and the machine.
+Configs are the Hub repos' (see shared CHECKPOINTS.md); weights are random, saved once under --cache
+by diffusers. Every measurement runs in a fresh subprocess, minidiff and diffusers turn about
+(m, d, m, d, ...), so that the drift of a shared machine hits both alike; the table gives medians.
+Load: wall time of from_pretrained, and peak RSS above the interpreter with torch imported.
+Compute: the median of timed calls after one warm-up call, in the same subprocess as a load.
 """
 import argparse
 import json
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
-import time
 
-import torch
+HERE = os.path.dirname(os.path.abspath(__file__))
 
-
-
-def machine():
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return (f"{cpu}, {torch.get_num_threads()} threads, {os.cpu_count()} cores, torch {torch.__version__}, "
-            f"python {platform.python_version()}")
-
-
-# ---- loading, in subprocesses ---------------------------------------------------------------------
-LOADERS = {
-    "minidiff": "from {mod} import {cls} as C\nm = C.from_pretrained({path!r}, subfolder={sub!r})",
-    "diffusers": "from {dmod} import {cls} as C\nm = C.from_pretrained({path!r}, subfolder={sub!r})",
-}
-CHILD = """
-import resource, sys, time, torch
-torch.set_num_threads({threads})
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-{imports}
-t = time.perf_counter()
-{load}
-dt = time.perf_counter() - t
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-print("RESULT", dt, (peak - base) / 1024)
-"""
-
-
-def load_once(side, spec, path, threads):
-    mod, dmod, cls, sub = spec
-    imports = f"import {mod if side == 'minidiff' else dmod}"
-    code = CHILD.format(threads=threads, imports=imports,
-                        load=LOADERS[side].format(mod=mod, dmod=dmod, cls=cls, path=path, sub=sub))
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    _, dt, mb = out.strip().splitlines()[-1].split()
-    return float(dt), float(mb)
-
-
-def bench_loads(specs, path, reps, threads):
-    rows = []
-    for name, spec in specs.items():
-        res = {"minidiff": [], "diffusers": []}
-        for _ in range(reps):
-            for side in ("minidiff", "diffusers"):  # alternate
-                res[side].append(load_once(side, spec, path, threads))
-        m_t = statistics.median(r[0] for r in res["minidiff"])
-        d_t = statistics.median(r[0] for r in res["diffusers"])
-        m_mb = statistics.median(r[1] for r in res["minidiff"])
-        d_mb = statistics.median(r[1] for r in res["diffusers"])
-        rows.append((f"load {name} (s)", m_t, d_t))
-        rows.append((f"peak RSS loading {name} (MB)", m_mb, d_mb))
-    return rows
-
-
-# ---- compute, alternating in one process ------------------------------------------------------------
-def timed(fn, reps, warmup=1):
-    for _ in range(warmup):
-        fn()
-    out = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        out.append(time.perf_counter() - t)
-    return out
-
-
-def alternate(name, ours, theirs, reps):
-    """Time two callables turn about (warm-up first), return (name, median ours, median theirs)."""
-    ours(), theirs()
-    a, b = [], []
-    for _ in range(reps):
-        a += timed(ours, 1, 0)
-        b += timed(theirs, 1, 0)
-    return name, statistics.median(a), statistics.median(b)
-
-
-def print_table(title, rows, note=""):
-    print(f"\n## {title}\n")
-    print(f"machine: {machine()}")
-    if note:
-        print(note)
-    print("\n| measure | minidiff | diffusers | minidiff/diffusers |\n| --- | ---: | ---: | ---: |")
-    for name, m, d in rows:
-        print(f"| {name} | {m:.3f} | {d:.3f} | {m / d:.2f} |")
-    sys.stdout.flush()
-
-
-# ---- the real configs (CHECKPOINTS.md) --------------------------------------------------------------
+# ---- the real configs ---------------------------------------------------------------------------------
 SD15_UNET = dict(attention_head_dim=8, block_out_channels=[320, 640, 1280, 1280], cross_attention_dim=768,
                  down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"], layers_per_block=2,
                  up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, sample_size=64)
@@ -121,61 +30,220 @@ SD15_VAE = dict(block_out_channels=[128, 256, 512, 512], down_block_types=["Down
 SD15_TEXT = dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                  max_position_embeddings=77, vocab_size=49408, hidden_act="quick_gelu", projection_dim=768,
                  bos_token_id=0, eos_token_id=2, pad_token_id=1)
+SD15_SCHEDULER = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", num_train_timesteps=1000,
+                      skip_prk_steps=True, steps_offset=1, set_alpha_to_one=False, clip_sample=False)
 SDXL_UNET = dict(addition_embed_type="text_time", addition_time_embed_dim=256, attention_head_dim=[5, 10, 20],
                  block_out_channels=[320, 640, 1280], cross_attention_dim=2048,
                  down_block_types=["DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"],
                  up_block_types=["CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"], layers_per_block=2,
                  projection_class_embeddings_input_dim=2816, transformer_layers_per_block=[1, 2, 10],
                  use_linear_projection=True, sample_size=128)
+W_PRIOR = dict(c_in=16, c=1536, c_cond=1280, c_r=64, depth=32, nhead=24, dropout=0.1)
+W_DECODER = dict(c_in=4, c_out=4, c_r=64, patch_size=2, c_cond=1024, c_hidden=[320, 640, 1280, 1280],
+                 nhead=[-1, 10, 20, 20], blocks=[4, 4, 14, 4], level_config=["CT", "CTA", "CTA", "CTA"],
+                 inject_effnet=[False, True, True, True], effnet_embd=16, clip_embd=1024, kernel_size=3, dropout=0.1)
+
+
+def machine():
+    cpu = platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    import torch
+    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} (CPU), python {platform.python_version()}"
+
+
+# ---- one measurement in a fresh process ----------------------------------------------------------------
+CHILD = r"""
+import json, resource, sys, time, statistics, torch
+sys.path.insert(0, {here!r})
+torch.set_num_threads({threads})
+torch.manual_seed(0)
+{imports}
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+t = time.perf_counter()
+{load}
+load_s = time.perf_counter() - t
+peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+times = []
+with torch.no_grad():
+{setup}
+    for i in range({calls} + 1 if {calls} else 0):
+        t = time.perf_counter()
+{call}
+        if i:
+            times.append(time.perf_counter() - t)
+print("RESULT", json.dumps({{"load": load_s, "peak": peak_mb, "call": statistics.median(times) if times else None}}))
+"""
+
+
+def indent(code, n):
+    return "\n".join(" " * n + line for line in code.strip().splitlines())
+
+
+def measure(job, side, threads, calls):
+    setup = job.get("setup", "pass")
+    setup = setup[side] if isinstance(setup, dict) else setup
+    code = CHILD.format(here=HERE, threads=threads, imports=job["imports"][side], load=job["load"][side],
+                        setup=indent(setup, 4), calls=calls, call=indent(job.get("call", "pass"), 8))
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"{side} child failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1].split(" ", 1)[1])
+
+
+def compare(title, jobs, a, note=""):
+    """Run each job for both sides, turn about, `a.reps` times; print one table."""
+    rows = []
+    for name, job in jobs.items():
+        res = {"minidiff": [], "diffusers": []}
+        for _ in range(a.reps):
+            for side in ("minidiff", "diffusers"):
+                res[side].append(measure(job, side, a.threads, job.get("calls", 1)))
+                print(f"  {name} {side}: {res[side][-1]}", file=sys.stderr, flush=True)
+        med = {s: {k: statistics.median(r[k] for r in res[s]) if res[s][0][k] is not None else None
+                   for k in ("load", "peak", "call")} for s in res}
+        if job.get("load_row", True):
+            rows.append((f"{name}: load (s)", med["minidiff"]["load"], med["diffusers"]["load"]))
+            rows.append((f"{name}: peak RSS while loading (MB)", med["minidiff"]["peak"], med["diffusers"]["peak"]))
+        if med["minidiff"]["call"] is not None:
+            rows.append((f"{name}: {job['call_name']} (s)", med["minidiff"]["call"], med["diffusers"]["call"]))
+    print(f"\n## {title}\n")
+    print(f"machine: {machine()}, {a.threads} threads; medians of {a.reps} alternating runs")
+    if note:
+        print(note)
+    print("\n| measure | minidiff | diffusers | minidiff / diffusers |\n| --- | ---: | ---: | ---: |")
+    for name, m, d in rows:
+        print(f"| {name} | {m:.2f} | {d:.2f} | {m / d:.2f} |")
+    sys.stdout.flush()
+
+
+def model_job(folder, sub, ours, theirs, theirs_mod="diffusers", setup="pass", call="pass", call_name="", **kw):
+    """Load one model (minidiff class `ours` vs `theirs` from diffusers/transformers) and time one call of `m`."""
+    return dict(imports={"minidiff": f"from minidiff import {ours} as C", "diffusers": f"from {theirs_mod} import {theirs} as C"},
+                load={s: f"m = C.from_pretrained({folder!r}, subfolder={sub!r})" for s in ("minidiff", "diffusers")},
+                setup=setup, call=call, call_name=call_name, **kw)
 
 
 def build_once(folder, make):
-    """Save a randomly initialised diffusers model once; later runs reuse the folder."""
     if not os.path.exists(os.path.join(folder, "config.json")):
+        import torch
         torch.manual_seed(0)
         make().save_pretrained(folder)
-    return folder
 
 
-def sd15(a):
+def build_sd15(root):
     import diffusers
     import transformers
-    from minidiff import AutoencoderKL, CLIPTextModel, UNet2DConditionModel
-    root = os.path.join(a.cache, "sd15")
     build_once(f"{root}/unet", lambda: diffusers.UNet2DConditionModel(**SD15_UNET))
     build_once(f"{root}/vae", lambda: diffusers.AutoencoderKL(**SD15_VAE))
     build_once(f"{root}/text_encoder", lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT)))
-    specs = {"UNet": ("minidiff", "diffusers", "UNet2DConditionModel", "unet"),
-             "VAE": ("minidiff", "diffusers", "AutoencoderKL", "vae"),
-             "text encoder": ("minidiff", "transformers", "CLIPTextModel", "text_encoder")}
-    rows = bench_loads(specs, root, a.reps, a.threads)
-    with torch.no_grad():
-        ours, theirs = UNet2DConditionModel.from_pretrained(root, subfolder="unet"), diffusers.UNet2DConditionModel.from_pretrained(root, subfolder="unet")
-        x, t, c = torch.randn(2, 4, 64, 64), torch.tensor(500), torch.randn(2, 77, 768)
-        rows.append(alternate("UNet step, batch 2, 64x64 latents (s)", lambda: ours(x, t, c), lambda: theirs(x, t, c), a.reps))
-        del ours, theirs
-        ours, theirs = AutoencoderKL.from_pretrained(root, subfolder="vae"), diffusers.AutoencoderKL.from_pretrained(root, subfolder="vae")
-        z = torch.randn(1, 4, 64, 64)
-        rows.append(alternate("VAE decode 512x512 (s)", lambda: ours.decode(z), lambda: theirs.decode(z), a.reps))
-        del ours, theirs
-        ours, theirs = CLIPTextModel.from_pretrained(root, subfolder="text_encoder"), transformers.CLIPTextModel.from_pretrained(root, subfolder="text_encoder")
-        ids = torch.randint(0, 49408, (2, 77))
-        rows.append(alternate("text encoder, batch 2 (s)", lambda: ours(ids), lambda: theirs(ids), a.reps))
-    print_table("SD 1.5 (random weights)", rows)
+    if not os.path.exists(f"{root}/model_index.json"):
+        sys.path.insert(0, os.path.join(HERE, "..", "tests"))
+        from test_tokenizer import clip_bpe_files, write_tokenizer  # the real CLIP vocabulary, from open-clip-torch
+        vocab, merges = clip_bpe_files()
+        write_tokenizer(f"{root}/tokenizer", vocab, merges, "<|endoftext|>")
+        diffusers.PNDMScheduler.from_config(SD15_SCHEDULER).save_pretrained(f"{root}/scheduler")
+        index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.39.0",
+                 "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],
+                 "scheduler": ["diffusers", "PNDMScheduler"], "text_encoder": ["transformers", "CLIPTextModel"],
+                 "tokenizer": ["transformers", "CLIPTokenizer"], "unet": ["diffusers", "UNet2DConditionModel"],
+                 "vae": ["diffusers", "AutoencoderKL"]}
+        with open(f"{root}/model_index.json", "w") as f:
+            json.dump(index, f)
 
 
-RUNS = {"sd15": sd15}
+def pipe_job(root, steps, call_kw="", name="whole 512x512 image"):
+    """Build the SD pipeline from `root` (untimed here: its loads are the model rows) and time one image."""
+    return dict(imports={"minidiff": "from minidiff import StableDiffusionPipeline as C",
+                         "diffusers": "from diffusers import StableDiffusionPipeline as C"},
+                load={"minidiff": f"p = C.from_pretrained({root!r})",
+                      "diffusers": f"p = C.from_pretrained({root!r}, safety_checker=None)"},
+                setup="p.set_progress_bar_config(disable=True)",
+                call=f"p('a photo of a cat', num_inference_steps={steps}, generator=torch.Generator().manual_seed(0){call_kw})",
+                call_name=name, load_row=False)
+
+
+def sd15(a):
+    root = os.path.join(a.cache, "sd15")
+    build_sd15(root)
+    steps = a.steps or 10
+    jobs = {
+        "UNet": model_job(root, "unet", "UNet2DConditionModel", "UNet2DConditionModel",
+                          setup="x, t, c = torch.randn(2, 4, 64, 64), torch.tensor(500), torch.randn(2, 77, 768)",
+                          call="m(x, t, c)", call_name="one step, batch 2, 64x64 latents, fp32"),
+        "VAE": model_job(root, "vae", "AutoencoderKL", "AutoencoderKL", setup="z = torch.randn(1, 4, 64, 64)",
+                         call="m.decode(z)", call_name="decode to 512x512"),
+        "text encoder": model_job(root, "text_encoder", "CLIPTextModel", "CLIPTextModel", theirs_mod="transformers",
+                                  setup="ids = torch.randint(0, 49408, (2, 77))", call="m(ids)",
+                                  call_name="encode, batch 2"),
+        "pipeline": pipe_job(root, steps, name=f"whole 512x512 image, {steps} PNDM steps, guidance 7.5"),
+    }
+    compare("SD 1.5 (real configs, random weights)", jobs, a)
+
+
+def lcm(a):
+    root = os.path.join(a.cache, "sd15")
+    build_sd15(root)
+    lora = os.path.join(a.cache, "lcm_lora.safetensors")
+    if not os.path.exists(lora):
+        sys.path.insert(0, HERE)
+        from make_lcm_lora import write_lcm_lora  # kohya-format file with LCM-LoRA's shapes
+        write_lcm_lora(os.path.join(root, "unet"), lora)
+    setup_m = ("p.set_progress_bar_config(disable=True)\n"
+               f"p.load_lora_weights({lora!r})\n"
+               "from minidiff import LCMScheduler\np.scheduler = LCMScheduler.from_config(p.scheduler.config)")
+    setup_d = ("p.set_progress_bar_config(disable=True)\n"
+               f"p.load_lora_weights({lora!r})\n"
+               "from diffusers import LCMScheduler\np.scheduler = LCMScheduler.from_config(p.scheduler.config)")
+    job = pipe_job(root, 4, call_kw=", guidance_scale=1.0", name="whole 512x512 image, 4 LCM steps, guidance 1")
+    job["setup"] = {"minidiff": setup_m, "diffusers": setup_d}
+    compare("SD 1.5 + LCM-LoRA (real configs, random weights)", {"LCM-LoRA": job}, a)
+
+
+def sdxl(a):
+    import diffusers
+    root = os.path.join(a.cache, "sdxl")
+    build_once(f"{root}/unet", lambda: diffusers.UNet2DConditionModel(**SDXL_UNET))
+    setup = ("x, t, c = torch.randn(1, 4, 128, 128), torch.tensor(500), torch.randn(1, 77, 2048)\n"
+             "added = {'text_embeds': torch.randn(1, 1280), 'time_ids': torch.tensor([[1024., 1024, 0, 0, 1024, 1024]])}")
+    jobs = {"UNet": model_job(root, "unet", "UNet2DConditionModel", "UNet2DConditionModel", setup=setup,
+                              call="m(x, t, c, added_cond_kwargs=added)",
+                              call_name="one step, batch 1, 128x128 latents, fp32")}
+    compare("SDXL UNet (real config, random weights)", jobs, a)
+
+
+def wuerstchen(a):
+    from diffusers.pipelines.wuerstchen import WuerstchenDiffNeXt, WuerstchenPrior
+    root = os.path.join(a.cache, "wuerstchen")
+    build_once(f"{root}/prior", lambda: WuerstchenPrior(**W_PRIOR))
+    build_once(f"{root}/decoder", lambda: WuerstchenDiffNeXt(**W_DECODER))
+    mod = "diffusers.pipelines.wuerstchen"
+    jobs = {
+        "stage C prior": model_job(root, "prior", "WuerstchenPrior", "WuerstchenPrior", theirs_mod=mod,
+                                   setup="x, r, c = torch.randn(2, 16, 24, 24), torch.rand(2), torch.randn(2, 77, 1280)",
+                                   call="m(x, r, c)", call_name="one step, batch 2 (CFG), 24x24 latents (1024 px)"),
+        "stage B decoder": model_job(root, "decoder", "WuerstchenDiffNeXt", "WuerstchenDiffNeXt", theirs_mod=mod,
+                                     setup=("x, r = torch.randn(1, 4, 128, 128), torch.rand(1)\n"
+                                            "e, c = torch.randn(1, 16, 12, 12), torch.randn(1, 77, 1024)"),
+                                     call="m(x, r, e, c)", call_name="one step, batch 1, 128x128 latents (512 px)"),
+    }
+    compare("Würstchen v2 stages B and C (real configs, random weights)", jobs, a)
+
+
+RUNS = {"sd15": sd15, "lcm": lcm, "sdxl": sdxl, "wuerstchen": wuerstchen}
 
 
 def main():
-    p = argparse.ArgumentParser()
-    p.add_argument("which", choices=["sd15", "sdxl", "lcm", "wuerstchen"])
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("which", choices=sorted(RUNS))
     p.add_argument("--cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "minidiff-bench"))
-    p.add_argument("--reps", type=int, default=3)
-    p.add_argument("--steps", type=int, default=None, help="steps of the whole-image run")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads())
+    p.add_argument("--reps", type=int, default=3, help="alternating runs per side")
+    p.add_argument("--steps", type=int, default=None, help="steps of the whole-image run (sd15; default 10)")
+    p.add_argument("--threads", type=int, default=os.cpu_count())
     a = p.parse_args()
-    torch.set_num_threads(a.threads)
     RUNS[a.which](a)
 
 
