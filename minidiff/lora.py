@@ -427,13 +427,13 @@ def parse_lora(state_dict, models):
                 unmatched[key] = f"unknown kohya suffix {suffix!r}"
                 continue
             if name not in table:
-                comp = next((c for c, ps in COMPONENTS.items() if name.startswith(ps)), None)
-                unmatched[key] = (f"the pipeline has no {comp}" if comp not in models
-                                  else f"no {comp} module named {name!r}")
+                comp, prefix = next((c, p) for c, ps in COMPONENTS.items() for p in ps if name.startswith(p))
+                unmatched[key] = (f"the pipeline has no {comp}" if comp not in models else
+                                  f"{comp} has no Linear/Conv2d named {name[len(prefix):]} (with '.' as '_')")
                 continue
             component, path = table[name]
-            forms.add("kohya (SAI UNet names)" if ("input_blocks" in name or "output_blocks" in name
-                                                   or "middle_block" in name) else "kohya")
+            sai = any(b in name for b in ("input_blocks", "middle_block", "output_blocks"))
+            forms.add("kohya (SAI UNet names)" if sai else "kohya")
         else:
             found = _split_diffusers_key(key, models)
             if isinstance(found, str):
@@ -442,6 +442,9 @@ def parse_lora(state_dict, models):
             component, path, role, form = found
             forms.add(form)
         t = targets.setdefault((component, path), ModuleLoRA())
+        if (t.alpha if role == "alpha" else getattr(t, role)) is not None:  # e.g. one layer under two names
+            unmatched[key] = f"a second {role} for {component}.{path} (first from {t.keys[0]})"
+            continue
         t.keys.append(key)
         if role == "alpha":
             t.alpha = float(tensor.item())
@@ -452,6 +455,8 @@ def parse_lora(state_dict, models):
             for key in t.keys:
                 unmatched[key] = f"{'up' if t.down is None else 'down'} weight missing for this module"
             del targets[(component, path)]
+    if "kohya (SAI UNet names)" in forms:  # its text-encoder keys are plain kohya
+        forms.discard("kohya")
     return targets, unmatched, " + ".join(sorted(forms)) or "empty"
 
 
