@@ -8,8 +8,9 @@
 Configs are the Hub repos' (see shared CHECKPOINTS.md); weights are random, saved once under --cache
 by diffusers. Every measurement runs in a fresh subprocess, minidiff and diffusers turn about
 (m, d, m, d, ...), so that the drift of a shared machine hits both alike; the table gives medians.
-Load: wall time of from_pretrained, and peak RSS above the interpreter with torch imported.
-Compute: the median of timed calls after one warm-up call, in the same subprocess as a load.
+Load: wall time of from_pretrained. Memory: peak RSS above the interpreter with torch imported, over the
+load and the first call (safetensors maps files lazily on both sides: pages count when first touched).
+Compute: the median of timed calls after one warm-up call (whole images: no warm-up), same subprocess.
 """
 import argparse
 import json
@@ -66,15 +67,16 @@ base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 t = time.perf_counter()
 {load}
 load_s = time.perf_counter() - t
-peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
 times = []
 with torch.no_grad():
 {setup}
-    for i in range({calls} + 1 if {calls} else 0):
+    for i in range({calls} + {warmup}):
         t = time.perf_counter()
 {call}
-        if i:
+        if i >= {warmup}:
             times.append(time.perf_counter() - t)
+# safetensors maps the file: pages count once a forward touches them, so the peak spans load and first call
+peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
 print("RESULT", json.dumps({{"load": load_s, "peak": peak_mb, "call": statistics.median(times) if times else None}}))
 """
 
@@ -87,7 +89,7 @@ def measure(job, side, threads, calls):
     setup = job.get("setup", "pass")
     setup = setup[side] if isinstance(setup, dict) else setup
     code = CHILD.format(here=HERE, threads=threads, imports=job["imports"][side], load=job["load"][side],
-                        setup=indent(setup, 4), calls=calls, call=indent(job.get("call", "pass"), 8))
+                        setup=indent(setup, 4), calls=calls, warmup=job.get("warmup", 1), call=indent(job.get("call", "pass"), 8))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{side} child failed:\n{proc.stderr[-3000:]}")
@@ -107,7 +109,7 @@ def compare(title, jobs, a, note=""):
                    for k in ("load", "peak", "call")} for s in res}
         if job.get("load_row", True):
             rows.append((f"{name}: load (s)", med["minidiff"]["load"], med["diffusers"]["load"]))
-            rows.append((f"{name}: peak RSS while loading (MB)", med["minidiff"]["peak"], med["diffusers"]["peak"]))
+            rows.append((f"{name}: peak RSS, load + first call (MB)", med["minidiff"]["peak"], med["diffusers"]["peak"]))
         if med["minidiff"]["call"] is not None:
             rows.append((f"{name}: {job['call_name']} (s)", med["minidiff"]["call"], med["diffusers"]["call"]))
     print(f"\n## {title}\n")
@@ -163,13 +165,13 @@ def pipe_job(root, steps, call_kw="", name="whole 512x512 image"):
                       "diffusers": f"p = C.from_pretrained({root!r}, safety_checker=None)"},
                 setup="p.set_progress_bar_config(disable=True)",
                 call=f"p('a photo of a cat', num_inference_steps={steps}, generator=torch.Generator().manual_seed(0){call_kw})",
-                call_name=name, load_row=False)
+                call_name=name, load_row=False, warmup=0)
 
 
 def sd15(a):
     root = os.path.join(a.cache, "sd15")
     build_sd15(root)
-    steps = a.steps or 10
+    steps = a.steps or 3
     jobs = {
         "UNet": model_job(root, "unet", "UNet2DConditionModel", "UNet2DConditionModel",
                           setup="x, t, c = torch.randn(2, 4, 64, 64), torch.tensor(500), torch.randn(2, 77, 768)",
@@ -190,16 +192,16 @@ def lcm(a):
     lora = os.path.join(a.cache, "lcm_lora.safetensors")
     if not os.path.exists(lora):
         sys.path.insert(0, HERE)
-        from make_lcm_lora import write_lcm_lora  # kohya-format file with LCM-LoRA's shapes
+        from make_lcm_lora import write_lcm_lora  # kohya keys, diffusers names, rank 64, alpha 8
         write_lcm_lora(os.path.join(root, "unet"), lora)
-    setup_m = ("p.set_progress_bar_config(disable=True)\n"
-               f"p.load_lora_weights({lora!r})\n"
-               "from minidiff import LCMScheduler\np.scheduler = LCMScheduler.from_config(p.scheduler.config)")
-    setup_d = ("p.set_progress_bar_config(disable=True)\n"
-               f"p.load_lora_weights({lora!r})\n"
-               "from diffusers import LCMScheduler\np.scheduler = LCMScheduler.from_config(p.scheduler.config)")
-    job = pipe_job(root, 4, call_kw=", guidance_scale=1.0", name="whole 512x512 image, 4 LCM steps, guidance 1")
-    job["setup"] = {"minidiff": setup_m, "diffusers": setup_d}
+    # by folder + weight_name: diffusers refuses a bare file path when HF_HUB_OFFLINE is set
+    load = f"p.load_lora_weights({a.cache!r}, weight_name='lcm_lora.safetensors', adapter_name='lcm')\n"
+    setup = {lib: "p.set_progress_bar_config(disable=True)\n" + load +
+             f"from {lib} import LCMScheduler\np.scheduler = LCMScheduler.from_config(p.scheduler.config)"
+             for lib in ("minidiff", "diffusers")}
+    job = pipe_job(root, 4, call_kw=", guidance_scale=1.0",
+                   name="whole 512x512 image, 4 LCM steps, guidance 1 (one UNet pass per step), LoRA unfused")
+    job["setup"] = setup
     compare("SD 1.5 + LCM-LoRA (real configs, random weights)", {"LCM-LoRA": job}, a)
 
 
@@ -241,7 +243,7 @@ def main():
     p.add_argument("which", choices=sorted(RUNS))
     p.add_argument("--cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "minidiff-bench"))
     p.add_argument("--reps", type=int, default=3, help="alternating runs per side")
-    p.add_argument("--steps", type=int, default=None, help="steps of the whole-image run (sd15; default 10)")
+    p.add_argument("--steps", type=int, default=None, help="steps of the whole-image run (sd15; default 3)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     a = p.parse_args()
     RUNS[a.which](a)

@@ -1,5 +1,6 @@
 """Pipelines: each __call__ is the whole algorithm, written out."""
 from .common import DiffusionPipeline, PipelineOutput, StableDiffusionPipelineOutput
+from .lcm import LatentConsistencyModelPipeline
 from .stable_diffusion import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline
 from .stable_diffusion_xl import StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline
 from .wuerstchen import WuerstchenCombinedPipeline, WuerstchenDecoderPipeline, WuerstchenPriorPipeline
@@ -9,6 +10,7 @@ PIPELINES = {
     "StableDiffusionPipeline": StableDiffusionPipeline,
     "StableDiffusionImg2ImgPipeline": StableDiffusionImg2ImgPipeline,
     "StableDiffusionXLPipeline": StableDiffusionXLPipeline,
+    "LatentConsistencyModelPipeline": LatentConsistencyModelPipeline,
     "StableDiffusionXLImg2ImgPipeline": StableDiffusionXLImg2ImgPipeline,
     "WuerstchenPriorPipeline": WuerstchenPriorPipeline,
     "WuerstchenDecoderPipeline": WuerstchenDecoderPipeline,
