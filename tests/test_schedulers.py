@@ -399,6 +399,28 @@ def test_config_errors(tmp_path):
         ours.DDIMScheduler().step(torch.zeros(1), 10, torch.zeros(1))
 
 
+@pytest.mark.parametrize("name", NAMES)
+def test_shared_plumbing_per_scheduler(name, tmp_path):
+    """The config plumbing and checks shared in common.py name the scheduler they serve and round-trip its file."""
+    cls = getattr(ours, name)
+    with pytest.raises(ValueError, match=rf"{name}\(\.\.\.\): unknown config keys \['not_a_key'\]"):
+        cls(not_a_key=1)
+    with pytest.raises(ValueError, match=rf"{name}\.from_config: unknown arguments \['not_a_key'\]"):
+        cls.from_config({}, not_a_key=1)
+    with pytest.raises(ValueError, match=rf"{name}\(\.\.\.\): prediction_type='x0' is not supported"):
+        cls(prediction_type="x0")
+    a = cls(**SD, prediction_type="v_prediction", timestep_spacing="trailing")
+    a.save_pretrained(tmp_path)
+    b, ref = cls.from_pretrained(tmp_path), getattr(diffusers, name).from_pretrained(tmp_path)
+    assert b.config.prediction_type == "v_prediction" and b.config.timestep_spacing == "trailing"
+    assert_same_config(b.config, ref.config)
+    assert len(b) == len(ref) == 1000 and not hasattr(cls, "config_class")  # pipelines: config_class = weights
+    if name.startswith("Euler"):
+        b.set_timesteps(4)
+        with pytest.raises(ValueError, match=rf"{name}\.step: timestep=3 looks like a loop index"):
+            b.step(torch.zeros(1), 3, torch.zeros(1))
+
+
 def test_sdxl_facts():
     s = ours.EulerDiscreteScheduler(**SD, timestep_spacing="leading", steps_offset=1)
     s.set_timesteps(30)

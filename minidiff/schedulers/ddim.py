@@ -10,8 +10,9 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from .common import (BETA_SCHEDULES, SPACINGS, SchedulerOutput, add_noise_vp, check_choice, from_config,
-                     from_pretrained, make_betas, make_config, randn_tensor, save_config, spaced_timesteps)
+from . import common
+from .common import (SchedulerOutput, alpha_at, alpha_schedule, check_schedule, make_config, predict_eps, predict_x0,
+                     randn_tensor, spaced_timesteps)
 
 
 @dataclasses.dataclass
@@ -34,38 +35,25 @@ class DDIMConfig:
     NEUTRAL: ClassVar = {"thresholding": False}
 
     def validate(self, where):
-        if self.trained_betas is None:
-            check_choice(where, "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        check_choice(where, "prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))
-        check_choice(where, "timestep_spacing", self.timestep_spacing, SPACINGS)
+        check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
 
 
 class DDIMScheduler:
+    config_dataclass = DDIMConfig
     order = 1
     init_noise_sigma = 1.0  # the loop starts from unit Gaussian noise and the UNet input is not scaled
+    # config files and add_noise work as in every scheduler (common.py)
+    from_config = classmethod(common.from_config)
+    from_pretrained = classmethod(common.from_pretrained)
+    save_pretrained = common.save_pretrained
+    __len__ = common.num_train_timesteps
+    add_noise = common.add_noise_vp
 
-    def __init__(self, _carried=None, _where="DDIMScheduler(...)", **config):
-        _, self.config = make_config(DDIMConfig, config, _where, _carried)
-        c = self.config
-        self.betas = make_betas(c)
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
-        self.final_alpha_cumprod = torch.tensor(1.0) if c.set_alpha_to_one else self.alphas_cumprod[0]
-        self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1)
+    def __init__(self, _carried=None, _where=None, **config):
+        _, self.config = make_config(type(self), config, _where, _carried)
+        self.betas, self.alphas_cumprod, self.final_alpha_cumprod = alpha_schedule(self.config)
+        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
         self.num_inference_steps = None
-
-    @classmethod
-    def from_config(cls, config, **overrides):
-        return from_config(cls, DDIMConfig, config, overrides)
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, **overrides):
-        return from_pretrained(cls, DDIMConfig, repo_or_path, subfolder, overrides)
-
-    def save_pretrained(self, folder):
-        save_config(self, folder)
-
-    def __len__(self):
-        return self.config.num_train_timesteps
 
     def set_begin_index(self, begin_index=0):
         """Nothing to do: each DDIM step depends only on its own timestep (diffusers' DDIM has no such method;
@@ -90,23 +78,15 @@ class DDIMScheduler:
         c = self.config
         t = int(timestep)
         t_prev = t - c.num_train_timesteps // self.num_inference_steps  # (for every spacing, as in diffusers)
-        a_t = self.alphas_cumprod[t]
-        a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
-        b_t = 1 - a_t
-        if c.prediction_type == "epsilon":
-            x0, eps = (sample - b_t ** 0.5 * model_output) / a_t ** 0.5, model_output
-        elif c.prediction_type == "sample":
-            x0 = model_output
-            eps = (sample - a_t ** 0.5 * x0) / b_t ** 0.5
-        else:  # v_prediction: v = sqrt(a) eps - sqrt(1 - a) x_0
-            x0 = a_t ** 0.5 * sample - b_t ** 0.5 * model_output
-            eps = a_t ** 0.5 * model_output + b_t ** 0.5 * sample
+        a_t, a_prev = self.alphas_cumprod[t], alpha_at(self, t_prev)
+        x0 = predict_x0(c.prediction_type, model_output, sample, a_t)
+        eps = predict_eps(c.prediction_type, model_output, sample, a_t, x0)
         if c.clip_sample:
             x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
-        variance = ((1 - a_prev) / b_t) * (1 - a_t / a_prev)  # sigma_t^2 of eq. 16
+        variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)  # sigma_t^2 of eq. 16
         std = eta * variance ** 0.5
         if use_clipped_model_output:  # the noise that the clipped x_0 implies
-            eps = (sample - a_t ** 0.5 * x0) / b_t ** 0.5
+            eps = predict_eps("sample", model_output, sample, a_t, x0)
         prev_sample = a_prev ** 0.5 * x0 + (1 - a_prev - std ** 2) ** 0.5 * eps
         if eta > 0:
             if variance_noise is not None and generator is not None:
@@ -117,6 +97,3 @@ class DDIMScheduler:
         if not return_dict:
             return prev_sample, x0
         return SchedulerOutput(prev_sample, x0)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)

@@ -14,7 +14,8 @@ from typing import ClassVar
 import numpy as np
 import torch
 
-from .common import SchedulerOutput, from_config, from_pretrained, make_config, randn_tensor, save_config
+from . import common
+from .common import SchedulerOutput, make_config, randn_tensor
 
 # Stage C's default schedule: 20 steps over the noisiest third, then 10 over the rest.
 DEFAULT_STAGE_C_TIMESTEPS = [float(t) for t in np.linspace(1.0, 2 / 3, 20)] + \
@@ -36,23 +37,17 @@ class DDPMWuerstchenConfig:
 
 
 class DDPMWuerstchenScheduler:
+    config_dataclass = DDPMWuerstchenConfig
     order = 1
     init_noise_sigma = 1.0  # the initial latents are unit Gaussian noise
+    # config files work as in every scheduler (common.py)
+    from_config = classmethod(common.from_config)
+    from_pretrained = classmethod(common.from_pretrained)
+    save_pretrained = common.save_pretrained
 
-    def __init__(self, _carried=None, _where="DDPMWuerstchenScheduler(...)", **config):
-        self._cfg, self.config = make_config(DDPMWuerstchenConfig, config, _where, _carried)
+    def __init__(self, _carried=None, _where=None, **config):
+        self._cfg, self.config = make_config(type(self), config, _where, _carried)
         self.timesteps = None
-
-    @classmethod
-    def from_config(cls, config, **overrides):
-        return from_config(cls, DDPMWuerstchenConfig, config, overrides)
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, **overrides):
-        return from_pretrained(cls, DDPMWuerstchenConfig, repo_or_path, subfolder, overrides)
-
-    def save_pretrained(self, folder):
-        save_config(self, folder)
 
     def alpha_bar(self, t, device=None):
         """Cumulative signal fraction at continuous time(s) t, computed in fp32 like the reference."""

@@ -11,8 +11,9 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from .common import (BETA_SCHEDULES, SPACINGS, LCMSchedulerOutput, add_noise_vp, check_choice, from_config,
-                     from_pretrained, index_for_timestep, make_betas, make_config, randn_tensor, save_config)
+from . import common
+from .common import (LCMSchedulerOutput, alpha_at, alpha_schedule, check_schedule, enter_loop, make_config,
+                     predict_x0, randn_tensor, reset_loop)
 
 
 @dataclasses.dataclass
@@ -37,53 +38,30 @@ class LCMConfig:
     NEUTRAL: ClassVar = {"thresholding": False}
 
     def validate(self, where):
-        if self.trained_betas is None:
-            check_choice(where, "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        check_choice(where, "prediction_type", self.prediction_type, ("epsilon", "v_prediction", "sample"))
-        check_choice(where, "timestep_spacing", self.timestep_spacing, SPACINGS)
+        check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
 
 
 class LCMScheduler:
+    config_dataclass = LCMConfig
     order = 1
     init_noise_sigma = 1.0  # the loop starts from unit Gaussian noise and the UNet input is not scaled
+    # config files, loop position and add_noise work as in every scheduler (common.py)
+    from_config = classmethod(common.from_config)
+    from_pretrained = classmethod(common.from_pretrained)
+    save_pretrained = common.save_pretrained
+    __len__ = common.num_train_timesteps
+    step_index = property(common.step_index)
+    begin_index = property(common.begin_index)
+    set_begin_index = common.set_begin_index
+    add_noise = common.add_noise_vp
 
-    def __init__(self, _carried=None, _where="LCMScheduler(...)", **config):
-        _, self.config = make_config(LCMConfig, config, _where, _carried)
-        c = self.config
-        self.betas = make_betas(c)
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
-        self.final_alpha_cumprod = torch.tensor(1.0) if c.set_alpha_to_one else self.alphas_cumprod[0]
-        self.timesteps = torch.arange(c.num_train_timesteps - 1, -1, -1)
+    def __init__(self, _carried=None, _where=None, **config):
+        _, self.config = make_config(type(self), config, _where, _carried)
+        self.betas, self.alphas_cumprod, self.final_alpha_cumprod = alpha_schedule(self.config)
+        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
         self.num_inference_steps = None
         self.custom_timesteps = False
-        self._step_index = None
-        self._begin_index = None
-
-    @classmethod
-    def from_config(cls, config, **overrides):
-        return from_config(cls, LCMConfig, config, overrides)
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, **overrides):
-        return from_pretrained(cls, LCMConfig, repo_or_path, subfolder, overrides)
-
-    def save_pretrained(self, folder):
-        save_config(self, folder)
-
-    def __len__(self):
-        return self.config.num_train_timesteps
-
-    @property
-    def step_index(self):
-        return self._step_index
-
-    @property
-    def begin_index(self):
-        return self._begin_index
-
-    def set_begin_index(self, begin_index=0):
-        """Start the loop at position `begin_index` of `timesteps`."""
-        self._begin_index = begin_index
+        reset_loop(self)
 
     def scale_model_input(self, sample, timestep=None):
         return sample
@@ -128,8 +106,7 @@ class LCMScheduler:
             picks = np.floor(np.linspace(0, len(grid), num=n, endpoint=False)).astype(np.int64)
             timesteps = grid[::-1][picks]
         self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(device=device, dtype=torch.long)
-        self._step_index = None
-        self._begin_index = None
+        reset_loop(self)
 
     def boundary_scalings(self, timestep):
         """(c_skip, c_out) of consistency models with sigma_data 0.5, at scaled time t * timestep_scaling:
@@ -143,35 +120,23 @@ class LCMScheduler:
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         if self.num_inference_steps is None:
             raise ValueError("LCMScheduler.step: call set_timesteps first")
-        if self._step_index is None:
-            self._step_index = (self._begin_index if self._begin_index is not None
-                                else index_for_timestep(self.timesteps, timestep))
         c = self.config
-        nxt = self._step_index + 1
+        i = enter_loop(self, timestep)
         t = int(timestep)
-        t_prev = int(self.timesteps[nxt]) if nxt < len(self.timesteps) else t
-        a_t = self.alphas_cumprod[t]
-        a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
-        b_t, b_prev = 1 - a_t, 1 - a_prev
+        # past the end of `timesteps` the next timestep is t itself (as in diffusers)
+        t_prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t
+        a_t, a_prev = self.alphas_cumprod[t], alpha_at(self, t_prev)
         c_skip, c_out = self.boundary_scalings(torch.as_tensor(timestep))
-        if c.prediction_type == "epsilon":
-            x0 = (sample - b_t.sqrt() * model_output) / a_t.sqrt()
-        elif c.prediction_type == "sample":
-            x0 = model_output
-        else:  # v_prediction
-            x0 = a_t.sqrt() * sample - b_t.sqrt() * model_output
+        x0 = predict_x0(c.prediction_type, model_output, sample, a_t)
         if c.clip_sample:
             x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
         denoised = c_out * x0 + c_skip * sample
-        if self._step_index != self.num_inference_steps - 1:  # noise again, down to the next timestep
+        if i != self.num_inference_steps - 1:  # noise again, down to the next timestep
             noise = randn_tensor(model_output.shape, generator, model_output.device, denoised.dtype)
-            prev_sample = a_prev.sqrt() * denoised + b_prev.sqrt() * noise
+            prev_sample = a_prev.sqrt() * denoised + (1 - a_prev).sqrt() * noise
         else:
             prev_sample = denoised
         self._step_index += 1
         if not return_dict:
             return prev_sample, denoised
         return LCMSchedulerOutput(prev_sample, denoised)
-
-    def add_noise(self, original_samples, noise, timesteps):
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)

@@ -12,8 +12,9 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from .common import (BETA_SCHEDULES, SPACINGS, SchedulerOutput, add_noise_vp, check_choice, from_config,
-                     from_pretrained, make_betas, make_config, save_config, spaced_timesteps)
+from . import common
+from .common import (SchedulerOutput, alpha_at, alpha_schedule, check_schedule, make_config, predict_eps,
+                     spaced_timesteps)
 
 
 @dataclasses.dataclass
@@ -32,22 +33,23 @@ class PNDMConfig:
     NEUTRAL: ClassVar = {}
 
     def validate(self, where):
-        if self.trained_betas is None:
-            check_choice(where, "beta_schedule", self.beta_schedule, BETA_SCHEDULES)
-        check_choice(where, "prediction_type", self.prediction_type, ("epsilon", "v_prediction"))
-        check_choice(where, "timestep_spacing", self.timestep_spacing, SPACINGS)
+        check_schedule(self, where, ("epsilon", "v_prediction"))
 
 
 class PNDMScheduler:
+    config_dataclass = PNDMConfig
     order = 1
     init_noise_sigma = 1.0  # the loop starts from unit Gaussian noise and the UNet input is not scaled
+    # config files and add_noise work as in every scheduler (common.py)
+    from_config = classmethod(common.from_config)
+    from_pretrained = classmethod(common.from_pretrained)
+    save_pretrained = common.save_pretrained
+    __len__ = common.num_train_timesteps
+    add_noise = common.add_noise_vp
 
-    def __init__(self, _carried=None, _where="PNDMScheduler(...)", **config):
-        _, self.config = make_config(PNDMConfig, config, _where, _carried)
-        c = self.config
-        self.betas = make_betas(c)
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
-        self.final_alpha_cumprod = torch.tensor(1.0) if c.set_alpha_to_one else self.alphas_cumprod[0]
+    def __init__(self, _carried=None, _where=None, **config):
+        _, self.config = make_config(type(self), config, _where, _carried)
+        self.betas, self.alphas_cumprod, self.final_alpha_cumprod = alpha_schedule(self.config)
         self.timesteps = None
         self.num_inference_steps = None
         self._reset()
@@ -57,20 +59,6 @@ class PNDMScheduler:
         self.ets = []  # past noise predictions, newest last (at most 4 used)
         self.cur_sample = None  # x_t at the start of a multi-call step
         self.cur_model_output = 0  # Runge-Kutta: weighted sum of the stage slopes
-
-    @classmethod
-    def from_config(cls, config, **overrides):
-        return from_config(cls, PNDMConfig, config, overrides)
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, **overrides):
-        return from_pretrained(cls, PNDMConfig, repo_or_path, subfolder, overrides)
-
-    def save_pretrained(self, folder):
-        save_config(self, folder)
-
-    def __len__(self):
-        return self.config.num_train_timesteps
 
     def set_begin_index(self, begin_index=0):
         """Nothing to do: PNDM keeps its own call counter (diffusers' PNDM has no such method; this lets a
@@ -153,14 +141,9 @@ class PNDMScheduler:
 
     def _transfer(self, sample, t, t_prev, eps):
         """The transfer phi: x_t' from x_t and a noise estimate (DDIM's deterministic step, rearranged)."""
-        a_t = self.alphas_cumprod[t]
-        a_prev = self.alphas_cumprod[t_prev] if t_prev >= 0 else self.final_alpha_cumprod
+        a_t, a_prev = self.alphas_cumprod[t], alpha_at(self, t_prev)
         b_t, b_prev = 1 - a_t, 1 - a_prev
-        if self.config.prediction_type == "v_prediction":  # noise from v = sqrt(a) eps - sqrt(1 - a) x_0
-            eps = (a_t ** 0.5) * eps + (b_t ** 0.5) * sample
+        eps = predict_eps(self.config.prediction_type, eps, sample, a_t)  # v-prediction -> noise
         sample_coeff = (a_prev / a_t) ** 0.5
         eps_denominator = a_t * b_prev ** 0.5 + (a_t * b_t * a_prev) ** 0.5
         return sample_coeff * sample - (a_prev - a_t) * eps / eps_denominator
-
-    def add_noise(self, original_samples, noise, timesteps):
-        return add_noise_vp(self.alphas_cumprod, original_samples, noise, timesteps)
