@@ -7,6 +7,7 @@ Every key and shape is checked against the model before any tensor is read.
 """
 import json
 import os
+from contextlib import contextmanager
 
 import torch
 
@@ -120,6 +121,23 @@ def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=F
     return model
 
 
+@contextmanager
+def _no_init():
+    """Build modules without running their random initialisers: on meta tensors they compute nothing, but some
+    (nn.Embedding's normal_) dispatch through torch's Python references and pull in seconds of imports."""
+    import torch.nn.init as init
+    names = ["normal_", "uniform_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_", "xavier_normal_",
+             "trunc_normal_", "zeros_", "ones_", "constant_"]
+    saved = {n: getattr(init, n) for n in names}
+    for n in names:
+        setattr(init, n, lambda tensor, *a, **k: tensor)
+    try:
+        yield
+    finally:
+        for n, f in saved.items():
+            setattr(init, n, f)
+
+
 def load_model(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
                allow_pickle=False, config=None):
     """Build `cls` from its config.json and load its weights: the body of every model's from_pretrained.
@@ -132,7 +150,7 @@ def load_model(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None
         raw = read_json(repo_or_path, "config.json", subfolder)
         config = config_from_dict(cls.config_class, raw, where=os.path.join(repo_or_path, subfolder or "", "config.json"))
     files = resolve_weights(repo_or_path, cls.weight_names, subfolder, variant, allow_pickle)
-    with torch.device("meta"):
+    with torch.device("meta"), _no_init():
         model = cls(config)
     load_into(model, files, torch_dtype, device, getattr(cls, "rename_key", None), allow_pickle)
     return model.eval()
