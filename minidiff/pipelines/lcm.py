@@ -9,7 +9,6 @@ pass on the prompt alone (no negative prompt). Each LCMScheduler step maps the l
 import torch
 
 from ..lora import call_scale, scaled
-from ..schedulers.common import randn_tensor
 from .common import PipelineOutput
 from .stable_diffusion import StableDiffusionPipeline
 
@@ -44,12 +43,7 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
             self.scheduler.set_timesteps(num_inference_steps, device=device,
                                          original_inference_steps=original_inference_steps)
         n = batch * num_images_per_prompt
-        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        latents = self.prepare_latents(n, height, width, cond.dtype, generator, latents)
 
         # the guidance scale enters as an embedding of w = guidance_scale - 1 (None for a UNet without one,
         # e.g. SD with an LCM-LoRA: then there is no guidance at all)

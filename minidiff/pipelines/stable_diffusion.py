@@ -126,6 +126,16 @@ class StableDiffusionPipeline(DiffusionPipeline):
             raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
         return batch
 
+    def prepare_latents(self, n, height, width, dtype, generator=None, latents=None):
+        """Gaussian latents drawn as diffusers draws them (CPU generator, same shape), scaled to the
+        scheduler's first noise level; given `latents` are checked and scaled the same way."""
+        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
+        elif tuple(latents.shape) != shape:
+            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+        return latents.to(self._execution_device) * self.scheduler.init_noise_sigma
+
     # ---- text-to-image --------------------------------------------------------------------------
     @torch.no_grad()
     def __call__(self, prompt=None, height=None, width=None, num_inference_steps=50, timesteps=None,
@@ -146,12 +156,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
         n = batch * num_images_per_prompt
-        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        latents = self.prepare_latents(n, height, width, cond.dtype, generator, latents)
 
         latents = self._denoise(latents, self.scheduler.timesteps, embeds, guidance_scale, guidance_rescale,
                                 generator, eta, cross_attention_kwargs, callback_on_step_end=callback_on_step_end)

@@ -186,12 +186,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
         self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
         n = batch * num_images_per_prompt
-        shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=cond.dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        latents = latents.to(device) * self.scheduler.init_noise_sigma
+        latents = self.prepare_latents(n, height, width, cond.dtype, generator, latents)
 
         pooled_dim = self._pooled_dim(pooled)
         time_ids = self._time_ids(original_size + tuple(crops_coords_top_left) + target_size, pooled_dim, cond.dtype)
