@@ -218,11 +218,11 @@ def sdxl(a):
 
 
 def wuerstchen(a):
-    from diffusers.pipelines.wuerstchen import WuerstchenDiffNeXt, WuerstchenPrior
+    from diffusers.pipelines.deprecated.wuerstchen import WuerstchenDiffNeXt, WuerstchenPrior
     root = os.path.join(a.cache, "wuerstchen")
     build_once(f"{root}/prior", lambda: WuerstchenPrior(**W_PRIOR))
     build_once(f"{root}/decoder", lambda: WuerstchenDiffNeXt(**W_DECODER))
-    mod = "diffusers.pipelines.wuerstchen"
+    mod = "diffusers.pipelines.deprecated.wuerstchen"
     jobs = {
         "stage C prior": model_job(root, "prior", "WuerstchenPrior", "WuerstchenPrior", theirs_mod=mod,
                                    setup="x, r, c = torch.randn(2, 16, 24, 24), torch.rand(2), torch.randn(2, 77, 1280)",
