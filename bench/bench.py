@@ -8,8 +8,9 @@
 Configs are the Hub repos' (see shared CHECKPOINTS.md); weights are random, saved once under --cache
 by diffusers. Every measurement runs in a fresh subprocess, minidiff and diffusers turn about
 (m, d, m, d, ...), so that the drift of a shared machine hits both alike; the table gives medians.
-Load: wall time of from_pretrained. Memory: peak RSS above the interpreter with torch imported, over the
-load and the first call (safetensors maps files lazily on both sides: pages count when first touched).
+Load: wall time of from_pretrained, after an untimed round has brought the files into the page cache.
+Memory: anonymous RSS (memory the process owns, not the shared page cache that safetensors maps the files
+from on both sides) after the load and the calls, above the interpreter with the library imported.
 Compute: the median of timed calls after one warm-up call (whole images: no warm-up), same subprocess.
 """
 import argparse
@@ -63,7 +64,10 @@ sys.path.insert(0, {here!r})
 torch.set_num_threads({threads})
 torch.manual_seed(0)
 {imports}
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+def anon_mb():
+    with open("/proc/self/status") as f:
+        return next(int(l.split()[1]) for l in f if l.startswith("RssAnon:")) / 1024
+base = anon_mb()
 t = time.perf_counter()
 {load}
 load_s = time.perf_counter() - t
@@ -75,8 +79,9 @@ with torch.no_grad():
 {call}
         if i >= {warmup}:
             times.append(time.perf_counter() - t)
-# safetensors maps the file: pages count once a forward touches them, so the peak spans load and first call
-peak_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) / 1024
+# Memory the process owns (anonymous RSS) after load and calls: safetensors maps files on both sides, and the
+# page cache that maps them is shared and reclaimable, so file-backed pages are not counted.
+peak_mb = anon_mb() - base
 print("RESULT", json.dumps({{"load": load_s, "peak": peak_mb, "call": statistics.median(times) if times else None}}))
 """
 
@@ -85,11 +90,11 @@ def indent(code, n):
     return "\n".join(" " * n + line for line in code.strip().splitlines())
 
 
-def measure(job, side, threads, calls):
+def measure(job, side, threads, calls, warmup=None):
     setup = job.get("setup", "pass")
     setup = setup[side] if isinstance(setup, dict) else setup
     code = CHILD.format(here=HERE, threads=threads, imports=job["imports"][side], load=job["load"][side],
-                        setup=indent(setup, 4), calls=calls, warmup=job.get("warmup", 1), call=indent(job.get("call", "pass"), 8))
+                        setup=indent(setup, 4), calls=calls, warmup=job.get("warmup", 1) if warmup is None else warmup, call=indent(job.get("call", "pass"), 8))
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     if proc.returncode:
         raise RuntimeError(f"{side} child failed:\n{proc.stderr[-3000:]}")
@@ -101,6 +106,8 @@ def compare(title, jobs, a, note=""):
     rows = []
     for name, job in jobs.items():
         res = {"minidiff": [], "diffusers": []}
+        for side in ("minidiff", "diffusers"):  # an untimed load: the files into the page cache, for both sides
+            measure(job, side, a.threads, calls=0, warmup=0)
         for _ in range(a.reps):
             for side in ("minidiff", "diffusers"):
                 res[side].append(measure(job, side, a.threads, job.get("calls", 1)))
@@ -109,7 +116,7 @@ def compare(title, jobs, a, note=""):
                    for k in ("load", "peak", "call")} for s in res}
         if job.get("load_row", True):
             rows.append((f"{name}: load (s)", med["minidiff"]["load"], med["diffusers"]["load"]))
-            rows.append((f"{name}: peak RSS, load + first call (MB)", med["minidiff"]["peak"], med["diffusers"]["peak"]))
+            rows.append((f"{name}: anonymous RSS after load and calls (MB)", med["minidiff"]["peak"], med["diffusers"]["peak"]))
         if med["minidiff"]["call"] is not None:
             rows.append((f"{name}: {job['call_name']} (s)", med["minidiff"]["call"], med["diffusers"]["call"]))
     print(f"\n## {title}\n")
