@@ -5,6 +5,7 @@ dtype, moved to the target device and assigned in place: no random init, no seco
 loading takes about as long as reading the file and peaks at about one copy of the weights.
 Every key and shape is checked against the model before any tensor is read.
 """
+import gc
 import json
 import os
 from contextlib import contextmanager
@@ -138,6 +139,20 @@ def _no_init():
             setattr(init, n, f)
 
 
+@contextmanager
+def _no_gc():
+    """Pause the cyclic garbage collector while a model is built: the thousands of small objects a build
+    allocates trigger full collections over everything imported so far (torch and friends), which made
+    building a CLIP text encoder take 0.18 s instead of 0.015 s. A build creates no garbage cycles."""
+    was_enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            gc.enable()
+
+
 def load_model(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
                allow_pickle=False, config=None):
     """Build `cls` from its config.json and load its weights: the body of every model's from_pretrained.
@@ -150,9 +165,10 @@ def load_model(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None
         raw = read_json(repo_or_path, "config.json", subfolder)
         config = config_from_dict(cls.config_class, raw, where=os.path.join(repo_or_path, subfolder or "", "config.json"))
     files = resolve_weights(repo_or_path, cls.weight_names, subfolder, variant, allow_pickle)
-    with torch.device("meta"), _no_init():
-        model = cls(config)
-    load_into(model, files, torch_dtype, device, getattr(cls, "rename_key", None), allow_pickle)
+    with _no_gc():
+        with torch.device("meta"), _no_init():
+            model = cls(config)
+        load_into(model, files, torch_dtype, device, getattr(cls, "rename_key", None), allow_pickle)
     return model.eval()
 
 
