@@ -29,7 +29,7 @@ COLOURS = {
 }
 SHAPES = ("circle", "square", "triangle", "star")
 # side of the shape's bounding box, as a fraction of the image side
-SIZES = {"small": 0.28, "medium": 0.42, "large": 0.6}
+SIZES = {"small": 0.4, "medium": 0.54, "large": 0.68}
 # cell of a 3x3 grid -> phrase; centres at 1/4, 1/2, 3/4 of the image
 ROWS = ("top", "middle", "bottom")
 COLS = ("left", "center", "right")
@@ -91,7 +91,7 @@ def random_scene(rng, shape=None, colour=None, background=None, size=None, row=N
 
 # --- drawing ------------------------------------------------------------------------------------
 
-def _star_points(n=5, inner=0.45):
+def _star_points(n=5, inner=0.5):
     """A five-pointed star, point up, scaled to fill the unit box exactly."""
     angles = np.pi / 2 + np.arange(2 * n) * np.pi / n
     radii = np.where(np.arange(2 * n) % 2 == 0, 1.0, inner)

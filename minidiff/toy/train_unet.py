@@ -1,19 +1,29 @@
-"""Stage 2: train the bundled model's text encoder and UNet together, and write the whole pipeline folder.
+"""Stage 2: train the bundled model's text encoder and UNet, and write the whole pipeline folder.
 
     python -m minidiff.toy.train_unet           # needs stage 1's vae/; writes tokenizer/, text_encoder/,
                                                 # unet/, scheduler/ and model_index.json
 
 The recipe is Stable Diffusion's, scaled down: drawn images are encoded once by the stage-1 VAE
 (posterior mean and std kept, a fresh latent sample drawn at every use), noised at a uniform random
-timestep of the scaled-linear 1000-step schedule, and the UNet learns to predict the noise from the
-noisy latents and the CLIP text encoder's hidden states. 10% of captions are replaced by the empty
-prompt so that classifier-free guidance works. Min-SNR weighting (Hang et al. 2023, gamma 5) speeds
-up training; the shipped weights are an exponential moving average of the trained ones.
+timestep of the 1000-step scaled-linear schedule, and the UNet learns to undo the noise given the
+CLIP text encoder's hidden states. 10% of captions are replaced by the empty prompt so that
+classifier-free guidance works; the shipped weights are an exponential moving average.
+
+Two departures from SD 1.5, both for plain backgrounds:
+  - the schedule is rescaled to zero terminal SNR, with v-prediction and "trailing" timesteps (Lin et
+    al. 2023, "Common Diffusion Noise Schedules and Sample Steps are Flawed"). With SD's own schedule
+    the noisiest training input still holds a trace of the image, enough for the model to read the
+    background colour off the noise's mean instead of the prompt: sampling then picks a random one.
+  - before the joint training, the text encoder alone learns for a few seconds to tell the scene's
+    attributes (shape, colour, background, size, position) from its last token, through small linear
+    heads that are then dropped. A causal encoder otherwise needs long joint training to learn that
+    "purple" in "..., purple background" is the background's colour.
 
 The tokenizer is CLIP's byte-level BPE with a vocabulary learned from the caption grammar: every
 grammar word is one token, any other text still tokenizes (into characters).
 """
 import argparse
+import copy
 import json
 import os
 from collections import Counter
@@ -45,15 +55,17 @@ TEXT_CONFIG = {
 }
 
 UNET_CONFIG = {
-    "sample_size": 16,
-    "in_channels": 4,
-    "out_channels": 4,
+    "sample_size": 8,
+    "in_channels": 8,  # the autoencoder's latent_channels
+    "out_channels": 8,
     "down_block_types": ["CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"],
     "up_block_types": ["UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"],
-    "block_out_channels": [32, 64, 64],
+    "block_out_channels": [64, 96, 96],
     "layers_per_block": 1,
     "cross_attention_dim": TEXT_CONFIG["hidden_size"],
-    "attention_head_dim": 4,  # read as the number of heads, as in SD 1.x configs
+    # read as the number of heads, as in SD 1.x configs: heads of 32 channels (SDPA on the CPU is slow with
+    # narrow heads)
+    "attention_head_dim": [2, 3, 3],
     "norm_num_groups": 16,
 }
 
@@ -65,12 +77,12 @@ SCHEDULER_CONFIG = {
     "beta_end": 0.012,
     "beta_schedule": "scaled_linear",
     "trained_betas": None,
-    "prediction_type": "epsilon",
+    "prediction_type": "v_prediction",
     "interpolation_type": "linear",
     "use_karras_sigmas": False,
-    "timestep_spacing": "trailing",  # the first step starts from pure noise (t = 999): plain backgrounds need it
+    "timestep_spacing": "trailing",  # the first step is t = 999, pure noise
     "steps_offset": 1,  # unused by trailing spacing; 1 keeps diffusers from warning
-    "rescale_betas_zero_snr": False,
+    "rescale_betas_zero_snr": True,
     "final_sigmas_type": "zero",
 }
 
@@ -158,14 +170,65 @@ def caption_ids(tokenizer, scenes):
 # --- diffusion ----------------------------------------------------------------------------------
 
 def alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
-    """Stable Diffusion's scaled-linear schedule: betas linear in sqrt space."""
+    """Stable Diffusion's scaled-linear schedule (betas linear in sqrt space), rescaled to zero terminal SNR:
+    sqrt(alpha_bar) shifted to end at 0 and stretched to keep its start (Lin et al. 2023, Algorithm 1)."""
     betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
-    return torch.cumprod(1 - betas, 0).float()
+    root = torch.cumprod(1 - betas, 0).sqrt()
+    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
+    return (root ** 2).float()
 
 
-def min_snr_weight(snr, gamma=5.0):
-    """Min-SNR-gamma loss weight for epsilon prediction: min(SNR, gamma) / SNR."""
-    return snr.clamp(max=gamma) / snr
+def v_target(latents, noise, a):
+    """v = sqrt(alpha_bar) noise - sqrt(1 - alpha_bar) x0 (Salimans & Ho 2022); at t = 999 it is -x0."""
+    return a.sqrt() * noise - (1 - a).sqrt() * latents
+
+
+def low_noise_weight(snr, gamma=5.0):
+    """Min-SNR-style clamp for the v loss: steps with SNR > gamma (little noise, little to learn) count
+    (gamma + 1) / (SNR + 1); the noisy steps, where the picture is decided, keep weight 1."""
+    return (gamma + 1) / (snr.clamp(min=gamma) + 1)
+
+
+# --- text encoder warm-up -----------------------------------------------------------------------
+
+def attribute_labels(scenes):
+    """Per scene and caption template: class indices of (shape, colour, background, size, position), where
+    a template that does not mention size or position gets the extra class "unsaid"."""
+    cells = list(shapes.POSITIONS)
+    labels = []
+    for s in scenes:
+        per_template = []
+        for _, text in shapes.TEMPLATES:
+            size = list(shapes.SIZES).index(s.size) if "{size}" in text else len(shapes.SIZES)
+            pos = cells.index((s.row, s.col)) if "{position}" in text else len(cells)
+            per_template.append([shapes.SHAPES.index(s.shape), list(shapes.COLOURS).index(s.colour),
+                                 list(shapes.COLOURS).index(s.background), size, pos])
+        labels.append(per_template)
+    return torch.tensor(labels)
+
+
+def warm_up_text_encoder(text_encoder, ids, labels, steps=300, batch=256, lr=2e-3, seed=0):
+    """Train the text encoder to classify the scene's attributes from the final state of its last token."""
+    sizes = (len(shapes.SHAPES), len(shapes.COLOURS), len(shapes.COLOURS), len(shapes.SIZES) + 1,
+             len(shapes.POSITIONS) + 1)
+    hidden = text_encoder.config.hidden_size
+    heads = torch.nn.ModuleList(torch.nn.Linear(hidden, n) for n in sizes)
+    params = list(text_encoder.parameters()) + list(heads.parameters())
+    opt = torch.optim.AdamW(params, lr=lr)
+    g = torch.Generator().manual_seed(seed)
+    progress = Progress("text", steps, every=100)
+    for step in range(steps):
+        idx = torch.randint(len(ids), (batch,), generator=g)
+        template = torch.randint(ids.shape[1], (batch,), generator=g)
+        last = text_encoder(ids[idx, template])[0][:, -1]
+        y = labels[idx, template]
+        logits = [h(last) for h in heads]
+        loss = sum(F.cross_entropy(z, y[:, k]) for k, z in enumerate(logits))
+        acc = torch.stack([(z.argmax(-1) == y[:, k]).float().mean() for k, z in enumerate(logits)]).min()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        progress.update(step, lr, loss=loss.item(), worst_accuracy=acc.item())
 
 
 @torch.no_grad()
@@ -174,10 +237,12 @@ def ema_update(ema, model, decay):
         e.lerp_(p, 1 - decay)
 
 
-def write_pipeline_files(out, tokenizer, text_encoder, unet):
+def write_pipeline_files(out, tokenizer, text_encoder, unet, vae):
+    """The whole folder in the Hub layout. Weights are stored in float16 (half the package's size; loaders
+    cast them back to float32 unless asked otherwise, diffusers' as minidiff's), stage 1's VAE included."""
     tokenizer.save_pretrained(os.path.join(out, "tokenizer"))
-    text_encoder.save_pretrained(os.path.join(out, "text_encoder"))
-    unet.save_pretrained(os.path.join(out, "unet"))
+    for name, model in (("text_encoder", text_encoder), ("unet", unet), ("vae", vae)):
+        copy.deepcopy(model).half().save_pretrained(os.path.join(out, name))
     os.makedirs(os.path.join(out, "scheduler"), exist_ok=True)
     with open(os.path.join(out, "scheduler", "scheduler_config.json"), "w", encoding="utf-8") as f:
         json.dump(SCHEDULER_CONFIG, f, indent=2)
@@ -185,7 +250,7 @@ def write_pipeline_files(out, tokenizer, text_encoder, unet):
         json.dump(MODEL_INDEX, f, indent=2)
 
 
-def train(steps=3000, batch=64, lr=1e-3, n_images=20000, cfg_dropout=0.1, ema_decay=0.999, seed=0, threads=2,
+def train(steps=2400, batch=64, lr=1e-3, n_images=20000, cfg_dropout=0.1, ema_decay=0.995, seed=0, threads=2,
           out=MODEL_DIR, eval_prompts=64):
     setup(seed, threads)
     vae = AutoencoderKL.from_pretrained(out, subfolder="vae")
@@ -200,6 +265,7 @@ def train(steps=3000, batch=64, lr=1e-3, n_images=20000, cfg_dropout=0.1, ema_de
     template_p = torch.tensor([w for w, _ in shapes.TEMPLATES])
 
     text_encoder = build(CLIPTextModel, text_config(tokenizer)).train()
+    warm_up_text_encoder(text_encoder, ids, attribute_labels(scenes), seed=seed)
     unet = build(UNet2DConditionModel, UNET_CONFIG).train()
     ema_text = build(CLIPTextModel, text_config(tokenizer)).eval().requires_grad_(False)
     ema_unet = build(UNet2DConditionModel, UNET_CONFIG).eval().requires_grad_(False)
@@ -231,8 +297,8 @@ def train(steps=3000, batch=64, lr=1e-3, n_images=20000, cfg_dropout=0.1, ema_de
         noisy = a.sqrt() * latents + (1 - a).sqrt() * noise
         text = text_encoder(input_ids)[0]
         pred = unet(noisy, t, encoder_hidden_states=text).sample
-        per_sample = F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3))
-        loss = (per_sample * min_snr_weight(acp[t] / (1 - acp[t]))).mean()
+        per_sample = F.mse_loss(pred, v_target(latents, noise, a), reduction="none").mean(dim=(1, 2, 3))
+        loss = (per_sample * low_noise_weight(acp[t] / (1 - acp[t]))).mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -245,22 +311,22 @@ def train(steps=3000, batch=64, lr=1e-3, n_images=20000, cfg_dropout=0.1, ema_de
 
     print(f"[unet] done in {progress.elapsed() / 60:.1f} min; final loss {progress.last['loss']:.4f} "
           f"(unweighted mse {progress.last['mse']:.4f})", flush=True)
-    write_pipeline_files(out, tokenizer, ema_text, ema_unet)
+    write_pipeline_files(out, tokenizer, ema_text, ema_unet, vae)
     print(f"[unet] wrote {out}", flush=True)
     if eval_prompts:
         from .bench import run_benchmark
-        run_benchmark(out, n_prompts=eval_prompts, lcm=False, threads=threads)
+        run_benchmark(out, n_prompts=eval_prompts, modes=("euler",), threads=threads)
     return ema_text, ema_unet
 
 
 def main():
     p = argparse.ArgumentParser(description="Stage 2 of the bundled model: tokenizer, text encoder and UNet.")
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=2400)
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--images", type=int, default=20000, help="size of the drawn training set")
     p.add_argument("--cfg-dropout", type=float, default=0.1, help="fraction of empty captions")
-    p.add_argument("--ema-decay", type=float, default=0.999)
+    p.add_argument("--ema-decay", type=float, default=0.995)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--out", default=MODEL_DIR, help="model folder (Hub layout) holding stage 1's vae/")
