@@ -36,6 +36,14 @@ def test_scene_rules():
         shapes.coverage("hexagon", (0.2, 0.2, 0.8, 0.8))
 
 
+def test_captions_are_plain_english():
+    rng = np.random.default_rng(0)
+    scene = shapes.random_scene(rng, shape="square", colour="orange", background="blue")
+    assert shapes.caption(scene, template=1) == "an orange square on a blue background"
+    scene = shapes.random_scene(rng, shape="star", colour="red", background="orange")
+    assert shapes.caption(scene, template=1) == "a red star on an orange background"
+
+
 def test_evaluator_on_held_out_drawn_images():
     acc = evaluate.self_check(n=400)
     assert acc["colour"] >= 0.98 and acc["shape"] >= 0.98 and acc["background"] >= 0.98, acc

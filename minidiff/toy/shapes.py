@@ -9,6 +9,7 @@ The caption grammar is a handful of plain-English templates; the words it can pr
 the tokenizer's vocabulary (see `caption_words`).
 """
 import dataclasses
+import re
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -149,9 +150,9 @@ def caption(scene, rng=None, template=None):
     if template is None:
         p = np.array([w for w, _ in TEMPLATES])
         template = int(rng.choice(len(TEMPLATES), p=p / p.sum()))
-    text = TEMPLATES[template][1]
-    return text.format(size=scene.size, colour=scene.colour, shape=scene.shape,
-                       position=scene.position, background=scene.background)
+    text = TEMPLATES[template][1].format(size=scene.size, colour=scene.colour, shape=scene.shape,
+                                         position=scene.position, background=scene.background)
+    return re.sub(r"\ba (?=[aeiou])", "an ", text)  # "an orange square", as people write it
 
 
 def caption_words():
@@ -161,7 +162,7 @@ def caption_words():
         for w in text.replace(",", " ").split():
             if not w.startswith("{") and w not in words:
                 words.append(w)
-    for w in list(SIZES) + list(COLOURS) + list(SHAPES):
+    for w in list(SIZES) + list(COLOURS) + list(SHAPES) + ["an"]:
         if w not in words:
             words.append(w)
     return words
