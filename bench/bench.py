@@ -17,6 +17,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import statistics
 import subprocess
 import sys
@@ -137,10 +138,16 @@ def model_job(folder, sub, ours, theirs, theirs_mod="diffusers", setup="pass", c
 
 
 def build_once(folder, make):
-    if not os.path.exists(os.path.join(folder, "config.json")):
-        import torch
-        torch.manual_seed(0)
-        make().save_pretrained(folder)
+    """Save `make()` (seeded) into `folder` unless it is there. Written beside it and then renamed, so that
+    an interrupted build (a multi-GB save) is redone rather than mistaken for a finished one."""
+    if os.path.isdir(folder):
+        return
+    import torch
+    partial = folder + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    torch.manual_seed(0)
+    make().save_pretrained(partial)
+    os.rename(partial, folder)
 
 
 def build_sd15(root):
