@@ -8,9 +8,6 @@ import os
 import sys
 import time
 
-BUNDLED = os.path.join(os.path.dirname(__file__), "assets", "shapes-sd")
-BUNDLED_LCM_LORA = os.path.join(os.path.dirname(__file__), "assets", "shapes-sd-lcm-lora")
-
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="minidiff", description="Text-to-image with minidiff.")
@@ -66,6 +63,7 @@ def generate(a):
 
     from .pipelines import DiffusionPipeline
     from .schedulers import LCMScheduler
+    from .toy.common import LORA_DIR as BUNDLED_LCM_LORA, MODEL_DIR as BUNDLED
 
     model = a.model or BUNDLED
     bundled = a.model is None

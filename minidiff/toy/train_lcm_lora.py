@@ -29,6 +29,7 @@ import torch.nn as nn
 from ..models.clip import CLIPTextModel
 from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
+from ..schedulers.common import predict_eps, predict_x0
 from ..tokenizer import CLIPTokenizer
 from . import shapes
 from .common import LORA_DIR, LORA_FILE, MODEL_DIR, SEED_LCM_DATA, Progress, cosine_lr, setup
@@ -110,8 +111,8 @@ def boundary_scalings(t):
 
 
 def x0_and_eps(v, x, a):
-    """Clean latent and noise from a v-prediction: x0 = sqrt(a) x - sqrt(1 - a) v, eps = sqrt(1 - a) x + sqrt(a) v."""
-    return a.sqrt() * x - (1 - a).sqrt() * v, (1 - a).sqrt() * x + a.sqrt() * v
+    """Clean latent and noise from the teacher's v-prediction (the schedulers' formulas)."""
+    return predict_x0("v_prediction", v, x, a), predict_eps("v_prediction", v, x, a)
 
 
 def alpha_at(acp, t):
