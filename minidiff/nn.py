@@ -1,35 +1,21 @@
-"""The few building blocks every model shares: one attention function, one group norm, the
-sinusoidal embedding. Fused kernels plug in here and nowhere else."""
+"""Building blocks every model shares: GroupNorm routed through the ops seam (`minidiff/ops.py`, where
+kernels plug in) and the sinusoidal embedding."""
 import math
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from minidiff import ops
+
 
 def attention(q, k, v, heads, mask=None, causal=False, upcast=False):
-    """Multi-head scaled dot-product attention on (batch, tokens, channels) tensors.
-
-    q: (B, Lq, C), k: (B, Lk, C), v: (B, Lk, Cv) -> (B, Lq, Cv). `mask` is a boolean (True = attend)
-    or additive float mask broadcastable to (B, heads, Lq, Lk). `upcast` computes in fp32, as
-    SD 2.x's `upcast_attention` asks, since fp16 scores overflow there.
-    """
-    b, lq, c = q.shape
-    cv = v.shape[-1]
-    q = q.view(b, lq, heads, c // heads).transpose(1, 2)
-    k = k.view(b, k.shape[1], heads, c // heads).transpose(1, 2)
-    v = v.view(b, v.shape[1], heads, cv // heads).transpose(1, 2)
-    dtype = q.dtype
-    if upcast and dtype in (torch.float16, torch.bfloat16):
-        q, k, v = q.float(), k.float(), v.float()
-        if mask is not None and mask.is_floating_point():
-            mask = mask.float()
-    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
-    return out.transpose(1, 2).reshape(b, lq, cv).to(dtype)
+    """Late-bound: whatever `minidiff.ops.attention` is at call time."""
+    return ops.attention(q, k, v, heads, mask=mask, causal=causal, upcast=upcast)
 
 
 def group_norm(x, num_groups, weight, bias, eps):
-    return F.group_norm(x, num_groups, weight, bias, eps)
+    return ops.group_norm(x, num_groups, weight, bias, eps)
 
 
 class GroupNorm(nn.GroupNorm):

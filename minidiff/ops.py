@@ -1,0 +1,124 @@
+"""The ops seam: every attention, norm, gated activation and LoRA-adapted layer of every model computes here.
+
+Models call these late-bound (`ops.attention(...)`, never `from minidiff.ops import attention`), so
+swapping an implementation reaches every call:
+
+    from minidiff import ops
+    ops.use(group_norm=my_fused_group_norm)   # every model now uses it
+    ops.reset()                               # back to the plain PyTorch references
+
+`ops.use(...)` also works as a context manager (`with ops.use(attention=f): ...`), restoring what was
+there before. A replacement takes the reference's arguments and returns what it returns; the
+references below are the definition (and what the Triton kernels in `minidiff.kernels` are tested
+against).
+"""
+import contextlib
+
+import torch
+import torch.nn.functional as F
+
+
+# ----------------------------------------------------------------------------- the references
+
+def ref_attention(q, k, v, heads, mask=None, causal=False, upcast=False):
+    """Multi-head scaled dot-product attention on (batch, tokens, channels) tensors.
+
+    q: (B, Lq, C), k: (B, Lk, C), v: (B, Lk, Cv) -> (B, Lq, Cv). `mask` is a boolean (True = attend)
+    or additive float mask broadcastable to (B, heads, Lq, Lk). `upcast` computes in fp32, as
+    SD 2.x's `upcast_attention` asks, since fp16 scores overflow there.
+    """
+    b, lq, c = q.shape
+    cv = v.shape[-1]
+    q = q.view(b, lq, heads, c // heads).transpose(1, 2)
+    k = k.view(b, k.shape[1], heads, c // heads).transpose(1, 2)
+    v = v.view(b, v.shape[1], heads, cv // heads).transpose(1, 2)
+    dtype = q.dtype
+    if upcast and dtype in (torch.float16, torch.bfloat16):
+        q, k, v = q.float(), k.float(), v.float()
+        if mask is not None and mask.is_floating_point():
+            mask = mask.float()
+    out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
+    return out.transpose(1, 2).reshape(b, lq, cv).to(dtype)
+
+
+def ref_group_norm(x, num_groups, weight, bias, eps, silu=False):
+    """GroupNorm over (B, C, ...) with an optional SiLU after it (the pair every resnet block runs)."""
+    x = F.group_norm(x, num_groups, weight, bias, eps)
+    return F.silu(x) if silu else x
+
+
+def ref_layer_norm(x, weight, bias, eps, dim=-1):
+    """LayerNorm over the last dim (dim=-1), or over the channels of a (B, C, H, W) map (dim=1).
+    weight and bias may be None (affine-free)."""
+    if dim == 1:
+        return F.layer_norm(x.permute(0, 2, 3, 1), x.shape[1:2], weight, bias, eps).permute(0, 3, 1, 2)
+    return F.layer_norm(x, x.shape[-1:], weight, bias, eps)
+
+
+def ref_geglu(h):
+    """Gated GELU (Shazeer 2020) on a projection h = (..., 2d): value * gelu(gate), the exact (erf) GELU."""
+    value, gate = h.chunk(2, dim=-1)
+    return value * F.gelu(gate)
+
+
+def ref_lora_linear(x, weight, bias, loras):
+    """x W^T + b + sum_i s_i ((x A_i^T) B_i^T + c_i); loras: (down A, up B, up_bias c or None, scale s) per adapter."""
+    out = F.linear(x, weight, bias)
+    for down, up, up_bias, scale in loras:
+        out = out + F.linear(F.linear(x, down), up, up_bias) * scale
+    return out
+
+
+def ref_lora_conv2d(x, weight, bias, stride, padding, dilation, loras):
+    """conv2d(x, W) + sum_i s_i conv1x1(conv(x, A_i), B_i) (LoCon: the down conv has the base's kernel)."""
+    out = F.conv2d(x, weight, bias, stride, padding, dilation)
+    for down, up, up_bias, scale in loras:
+        out = out + F.conv2d(F.conv2d(x, down, None, stride, padding, dilation), up, up_bias) * scale
+    return out
+
+
+REFERENCES = {"attention": ref_attention, "group_norm": ref_group_norm, "layer_norm": ref_layer_norm,
+              "geglu": ref_geglu, "lora_linear": ref_lora_linear, "lora_conv2d": ref_lora_conv2d}
+
+# ----------------------------------------------------------------------------- the seam
+
+attention = ref_attention
+group_norm = ref_group_norm
+layer_norm = ref_layer_norm
+geglu = ref_geglu
+lora_linear = ref_lora_linear
+lora_conv2d = ref_lora_conv2d
+
+
+def current():
+    """The implementation in use for each op, by name."""
+    return {name: globals()[name] for name in REFERENCES}
+
+
+def use(**impls):
+    """Replace ops by name (`ops.use(group_norm=fn)`); returns a context manager that puts back what was there.
+
+    An unknown name is an error naming the ops there are; None restores that op's reference."""
+    unknown = sorted(set(impls) - set(REFERENCES))
+    if unknown:
+        raise ValueError(f"ops.use: unknown op(s) {unknown}; the ops are {sorted(REFERENCES)}")
+    before = current()
+    for name, fn in impls.items():
+        if fn is not None and not callable(fn):
+            raise TypeError(f"ops.use: {name}= must be a function, got {type(fn).__name__}")
+        globals()[name] = REFERENCES[name] if fn is None else fn
+    return _Restore(before)
+
+
+def reset():
+    """Every op back to its plain PyTorch reference."""
+    globals().update(REFERENCES)
+
+
+class _Restore(contextlib.AbstractContextManager):
+    def __init__(self, before):
+        self.before = before
+
+    def __exit__(self, *exc):
+        globals().update(self.before)
+        return False
