@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..models.base import ModelOutput
 from ..weights.hub import read_json
 
 # model_index.json names classes; this is where each one lives in minidiff. Several Hub names map to one class.
@@ -55,7 +56,7 @@ def component_class(name, where):
 
 
 @dataclass
-class PipelineOutput:
+class PipelineOutput(ModelOutput):
     """What a pipeline returns: `.images` (PIL list, numpy array, tensor or latents)."""
     images: object
     nsfw_content_detected: object = None
