@@ -6,7 +6,7 @@ Module names equal diffusers' UNet2DConditionModel checkpoint keys, so Hub weigh
 
 Layout, for block_out_channels (c0, c1, ..., cN):
     conv_in -> down blocks (each: resnets [+ transformers], then a stride-2 conv but the last)
-            -> mid block (resnet, transformer, resnet) -> up blocks (mirror, each resnet taking a
+            -> mid block (resnet, transformer, resnet; SSD-1B/Vega: one resnet) -> up blocks (mirror, each resnet taking a
             skip connection from the down path, then nearest x2 upsample + conv) -> norm, SiLU, conv_out.
 The timestep (and for SDXL the pooled text embedding + image size "time ids") becomes one vector
 that every resnet adds to its features.
@@ -25,7 +25,7 @@ from .base import Model, ModelOutput
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
-MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 
 
 @dataclass
@@ -363,20 +363,24 @@ class DownBlock(nn.Module):
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
-    """At the lowest resolution: resnet, transformer, resnet."""
+    """At the lowest resolution: resnet, transformer, resnet. Without `context_dim` it is diffusers'
+    UNetMidBlock2D as UNet2DConditionModel builds it (num_layers=0, no attention): one resnet (SSD-1B, Vega)."""
 
-    def __init__(self, channels, temb_channels, cfg, context_dim, heads, transformer_layers_per_layer):
+    def __init__(self, channels, temb_channels, cfg, context_dim=None, heads=None, transformer_layers_per_layer=1):
         super().__init__()
         groups, eps, scale = cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor
-        self.has_cross_attention = True
-        layers = transformer_layers(transformer_layers_per_layer, 1)[0]
-        self.attentions = nn.ModuleList([Transformer2DModel(channels, heads, layers, context_dim, groups,
-                                                            cfg.use_linear_projection, False, cfg.upcast_attention)])
+        self.has_cross_attention = context_dim is not None
+        if self.has_cross_attention:
+            layers = transformer_layers(transformer_layers_per_layer, 1)[0]
+            self.attentions = nn.ModuleList([Transformer2DModel(channels, heads, layers, context_dim, groups,
+                                                                cfg.use_linear_projection, False, cfg.upcast_attention)])
         self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, temb_channels, groups, eps, scale)
-                                      for _ in range(2)])
+                                      for _ in range(2 if self.has_cross_attention else 1)])
 
     def forward(self, x, temb, context=None, mask=None, context_mask=None):
         x = self.resnets[0](x, temb)
+        if not self.has_cross_attention:
+            return x
         x = self.attentions[0](x, context, mask, context_mask)
         return self.resnets[1](x, temb)
 
@@ -454,6 +458,8 @@ class UNet2DConditionModel(Model):
         self.mid_block = None
         if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
             self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], temb, cfg, context_dims[-1], heads[-1], tlpb[-1])
+        elif cfg.mid_block_type == "UNetMidBlock2D":
+            self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], temb, cfg)
 
         # the up path mirrors the down path, with one more resnet per block (it also eats the downsampler's skip)
         reverse_tlpb = cfg.reverse_transformer_layers_per_block or tlpb[::-1]
