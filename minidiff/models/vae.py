@@ -389,6 +389,14 @@ class AutoencoderKL(nn.Module):
                         allow_pickle=False):
         return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
 
+    @classmethod
+    def from_single_file(cls, path, config=None, original_config=None, torch_dtype=None, device=None,
+                         allow_pickle=False, subfolder=None):
+        """Load from one LDM-layout checkpoint (a whole model file or one holding only this part); see
+        weights/single_file.py. `config=`: a folder or repo with this model's config.json (in `subfolder`)."""
+        from ..weights.single_file import load_component
+        return load_component(cls, path, "vae", config, original_config, torch_dtype, device, allow_pickle, subfolder)
+
     def save_pretrained(self, folder):
         save_model(self, folder)
 
