@@ -549,3 +549,31 @@ def test_cli_model_file_and_vae_file(family_file, tmp_path):
     want = ours("a red cube", num_inference_steps=2, guidance_scale=7.5, width=16, height=16, generator=gen(0)).images
     from PIL import Image
     assert_same_image([Image.open(out).convert("RGB")], want)
+
+
+def test_turbo_lcm_merged_and_img2img_files(family_file):
+    """Turbo-style and LCM-merged files are the base architectures (nothing in the tensors marks them): they load
+    as their family, and run with the scheduler their model card names, as in diffusers."""
+    _, ref, path, _ = family_file("sdxl")
+    ours = minidiff.StableDiffusionXLPipeline.from_single_file(path)
+    for p, lib in ((ours, minidiff), (ref, diffusers)):
+        p.scheduler = lib.EulerAncestralDiscreteScheduler.from_config(p.scheduler.config, timestep_spacing="trailing")
+        p.set_progress_bar_config(disable=True)
+    turbo = dict(prompt="a cat", num_inference_steps=1, guidance_scale=0.0, height=16, width=16, output_type="np")
+    assert_same_image(ours(**turbo, generator=gen(3)).images, ref(**turbo, generator=gen(3)).images)
+
+    _, ref, path, folder = family_file("sd1")
+    ours = minidiff.StableDiffusionPipeline.from_single_file(path)
+    ours.scheduler = minidiff.LCMScheduler.from_config(sf.FAMILIES["sd1"]["scheduler"][1])
+    ref.scheduler = diffusers.LCMScheduler.from_config(sf.FAMILIES["sd1"]["scheduler"][1])
+    ours.set_progress_bar_config(disable=True)
+    lcm = dict(prompt="a cat", num_inference_steps=4, guidance_scale=1.0, height=16, width=16, output_type="np")
+    assert_same_image(ours(**lcm, generator=gen(4)).images, ref(**lcm, generator=gen(4)).images)
+
+    ours = minidiff.StableDiffusionImg2ImgPipeline.from_single_file(path)
+    theirs = diffusers.StableDiffusionImg2ImgPipeline.from_single_file(path, config=folder, local_files_only=True)
+    for p in (ours, theirs):
+        p.set_progress_bar_config(disable=True)
+    image = np.random.RandomState(1).rand(1, 16, 16, 3).astype(np.float32)
+    i2i = dict(prompt="a cat", image=image, strength=0.6, num_inference_steps=4, output_type="np")
+    assert_same_image(ours(**i2i, generator=gen(5)).images, theirs(**i2i, generator=gen(5)).images)
