@@ -382,6 +382,13 @@ def test_unknown_key_is_listed(family_file, tmp_path):
     with pytest.raises(ValueError) as e:
         minidiff.StableDiffusionPipeline.from_single_file(path)
     assert "model.diffusion_model.input_blocks.1.1.mystery.weight" in str(e.value)
+    path = write_file(pipe, "sd1", str(tmp_path / "extra3.safetensors"),
+                      extra={"model.diffusion_model.mystery.weight": torch.zeros(3),
+                             "first_stage_model.encoder.mystery": torch.zeros(3),
+                             "cond_stage_model.transformer.mystery": torch.zeros(3)})
+    for cls in (minidiff.UNet2DConditionModel, minidiff.AutoencoderKL, minidiff.CLIPTextModel):
+        with pytest.raises(ValueError, match="mystery"):
+            cls.from_single_file(path)
 
 
 def test_truncated_file_and_pickles(family_file, tmp_path):

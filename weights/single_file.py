@@ -137,6 +137,8 @@ class SingleFile:
 # ---- key rules, block kind by block kind -----------------------------------------------------------------
 # Each rule maps one file key (prefix removed) to [(model key, transform)], transform None, "linear" (a 1x1
 # conv's [C, C, 1, 1] as [C, C]), "T" (transpose) or ("chunk", i) (the i-th of three stacked q, k, v).
+# A model key None means no rule knows the key (an error); UNUSED, a tensor the pipeline never reads.
+UNUSED = "<unused>"
 
 _RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
            ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut.")]
@@ -266,7 +268,7 @@ _OPENCLIP = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("attn.out_pr
 
 def openclip_mapping(shapes, layers, projection):
     """OpenCLIP -> transformers' CLIP. Resblocks from `layers` on and a text_projection the model lacks (SD 2.x
-    reads the penultimate layer, without projection) map to None: unused."""
+    reads the penultimate layer, without projection) are UNUSED."""
     out = {}
     for k in shapes:
         m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)", k)
@@ -274,7 +276,7 @@ def openclip_mapping(shapes, layers, projection):
             i, rest = int(m.group(1)), m.group(2)
             layer = f"text_model.encoder.layers.{i}."
             if i >= layers:
-                out[k] = [(None, None)]
+                out[k] = [(UNUSED, None)]
             elif rest.startswith("attn.in_proj_"):
                 kind = rest[len("attn.in_proj_"):]
                 out[k] = [(f"{layer}self_attn.{p}_proj.{kind}", ("chunk", c)) for c, p in enumerate("qkv")]
@@ -282,7 +284,7 @@ def openclip_mapping(shapes, layers, projection):
                 out[k] = [(next((layer + new + rest[len(old):] for old, new in _OPENCLIP if rest.startswith(old)), None),
                            None)]
         elif k == "text_projection":
-            out[k] = [("text_projection.weight" if projection else None, "T")]
+            out[k] = [("text_projection.weight" if projection else UNUSED, "T")]
         else:
             name = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
                     "positional_embedding": "text_model.embeddings.position_embedding.weight",
@@ -550,11 +552,11 @@ def build(cls, cfg_dict, f, prefix, mapping, torch_dtype, device, report, name, 
         plan, unused = {}, []
         for key, targets in mapping.items():
             for target, transform in targets:
-                if target is None:
+                if target == UNUSED:
                     unused.append(key)
                     continue
                 plan.setdefault(target, []).append((prefix + key, transform))
-        missing = expected.keys() - plan.keys()
+        missing = expected.keys() - plan.keys() - {None}
         unexpected = [src for t, srcs in plan.items() if t not in expected for src, _ in srcs]
         doubled = [t for t, srcs in plan.items() if len(srcs) > 1]
         wrong = [f"{srcs[0][0]}: file {f.shapes[srcs[0][0]]} -> {_transformed_shape(f.shapes[srcs[0][0]], srcs[0][1])}"
