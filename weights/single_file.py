@@ -40,9 +40,11 @@ from collections import Counter
 
 import torch
 
+from ..errors import FileFormatError
 from .config import config_from_dict
-from .hub import _check_pickle, read_json
+from .hub import read_json
 from .load import _listing, _no_gc, _no_init, read_header
+from .safe import check_pickle
 from .single_file_configs import FAMILIES
 
 logger = logging.getLogger("minidiff")
@@ -89,27 +91,27 @@ class SingleFile:
         if not os.path.isfile(path):
             raise FileNotFoundError(f"{path}: no such file (from_single_file takes the path of one checkpoint file)")
         self.extra = Counter()
-        if path.endswith(".safetensors"):
+        self.global_step = None
+        if check_pickle(path, allow_pickle) == "safetensors":  # the kind from the first bytes (weights/safe.py)
             self.shapes = {k: tuple(s) for k, (s, _) in read_header(path).items()}
             self._tensors = None
-        else:
-            _check_pickle(path, allow_pickle)  # .ckpt, .pt, .pth, .bin: refused unless allowed
-            if not allow_pickle:
-                raise ValueError(f"{path}: not a .safetensors file; pass allow_pickle=True to read it as a pickle "
-                                 "checkpoint (with torch.load(weights_only=True))")
-            try:
-                sd = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-            except Exception as e:
-                raise ValueError(f"{path}: could not be read as a torch checkpoint (truncated or corrupt?): {e}") from e
-            if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
-                # a Lightning checkpoint: the weights, plus training state (global_step, optimizer, ...)
-                self.global_step = sd.get("global_step")
-                self.extra.update("optimizer leftover" for k in sd if k != "state_dict")
-                sd = sd["state_dict"]
-            self._tensors = {k: v for k, v in sd.items() if torch.is_tensor(v)}
-            self.extra.update("optimizer leftover" for k, v in sd.items() if not torch.is_tensor(v))
-            self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
-        self.global_step = getattr(self, "global_step", None)
+            return
+        try:
+            with open(path, "rb") as fh:
+                sd = torch.load(fh, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise FileFormatError(f"{path}: torch.load(weights_only=True) refused or failed (truncated or corrupt?): "
+                                  f"{type(e).__name__}: {e}") from e
+        if isinstance(sd, dict) and isinstance(sd.get("state_dict"), dict):
+            # a Lightning checkpoint: the weights, plus training state (global_step, optimizer states, ...)
+            self.global_step = sd.get("global_step")
+            self.extra.update("optimizer leftover" for k in sd if k != "state_dict")
+            sd = sd["state_dict"]
+        if not isinstance(sd, dict):
+            raise FileFormatError(f"{path}: a pickle holding {type(sd).__name__}, not a dict of named tensors")
+        self._tensors = {k: v for k, v in sd.items() if torch.is_tensor(v)}
+        self.extra.update("optimizer leftover" for v in sd.values() if not torch.is_tensor(v))
+        self.shapes = {k: tuple(v.shape) for k, v in self._tensors.items()}
 
     def read(self, keys):
         """(key, tensor) for each of `keys`, one at a time, so that one tensor is in flight."""
