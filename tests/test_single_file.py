@@ -417,6 +417,7 @@ def test_wrong_pipeline_class(family_file):
         minidiff.StableDiffusionPipeline.from_single_file(path)
 
 
+# the form of the CompVis v1-inference.yaml (num_heads changed to 4 for the tiny model)
 V1_YAML = """model:
   base_learning_rate: 1.0e-04
   target: ldm.models.diffusion.ddpm.LatentDiffusion
@@ -424,8 +425,20 @@ V1_YAML = """model:
     linear_start: 0.00085
     linear_end: 0.0120
     timesteps: 1000
+    first_stage_key: "jpg"
+    cond_stage_trainable: false   # Note: different from the one we trained before
+    monitor: val/loss_simple_ema
     scale_factor: 0.18215
     use_ema: False
+
+    scheduler_config: # 10000 warmup steps
+      target: ldm.lr_scheduler.LambdaLinearScheduler
+      params:
+        warm_up_steps: [ 10000 ]
+        cycle_lengths: [ 10000000000000 ] # incredibly large number to prevent corner cases
+        f_start: [ 1.e-6 ]
+        f_max: [ 1. ]
+
     unet_config:
       target: ldm.modules.diffusionmodules.openaimodel.UNetModel
       params:
@@ -436,43 +449,98 @@ V1_YAML = """model:
         use_spatial_transformer: True
         context_dim: 768
         legacy: False
+
     first_stage_config:
       target: ldm.models.autoencoder.AutoencoderKL
       params:
         embed_dim: 4
-        monitor: val/rec_loss
         ddconfig:
           double_z: true
           ch_mult:
           - 1
           - 2
+          attn_resolutions: []
+          dropout: 0.0
+        lossconfig:
+          target: torch.nn.Identity
+"""
+
+# the form of Stability's sd_xl_base.yaml (SGM: lists of mappings, denoiser scaling)
+SGM_YAML = """model:
+  target: sgm.models.diffusion.DiffusionEngine
+  params:
+    scale_factor: 0.13025
+    disable_first_stage_autocast: True
+
+    denoiser_config:
+      target: sgm.modules.diffusionmodules.denoiser.DiscreteDenoiser
+      params:
+        num_idx: 1000
+
+        scaling_config:
+          target: sgm.modules.diffusionmodules.denoiser_scaling.VScaling
+    network_config:
+      params:
+        adm_in_channels: 2816
+        num_classes: sequential
+        attention_resolutions: [4, 2]
+        num_head_channels: 64
+        transformer_depth: [1, 2, 10]
+        spatial_transformer_attn_type: softmax-xformers
+
+    conditioner_config:
+      params:
+        emb_models:
+          # crossattn cond
+          - is_trainable: False
+            input_key: txt
+            params:
+              layer: hidden
+              layer_idx: 11
+
+          - is_trainable: False
+            target: sgm.modules.encoders.modules.FrozenOpenCLIPEmbedder2
+            params:
+              arch: ViT-bigG-14
+              legacy: False
 """
 
 
+def test_small_yaml_reader_reads_what_pyyaml_reads():
+    import yaml
+    for text in (V1_YAML, SGM_YAML):
+        assert sf.parse_small_yaml(text) == yaml.safe_load(text)
+    assert sf.choose_prediction_type("sdxl", None, original=sf.parse_small_yaml(SGM_YAML))[0] == "v_prediction"
+    for bad in ("a: &anchor 1\nb: *anchor\n", "a:\n  b: 1\n    c: 2\n", "a: {b: 1}\n"):
+        with pytest.raises(ValueError, match="pyyaml"):
+            sf.parse_small_yaml(bad)
+
+
 def test_original_config_yaml(tmp_path, monkeypatch):
-    """original_config= the LDM yaml: what tensors cannot tell (heads here) comes from it; without pyyaml a
-    small reader reads the LDM subset, and refuses the rest clearly."""
+    """original_config= the LDM yaml: what tensors cannot tell (heads here) comes from it, read by the small
+    reader when pyyaml is not installed."""
     pipe = build("sd1", str(tmp_path / "m"), heads=4)
     path = write_file(pipe, "sd1", str(tmp_path / "heads4.safetensors"))
     yaml_path = tmp_path / "v1-inference.yaml"
-    yaml_path.write_text(V1_YAML.split("    first_stage_config")[0])
+    yaml_path.write_text(V1_YAML)
     import builtins
     real_import = builtins.__import__
-    monkeypatch.setattr(builtins, "__import__", lambda name, *a, **k: (_ for _ in ()).throw(ImportError(name))
-                        if name == "yaml" else real_import(name, *a, **k))
-    parsed = sf.read_yaml(str(yaml_path))
-    assert parsed["model"]["params"]["unet_config"]["params"]["channel_mult"] == [1, 2, 4, 4]
-    assert parsed["model"]["params"]["use_ema"] is False and parsed["model"]["params"]["linear_end"] == 0.012
+
+    def no_yaml(name, *args, **kwargs):
+        if name == "yaml":
+            raise ImportError("no module named yaml")
+        return real_import(name, *args, **kwargs)
+
+    monkeypatch.setattr(builtins, "__import__", no_yaml)
     ours = minidiff.UNet2DConditionModel.from_single_file(path, original_config=str(yaml_path))
     assert ours.config.attention_head_dim == 4
     g = torch.Generator().manual_seed(0)
     x, ctx = torch.randn(1, 4, 8, 8, generator=g), torch.randn(1, 5, 64, generator=g)
     with torch.no_grad():
         assert_close(ours(x, 10, ctx).sample, pipe.unet(x, 10, ctx).sample, name="unet with yaml heads")
-    full = tmp_path / "full.yaml"
-    full.write_text(V1_YAML)
-    with pytest.raises(ValueError, match="pyyaml"):
-        sf.read_yaml(str(full))  # a block list: beyond the small reader
+    whole = minidiff.StableDiffusionPipeline.from_single_file(path, original_config=str(yaml_path))
+    assert whole.unet.config.attention_head_dim == 4 and whole.vae.config.scaling_factor == 0.18215
+    assert whole.scheduler.config["beta_end"] == 0.012
 
 
 def test_shipped_tokenizer_is_clips():
@@ -584,3 +652,18 @@ def test_turbo_lcm_merged_and_img2img_files(family_file):
     image = np.random.RandomState(1).rand(1, 16, 16, 3).astype(np.float32)
     i2i = dict(prompt="a cat", image=image, strength=0.6, num_inference_steps=4, output_type="np")
     assert_same_image(ours(**i2i, generator=gen(5)).images, theirs(**i2i, generator=gen(5)).images)
+
+
+def test_hub_addresses_resolve_through_the_cache(family_file, monkeypatch):
+    import huggingface_hub
+    _, _, path, _ = family_file("sd1")
+    calls = []
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download",
+                        lambda repo, filename, revision=None: calls.append((repo, filename, revision)) or path)
+    for address in ("https://huggingface.co/stable-diffusion-v1-5/stable-diffusion-v1-5/blob/main/v1-5-pruned-emaonly.safetensors",
+                    "stable-diffusion-v1-5/stable-diffusion-v1-5/v1-5-pruned-emaonly.safetensors"):
+        assert sf.resolve_single_file(address) == path
+    assert calls == [("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors", "main"),
+                     ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors", None)]
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        minidiff.StableDiffusionPipeline.from_single_file("/nowhere/model.safetensors")

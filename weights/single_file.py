@@ -83,13 +83,37 @@ def skip_reason(key):
 
 
 # ---- reading ---------------------------------------------------------------------------------------------
+HUB_URLS = ("https://huggingface.co/", "https://hf.co/", "huggingface.co/", "hf.co/")
+
+
+def resolve_single_file(path_or_url):
+    """A local path as it is; a Hub address (`https://huggingface.co/owner/repo/blob/main/file.safetensors`, or
+    `owner/repo/file.safetensors`) through huggingface_hub's cache (offline when cached, HF_HUB_OFFLINE=1)."""
+    s = os.fspath(path_or_url)
+    if os.path.isfile(s):
+        return s
+    rest = next((s[len(p):] for p in HUB_URLS if s.startswith(p)), None)
+    if rest is None and not s.startswith(("/", ".", "~")) and s.count("/") >= 2 and not os.path.exists(s):
+        rest = s
+    if rest is None:
+        raise FileNotFoundError(f"{s}: no such file (from_single_file takes the path of one checkpoint file, a Hub "
+                                "URL or owner/repo/file.safetensors)")
+    parts = rest.split("/")
+    repo, tail, revision = "/".join(parts[:2]), parts[2:], None
+    if tail[:1] in (["blob"], ["resolve"]) and len(tail) >= 3:
+        revision, tail = tail[1], tail[2:]
+    filename = "/".join(tail)
+    if not filename or ".." in tail:
+        raise FileNotFoundError(f"{s}: names no file inside the repo {repo!r}")
+    from huggingface_hub import hf_hub_download
+    return hf_hub_download(repo, filename, revision=revision)
+
+
 class SingleFile:
     """The tensors of one .safetensors (or, with allow_pickle, .ckpt) file: shapes first, data on demand."""
 
     def __init__(self, path, allow_pickle=False):
-        self.path = path = os.fspath(path)
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"{path}: no such file (from_single_file takes the path of one checkpoint file)")
+        self.path = path = resolve_single_file(path)
         self.extra = Counter()
         self.global_step = None
         if check_pickle(path, allow_pickle) == "safetensors":  # the kind from the first bytes (weights/safe.py)
@@ -437,7 +461,10 @@ def choose_prediction_type(family, f, prediction_type=None, original=None):
     if prediction_type is not None:
         return prediction_type, "prediction_type= argument"
     if original is not None:
-        p = _get(original, "model", "params", "parameterization")
+        p = _get(original, "model", "params", "parameterization")  # LDM
+        scaling = _get(original, "model", "params", "denoiser_config", "params", "scaling_config", "target")  # SGM
+        if scaling is not None and p is None:
+            return ("v_prediction" if scaling.endswith("VScaling") else "epsilon"), f"original_config scaling {scaling}"
         return ("v_prediction" if p == "v" else "epsilon"), f"original_config parameterization={p or 'eps'}"
     if family != "sd2":
         return "epsilon", f"{FAMILIES[family]['name']} default"
@@ -449,57 +476,86 @@ def choose_prediction_type(family, f, prediction_type=None, original=None):
 
 # ---- original_config: the LDM yaml -------------------------------------------------------------------------
 def read_yaml(path):
-    """The LDM inference yaml (nested mappings, inline lists, scalars). pyyaml when installed; else a small reader
-    of that subset, which refuses what it does not understand."""
+    """The LDM / SGM yaml (v1-inference.yaml, sd_xl_base.yaml, ...). pyyaml when installed (it is no dependency of
+    minidiff); else a small reader of the subset those files use: nested mappings, `- ` lists of scalars or of
+    mappings, inline [lists], scalars and comments. It refuses anything else, naming the line."""
     if isinstance(path, dict):
         return path
     with open(path, encoding="utf-8") as fh:
         text = fh.read()
     try:
         import yaml
-        return yaml.safe_load(text)
     except ImportError:
-        pass
-    root, stack = {}, [(-1, None)]
-    stack[0] = (-1, root)
+        return parse_small_yaml(text, path)
+    return yaml.safe_load(text)
+
+
+def parse_small_yaml(text, where="yaml"):
+    lines = []  # (line number, indent, content) without blanks and comments
     for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.split(" #")[0].rstrip() if not raw.lstrip().startswith("#") else ""
-        if not line.strip():
-            continue
-        indent = len(line) - len(line.lstrip())
-        m = re.match(r"\s*([\w.\-]+)\s*:\s*(.*)$", line)
-        if not m:
-            raise ValueError(f"{path}:{lineno}: {raw.strip()!r} is beyond minidiff's small yaml reader "
-                             "(pip install pyyaml to read any yaml)")
-        while stack[-1][0] >= indent:
-            stack.pop()
-        parent = stack[-1][1]
-        key, value = m.group(1), m.group(2).strip()
-        if value == "":
-            parent[key] = {}
-            stack.append((indent, parent[key]))
-        else:
-            parent[key] = _yaml_scalar(value, path, lineno)
-    return root
+        content = re.sub(r"(^|\s)#.*$", "", raw).rstrip()
+        if content.strip():
+            if "\t" in raw[: len(raw) - len(raw.lstrip())]:
+                raise ValueError(f"{where}:{lineno}: a tab in the indentation (pip install pyyaml to read any yaml)")
+            lines.append([lineno, len(content) - len(content.lstrip()), content.strip()])
+
+    def block(i, indent):
+        """The mapping or list whose lines start at lines[i] with `indent`; returns (value, next i)."""
+        if lines[i][2].startswith("- ") or lines[i][2] == "-":
+            items = []
+            while i < len(lines) and lines[i][1] == indent and lines[i][2].startswith("-"):
+                lineno, _, content = lines[i]
+                rest = content[1:].strip()
+                if re.match(r"[\w.\-]+\s*:(\s|$)", rest):  # "- key: value": a mapping, its keys two columns in
+                    lines[i] = [lineno, indent + 2, rest]
+                    value, i = block(i, indent + 2)
+                else:
+                    value, i = _yaml_scalar(rest, where, lineno), i + 1
+                items.append(value)
+            return items, i
+        mapping = {}
+        while i < len(lines) and lines[i][1] == indent:
+            lineno, _, content = lines[i]
+            m = re.match(r"([\w.\-/]+)\s*:(?:\s+(.*))?$", content)
+            if not m:
+                raise ValueError(f"{where}:{lineno}: {content!r} is beyond minidiff's small yaml reader "
+                                 "(pip install pyyaml to read any yaml)")
+            key, value = m.group(1), (m.group(2) or "").strip()
+            i += 1
+            if value:
+                mapping[key] = _yaml_scalar(value, where, lineno)
+            elif i < len(lines) and (lines[i][1] > indent or (lines[i][1] == indent and lines[i][2].startswith("-"))):
+                mapping[key], i = block(i, lines[i][1])
+            else:
+                mapping[key] = None
+        if i < len(lines) and lines[i][1] > indent:
+            raise ValueError(f"{where}:{lines[i][0]}: unexpected indentation (pip install pyyaml to read any yaml)")
+        return mapping, i
+
+    if not lines:
+        return {}
+    value, i = block(0, lines[0][1])
+    if i < len(lines):
+        raise ValueError(f"{where}:{lines[i][0]}: unexpected indentation (pip install pyyaml to read any yaml)")
+    return value
 
 
-def _yaml_scalar(v, path, lineno):
+def _yaml_scalar(v, where, lineno):
     if v.startswith("[") and v.endswith("]"):
-        return [_yaml_scalar(x.strip(), path, lineno) for x in v[1:-1].split(",") if x.strip()]
-    if v.startswith(("{", "|", ">", "&", "*", "!")):
-        raise ValueError(f"{path}:{lineno}: {v!r} is beyond minidiff's small yaml reader (pip install pyyaml)")
-    if v in ("true", "True"):
-        return True
-    if v in ("false", "False"):
-        return False
-    if v in ("null", "None", "~"):
+        return [_yaml_scalar(x.strip(), where, lineno) for x in v[1:-1].split(",") if x.strip()]
+    if v.startswith(("{", "|", ">", "&", "*", "!", "[")):
+        raise ValueError(f"{where}:{lineno}: {v!r} is beyond minidiff's small yaml reader (pip install pyyaml)")
+    if v.lower() in ("true", "false"):
+        return v.lower() == "true"
+    if v in ("null", "Null", "NULL", "~"):
         return None
-    for cast in (int, float):
-        try:
-            return cast(v)
-        except ValueError:
-            pass
-    return v.strip("'\"")
+    if re.fullmatch(r"[-+]?\d+", v):
+        return int(v)
+    if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+)([eE][-+]?\d+)?", v):  # yaml 1.1 floats have a dot
+        return float(v)
+    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
+        return v[1:-1]
+    return v
 
 
 def _get(d, *keys):
