@@ -40,7 +40,7 @@ from collections import Counter
 
 import torch
 
-from ..errors import FileFormatError
+from ..errors import ArgumentError, FileFormatError
 from .config import config_from_dict
 from .hub import read_json
 from .load import _listing, _no_gc, _no_init, read_header
@@ -148,7 +148,7 @@ class SingleFile:
                 try:
                     t = f.get_tensor(k)
                 except Exception as e:
-                    raise ValueError(f"{self.path}: could not read tensor {k!r} (truncated or corrupt file?): {e}") from e
+                    raise FileFormatError(f"{self.path}: could not read tensor {k!r} (truncated or corrupt file?): {e}") from e
                 yield k, t
 
     def has(self, prefix):
@@ -388,7 +388,7 @@ def infer_unet_config(shapes, family):
         tl = cfg["transformer_layers_per_block"]
         last = tl if isinstance(tl, int) else tl[-1]
         if mid != last:
-            raise ValueError(f"UNet mid block has {mid} transformer layers, transformer_layers_per_block {tl}: "
+            raise FileFormatError(f"UNet mid block has {mid} transformer layers, transformer_layers_per_block {tl}: "
                              "minidiff builds the mid block as deep as the last level")
     if fam["head_channels"]:
         cfg["attention_head_dim"] = [max(c // fam["head_channels"], 1) for c in channels]
@@ -496,7 +496,7 @@ def parse_small_yaml(text, where="yaml"):
         content = re.sub(r"(^|\s)#.*$", "", raw).rstrip()
         if content.strip():
             if "\t" in raw[: len(raw) - len(raw.lstrip())]:
-                raise ValueError(f"{where}:{lineno}: a tab in the indentation (pip install pyyaml to read any yaml)")
+                raise FileFormatError(f"{where}:{lineno}: a tab in the indentation (pip install pyyaml to read any yaml)")
             lines.append([lineno, len(content) - len(content.lstrip()), content.strip()])
 
     def block(i, indent):
@@ -518,7 +518,7 @@ def parse_small_yaml(text, where="yaml"):
             lineno, _, content = lines[i]
             m = re.match(r"([\w.\-/]+)\s*:(?:\s+(.*))?$", content)
             if not m:
-                raise ValueError(f"{where}:{lineno}: {content!r} is beyond minidiff's small yaml reader "
+                raise FileFormatError(f"{where}:{lineno}: {content!r} is beyond minidiff's small yaml reader "
                                  "(pip install pyyaml to read any yaml)")
             key, value = m.group(1), (m.group(2) or "").strip()
             i += 1
@@ -529,14 +529,14 @@ def parse_small_yaml(text, where="yaml"):
             else:
                 mapping[key] = None
         if i < len(lines) and lines[i][1] > indent:
-            raise ValueError(f"{where}:{lines[i][0]}: unexpected indentation (pip install pyyaml to read any yaml)")
+            raise FileFormatError(f"{where}:{lines[i][0]}: unexpected indentation (pip install pyyaml to read any yaml)")
         return mapping, i
 
     if not lines:
         return {}
     value, i = block(0, lines[0][1])
     if i < len(lines):
-        raise ValueError(f"{where}:{lines[i][0]}: unexpected indentation (pip install pyyaml to read any yaml)")
+        raise FileFormatError(f"{where}:{lines[i][0]}: unexpected indentation (pip install pyyaml to read any yaml)")
     return value
 
 
@@ -544,7 +544,7 @@ def _yaml_scalar(v, where, lineno):
     if v.startswith("[") and v.endswith("]"):
         return [_yaml_scalar(x.strip(), where, lineno) for x in v[1:-1].split(",") if x.strip()]
     if v.startswith(("{", "|", ">", "&", "*", "!", "[")):
-        raise ValueError(f"{where}:{lineno}: {v!r} is beyond minidiff's small yaml reader (pip install pyyaml)")
+        raise FileFormatError(f"{where}:{lineno}: {v!r} is beyond minidiff's small yaml reader (pip install pyyaml)")
     if v.lower() in ("true", "false"):
         return v.lower() == "true"
     if v in ("null", "Null", "NULL", "~"):
@@ -630,7 +630,7 @@ def build(cls, cfg_dict, f, prefix, mapping, torch_dtype, device, report, name, 
                 parts.append(f"{len(wrong)} wrong shapes: {_listing(wrong, 6)}")
             if doubled:
                 parts.append(f"{len(doubled)} tensors two keys map to: {_listing(doubled)}")
-            raise ValueError("\n  ".join(parts))
+            raise FileFormatError("\n  ".join(parts))
         dtype = torch_dtype or torch.float32
         targets = {}  # file key -> [(model key, transform)]: a fused q/k/v feeds three
         for target, [(src, transform)] in plan.items():
@@ -690,12 +690,14 @@ def load_models(f, family, components, config_dicts=None, original=None, torch_d
     models = {}
     for component in components:
         if component not in parts:
-            raise ValueError(f"{f.path}: has no {component} (found: {', '.join(parts) or 'no known model keys'}; "
-                             f"{fam['name']} file)")
+            hint = (" (a file saved without its VAE: pass vae=AutoencoderKL.from_single_file(...) or "
+                    "from_pretrained(...))") if component == "vae" else ""
+            raise FileFormatError(f"{f.path}: has no {component} (found: {', '.join(parts) or 'no known model keys'}; "
+                                  f"a {fam['name']} file){hint}")
         prefix, kind = parts[component]
         shapes = f.under(prefix)
         if kind == "vae" and _is_diffusers_vae(shapes):
-            raise ValueError(f"{f.path}: a VAE in diffusers' layout, not an LDM one: load its folder with "
+            raise FileFormatError(f"{f.path}: a VAE in diffusers' layout, not an LDM one: load its folder with "
                              "AutoencoderKL.from_pretrained")
         if config_dicts and component in config_dicts:
             cfg, where = config_dicts[component], f"config= ({component})"
@@ -738,7 +740,7 @@ def _check_unknown(f, parts):
     prefixes = [p for p, _ in parts.values()]
     unknown = [k for k in f.shapes if skip_reason(k) is None and not any(k.startswith(p) for p in prefixes)]
     if unknown:
-        raise ValueError(f"{f.path}: {len(unknown)} keys belong to no model minidiff knows in this file: "
+        raise FileFormatError(f"{f.path}: {len(unknown)} keys belong to no model minidiff knows in this file: "
                          f"{_listing(unknown)} (known prefixes: {', '.join(p or '(none)' for p in prefixes)})")
 
 
@@ -768,8 +770,8 @@ def load_pipeline(cls, path, config=None, original_config=None, prediction_type=
         from ..pipelines import PIPELINES
         cls = PIPELINES[fam["pipelines"][0]]
     if cls.__name__ not in fam["pipelines"]:
-        raise ValueError(f"{f.path} is a {fam['name']} checkpoint: load it with {fam['pipelines'][0]}.from_single_file, "
-                         f"not {cls.__name__}")
+        raise ArgumentError(f"{f.path} is a {fam['name']} checkpoint: load it with {fam['pipelines'][0]}.from_single_file, "
+                            f"not {cls.__name__}")
     parts = _parts(f)
     _check_unknown(f, parts)
     # the models the pipeline takes from the file; a text encoder the family lacks (the refiner's first) is None
