@@ -130,6 +130,19 @@ class DiffusionPipeline:
                 raise ValueError(f"{where} has no {name!r} component, which {cls.__name__} needs")
         return cls(**components, **options, **kwargs)
 
+    @classmethod
+    def from_single_file(cls, path, config=None, original_config=None, prediction_type=None, torch_dtype=None,
+                         device=None, allow_pickle=False, **kwargs):
+        """Build the pipeline from one A1111 / ComfyUI / civitai checkpoint file (LDM / SGM layout), offline.
+
+        The family (SD 1.x, SD 2.x, SDXL base or refiner) is told from the tensors; `config=` a diffusers folder or
+        repo, `original_config=` the LDM yaml and `prediction_type=` override the guess. Component keyword
+        arguments (`vae=`, `scheduler=`) replace the file's. See weights/single_file.py.
+        """
+        from ..weights.single_file import load_pipeline
+        return load_pipeline(cls, path, config=config, original_config=original_config, prediction_type=prediction_type,
+                             torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle, **kwargs)
+
     def save_pretrained(self, folder):
         """Write the pipeline in the Hub layout (model_index.json + one folder per component)."""
         os.makedirs(folder, exist_ok=True)
