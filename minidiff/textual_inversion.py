@@ -18,7 +18,9 @@ import os
 import torch
 import torch.nn as nn
 
+from .errors import FileFormatError
 from .weights.hub import PICKLE_SUFFIXES, is_local, resolve_file
+from .weights.safe import check_pickle, read_safetensors_header
 
 DEFAULT_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 SDXL_KEYS = ("clip_l", "clip_g")  # first and second text encoder
@@ -62,15 +64,18 @@ def resolve_embedding_file(source, weight_name=None, subfolder=None):
 
 
 def read_embedding_file(path, allow_pickle=False):
-    if path.endswith(".safetensors"):
+    """The file's contents, by what its bytes are (not its name): safetensors, or a torch pickle when allowed."""
+    kind = check_pickle(path, allow_pickle)
+    if kind == "safetensors":
         from safetensors.torch import load_file
+        read_safetensors_header(path)  # checked before safetensors maps it
         return load_file(path)
-    if path.endswith(PICKLE_SUFFIXES):
-        if not allow_pickle:
-            raise ValueError(f"{path} is a pickle file, which can run code when loaded; pass allow_pickle=True to "
-                             "read it anyway (with torch.load(weights_only=True)), or use a .safetensors version")
-        return torch.load(path, map_location="cpu", weights_only=True)
-    raise ValueError(f"{path}: not a .safetensors or pickle ({', '.join(PICKLE_SUFFIXES)}) file")
+    try:  # an A1111 .pt nests its tensors in dicts: torch.load itself, weights only
+        with open(path, "rb") as f:
+            return torch.load(f, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise FileFormatError(f"{path}: torch.load(weights_only=True) refused or failed ({type(e).__name__}): "
+                              f"{str(e).splitlines()[0] if str(e) else ''}") from e
 
 
 def vectors_of(state, where, token, stem):
