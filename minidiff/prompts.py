@@ -12,7 +12,9 @@ A1111 (`prompt_syntax="a1111"`, the CLI's default), as the AUTOMATIC1111 web UI 
     concatenated (77 x n tokens for the UNet's cross-attention); SDXL's pooled vector is the first
     window's; the negative prompt (or the shorter of the two) is padded with windows of the empty prompt;
   - each token's hidden state is multiplied by its weight, then the window is rescaled so that its mean
-    is what it was before weighting (A1111's "Original" emphasis).
+    is what it was before weighting (A1111's "Original" emphasis);
+  - A1111's extra-network tags (`<lora:name:0.8>`) are taken out of the text, with a warning: minidiff
+    loads LoRAs with load_lora_weights, not from the prompt.
 A prompt without weights that fits one window gives exactly the plain embedding.
 """
 import re
@@ -27,6 +29,7 @@ COMMA_BACKTRACK = 20  # A1111's default comma_padding_backtrack
 # A1111's attention tokens: escapes, brackets, a ":weight)" closing, plain runs, a lone ":".
 ATTENTION = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's <lora:name:weight>, <hypernet:...>
 UP, DOWN = 1.1, 1 / 1.1
 
 
@@ -85,7 +88,13 @@ def parse_prompt_attention(text):
 
 def prompt_windows(tokenizer, text):
     """A1111's windows of a prompt: [(ids, weights)], each 77 long (start, up to 75 tokens, end, padding)."""
-    comma = tokenizer.get_vocab().get(",</w>")
+    tags = EXTRA_NETWORK.findall(text)
+    if tags:
+        warnings.warn(f"the prompt names A1111 extra networks ({', '.join(f'<{k}:{v}>' for k, v in tags)}): they are "
+                      "left out of the prompt and not loaded (load LoRAs with load_lora_weights, or --lora)",
+                      stacklevel=2)
+        text = EXTRA_NETWORK.sub("", text)
+    comma = tokenizer.vocab.get(",</w>")  # A1111 cuts a full window after the last comma
     windows, ids, weights = [], [], []
     last_comma = -1
 

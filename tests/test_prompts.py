@@ -111,6 +111,13 @@ def test_break_and_comma_backtrack(sd):
     assert second[1:11] == tok.encode_plain(long_prompt(10, start=3))
 
 
+def test_extra_network_tags_are_taken_out_with_a_warning(sd):
+    tok = sd[1].tokenizer
+    with pytest.warns(UserWarning, match=r"<lora:detail:0.6>.*not loaded"):
+        windows = prompt_windows(tok, "a cat <lora:detail:0.6>, (sunset:1.2)")
+    assert windows == prompt_windows(tok, "a cat , (sunset:1.2)")
+
+
 def test_short_unweighted_prompt_is_the_plain_embedding(sd, sdxl):
     ref, ours = sd
     a = ours.encode_prompt("a castle on a hill", negative_prompt="fog", prompt_syntax="a1111")
