@@ -8,7 +8,8 @@ A1111 (`prompt_syntax="a1111"`, the CLI's default), as the AUTOMATIC1111 web UI 
     the literal characters; an unclosed bracket weighs to the end of the prompt;
   - windows: the tokens are cut into windows of 75, each encoded as its own 77-token sequence with its
     start and end tokens; `BREAK` closes a window early; a window that fills up within 20 tokens of a
-    comma is cut after the comma instead (A1111's comma backtrack). The windows' hidden states are
+    comma is cut after the comma instead (A1111's comma backtrack); a multi-vector textual inversion
+    embedding is not split across two windows. The windows' hidden states are
     concatenated (77 x n tokens for the UNet's cross-attention); SDXL's pooled vector is the first
     window's; the negative prompt (or the shorter of the two) is padded with windows of the empty prompt;
   - each token's hidden state is multiplied by its weight, then the window is rescaled so that its mean
@@ -95,6 +96,7 @@ def prompt_windows(tokenizer, text):
                       stacklevel=2)
         text = EXTRA_NETWORK.sub("", text)
     comma = tokenizer.vocab.get(",</w>")  # A1111 cuts a full window after the last comma
+    groups = embedding_lengths(tokenizer)
     windows, ids, weights = [], [], []
     last_comma = -1
 
@@ -118,13 +120,26 @@ def prompt_windows(tokenizer, text):
                 ids, weights = ids[:cut], weights[:cut]
                 close()
                 ids, weights = moved_ids, moved_w
-            if len(ids) == WINDOW:
-                close()
+            if len(ids) == WINDOW or (token in groups and len(ids) + groups[token] > WINDOW):
+                close()  # a full window; or a multi-vector embedding that fits whole in the next one only
             ids.append(token)
             weights.append(w)
     if ids or not windows:
         close()
     return windows
+
+
+def embedding_lengths(tokenizer):
+    """{id of a multi-vector textual inversion token: its number of vectors} (token, token_1, ...)."""
+    loaded = set(getattr(tokenizer, "textual_inversion_tokens", ()))
+    out = {}
+    for t in loaded:
+        n = 1
+        while f"{t}_{n}" in loaded:
+            n += 1
+        if n > 1:
+            out[tokenizer.convert_tokens_to_ids(t)] = n
+    return out
 
 
 def pad_windows(batch_windows, tokenizer, n):
