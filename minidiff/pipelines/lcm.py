@@ -15,6 +15,7 @@ from .stable_diffusion import StableDiffusionPipeline
 
 class LatentConsistencyModelPipeline(StableDiffusionPipeline):
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
+    rewrites_old_scheduler_configs = False
 
     @torch.no_grad()
     def __call__(self, prompt=None, height=None, width=None, num_inference_steps=4, original_inference_steps=None,

@@ -16,15 +16,19 @@ from ..prompts import (check_syntax, encode_windows, pad_to_same_length, pad_win
 from ..textual_inversion import expand_prompt
 from .common import (DiffusionPipeline, PipelineOutput, check_common_inputs, guidance_scale_embedding,
                      negative_list, postprocess, preprocess_image, prompt_batch, rescale_noise_cfg)
+from .realfiles import rewrite_old_scheduler_config, set_timesteps
 
 
 class StableDiffusionPipeline(DiffusionPipeline):
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
     optional_components = ("text_encoder", "tokenizer", "safety_checker", "feature_extractor")
+    rewrites_old_scheduler_configs = True  # diffusers' LCM pipeline does not (see realfiles.py)
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
                  requires_safety_checker=False, image_encoder=None):
         # minidiff runs no safety checker: those components are accepted and left unused.
+        if self.rewrites_old_scheduler_configs:  # steps_offset 0 / clip_sample true, as diffusers' SD pipelines
+            scheduler = rewrite_old_scheduler_config(scheduler)
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                          safety_checker=None, feature_extractor=None)
 
@@ -184,7 +188,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
                                           lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
         embeds = torch.cat([uncond, cond]) if guided else cond  # diffusers' batch order: [uncond, cond]
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
+        set_timesteps(self.scheduler, num_inference_steps, device, timesteps)
         n = batch * num_images_per_prompt
         latents = self.prepare_latents(n, height, width, cond.dtype, generator, latents)
 
@@ -241,7 +245,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
                                           lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
         embeds = torch.cat([uncond, cond]) if guided else cond
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
+        set_timesteps(self.scheduler, num_inference_steps, device, timesteps)
         steps = len(timesteps) if timesteps else num_inference_steps
         t_start = max(steps - min(int(steps * strength), steps), 0)
         ts = self.scheduler.timesteps[t_start * self.scheduler.order:]

@@ -12,6 +12,7 @@ from ..schedulers.common import randn_tensor
 from ..prompts import check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids, prompt_windows
 from ..textual_inversion import expand_prompt
 from .common import PipelineOutput, postprocess, preprocess_image, prompt_batch
+from .realfiles import set_timesteps
 from .stable_diffusion import StableDiffusionPipeline, _image_latents
 
 
@@ -201,7 +202,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
+        set_timesteps(self.scheduler, num_inference_steps, device, timesteps)
         n = batch * num_images_per_prompt
         latents = self.prepare_latents(n, height, width, cond.dtype, generator, latents)
 
@@ -310,7 +311,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
         x = preprocess_image(image, self.vae_scale_factor, latent_channels=self.vae.config.latent_channels)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
+        set_timesteps(self.scheduler, num_inference_steps, device, timesteps)
         if timesteps:
             num_inference_steps = len(timesteps)
         ts = self._start(num_inference_steps, strength, denoising_start)
