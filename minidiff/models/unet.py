@@ -21,7 +21,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidiff import ops
-from ..weights.load import load_model, save_model
+from .base import Model, ModelOutput
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
@@ -134,7 +134,7 @@ class UNet2DConditionConfig:
 
 
 @dataclass
-class UNet2DConditionOutput:
+class UNet2DConditionOutput(ModelOutput):
     sample: torch.Tensor
 
 
@@ -413,15 +413,14 @@ class UpBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- the UNet
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(Model):
     """diffusers' UNet2DConditionModel for the SD 1.x/2.x/XL families: `unet(sample, t, text).sample`."""
 
     config_class = UNet2DConditionConfig
-    weight_names = ("diffusion_pytorch_model",)
 
     def __init__(self, config):
-        super().__init__()
-        self.config = cfg = config
+        super().__init__(config)
+        cfg = config
         n = len(cfg.down_block_types)
         channels = list(cfg.block_out_channels)
         heads = cfg.heads_per_block()
@@ -473,22 +472,6 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = ops.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, cfg.conv_out_kernel,
                                   padding=(cfg.conv_out_kernel - 1) // 2)
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
-                        allow_pickle=False):
-        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-
-    def save_pretrained(self, folder):
-        save_model(self, folder)
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
     def time_embed(self, sample, timestep, timestep_cond, class_labels, added_cond_kwargs):
         """The vector every resnet adds: embedded timestep [+ class/guidance] [+ SDXL text/size ids]."""

@@ -14,7 +14,7 @@ For pipelines, this file also provides `retrieve_latents` (the latents of an `en
 or of AutoencoderTiny) and `check_finite` (a clear error when an fp16 decode overflowed).
 """
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..schedulers.common import randn_tensor
-from ..weights.load import load_model, save_model
+from .base import Model, ModelOutput
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "mish": nn.Mish}
 
@@ -264,11 +264,13 @@ class DiagonalGaussianDistribution:
         return self.mean
 
 
-class AutoencoderKLOutput(NamedTuple):
+@dataclass
+class AutoencoderKLOutput(ModelOutput):
     latent_dist: DiagonalGaussianDistribution
 
 
-class DecoderOutput(NamedTuple):
+@dataclass
+class DecoderOutput(ModelOutput):
     sample: torch.Tensor
 
 
@@ -359,7 +361,7 @@ def _tiled(x, fn, tile_in, tile_out, overlap_factor):
 # The model
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(Model):
     """The VAE. `encode(x)` -> `.latent_dist`; `decode(z)` -> `.sample` (images in [-1, 1]).
 
     `decode` takes the decoder's latent space: convert diffusion latents first with
@@ -368,7 +370,6 @@ class AutoencoderKL(nn.Module):
     """
 
     config_class = AutoencoderKLConfig
-    weight_names = ("diffusion_pytorch_model",)
 
     # The one legacy key form: the fp32 VAE files of SD 1.x / 2.x (and sd-vae-ft-mse/-ema), written by
     # diffusers < 0.14, name the mid-block attention `query`, `key`, `value`, `proj_attn`; their fp16
@@ -384,8 +385,7 @@ class AutoencoderKL(nn.Module):
         return key
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         latent = config.latent_channels
@@ -398,22 +398,6 @@ class AutoencoderKL(nn.Module):
         self.tile_sample_min_size = size
         self.tile_latent_min_size = int(size / 2 ** (len(config.block_out_channels) - 1))
         self.tile_overlap_factor = 0.25
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
-                        allow_pickle=False):
-        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-
-    def save_pretrained(self, folder):
-        save_model(self, folder)
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
     def enable_slicing(self):
         self.use_slicing = True

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..models.base import ModelOutput
 from ..weights.hub import read_json
 
 # model_index.json names classes; this is where each one lives in minidiff. Several Hub names map to one class.
@@ -47,6 +48,9 @@ SKIPPED = {"safety_checker", "feature_extractor", "image_encoder"}
 
 
 def component_class(name, where):
+    schedulers = importlib.import_module("minidiff.schedulers")
+    if name not in COMPONENT_MODULES and name in schedulers.__all__:  # every scheduler lives there
+        return getattr(schedulers, name)
     if name not in COMPONENT_MODULES:
         raise ValueError(f"{where}: component class {name!r} is not implemented by minidiff "
                          f"(known: {', '.join(sorted(COMPONENT_MODULES))})")
@@ -55,7 +59,7 @@ def component_class(name, where):
 
 
 @dataclass
-class PipelineOutput:
+class PipelineOutput(ModelOutput):
     """What a pipeline returns: `.images` (PIL list, numpy array, tensor or latents)."""
     images: object
     nsfw_content_detected: object = None
