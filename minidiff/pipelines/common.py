@@ -40,8 +40,8 @@ COMPONENT_MODULES = {
     "PaellaVQModel": "minidiff.models.paella_vq",
     "VQModelPaella": "minidiff.models.paella_vq",
 }
-# Tokenizer class names in model_index.json that are served by minidiff's one CLIPTokenizer.
-CLASS_ALIASES = {"CLIPTokenizerFast": "CLIPTokenizer", "PreTrainedTokenizerFast": "CLIPTokenizer",
+# Hub class names served by another minidiff class (CLIPTokenizer and CLIPTokenizerFast serve the tokenizers).
+CLASS_ALIASES = {"PreTrainedTokenizerFast": "CLIPTokenizerFast",
                  "VQModelPaella": "PaellaVQModel"}
 # Components minidiff does not run; the pipeline holds None for them.
 SKIPPED = {"safety_checker", "feature_extractor", "image_encoder"}
