@@ -1,0 +1,45 @@
+"""What the k-diffusion-style samplers of issue 15 share (Heun, DPM2, DPM2 ancestral, LMS): the loop's noise
+levels and the timesteps the UNet sees at each, and the doubled schedule of the two-call samplers.
+
+The loop runs over sigmas spaced by `timestep_spacing` (interpolated between training steps), optionally
+replaced by a Karras / exponential / beta schedule between the same end points, whose timesteps are then
+found back by interpolating in log sigma.
+"""
+import numpy as np
+import torch
+
+from .common import convert_sigmas, sigma_to_t, spaced_sigmas, train_sigmas
+
+
+def loop_sigmas(cfg, alphas_cumprod, num_inference_steps, timesteps=None):
+    """(timesteps, sigmas, log_sigmas) as numpy arrays: sigmas float64 without the final 0, timesteps float32
+    (float64 when a sigma schedule replaced the spacing, as in diffusers), log_sigmas the training schedule's."""
+    timesteps, sigmas = spaced_sigmas(cfg, alphas_cumprod, num_inference_steps, timesteps)
+    log_sigmas = np.log(train_sigmas(alphas_cumprod).numpy())
+    converted = convert_sigmas(cfg, sigmas, num_inference_steps)
+    if converted is not None:
+        sigmas, timesteps = converted, sigma_to_t(converted, log_sigmas)
+    return timesteps, sigmas, log_sigmas
+
+
+def doubled(x):
+    """A two-call sampler's schedule, as diffusers lays it out: each entry after the first twice (one per
+    model call of a step)."""
+    x = torch.as_tensor(x)
+    return torch.cat([x[:1], x[1:].repeat_interleave(2)])
+
+
+def interleaved(first, second):
+    """[first[0], second[0], first[1], second[1], ...]: the timesteps of a two-call sampler, whose second call
+    of each step is at an interpolated noise level (first is one longer than second)."""
+    first, second = torch.as_tensor(first), torch.as_tensor(second).to(torch.as_tensor(first).dtype)
+    return torch.cat([first[:1], torch.stack([second, first[1:]], dim=-1).flatten()])
+
+
+def sigma_to_t_float32(sigmas, log_sigmas):
+    """common.sigma_to_t kept in float32 throughout, as diffusers computes the DPM2 midpoints' timesteps (from
+    float32 tensors), so the UNet sees the same values."""
+    log_sigma = np.log(np.maximum(sigmas, 1e-10)).astype(np.float32)
+    low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
+    w = np.clip((log_sigmas[low] - log_sigma) / (log_sigmas[low] - log_sigmas[low + 1]), 0, 1)
+    return (1 - w) * low.astype(np.float32) + w * (low + 1).astype(np.float32)
