@@ -25,6 +25,8 @@ def parse_args(argv):
     g.add_argument("--lcm", action="store_true", help="LCM-LoRA, 4 steps (the bundled model's own LCM-LoRA "
                                                      "unless --lora is given)")
     g.add_argument("--lora", default=None, help="LoRA file or repo to load (e.g. an LCM-LoRA)")
+    g.add_argument("--sampler", default=None, help="sampler by its A1111 or ComfyUI name, e.g. 'DPM++ 2M Karras', "
+                                                   "'Euler a', 'Heun' (default: the model's own scheduler)")
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--device", default="cpu")
@@ -43,6 +45,13 @@ def check_args(a):
         v = getattr(a, name)
         if v is not None and (v <= 0 or v % 8):
             raise SystemExit(f"minidiff: --{name} {v} must be a positive multiple of 8")
+    if a.sampler is not None:
+        from .samplers import sampler_name, scheduler_class
+        try:
+            a.sampler = sampler_name(a.sampler)
+            scheduler_class(a.sampler)  # the class exists
+        except ValueError as e:
+            raise SystemExit(f"minidiff: --sampler: {e}") from None
     if a.model is not None and not os.path.exists(a.model) and a.model.count("/") != 1:
         raise SystemExit(f"minidiff: --model {a.model!r} is neither a local folder nor a Hub repo id (owner/name)")
 
@@ -62,6 +71,7 @@ def generate(a):
     from PIL import PngImagePlugin
 
     from .pipelines import DiffusionPipeline
+    from .samplers import name_of, scheduler_for
     from .schedulers import LCMScheduler
     from .toy.common import LORA_DIR as BUNDLED_LCM_LORA, MODEL_DIR as BUNDLED
 
@@ -79,15 +89,21 @@ def generate(a):
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     elif a.lora:
         pipe.load_lora_weights(a.lora)
+    if a.sampler is not None:
+        try:
+            pipe.scheduler = scheduler_for(a.sampler, pipe.scheduler.config)
+        except ValueError as e:
+            raise SystemExit(f"minidiff: --sampler: {e}") from None
     steps = a.steps or (4 if a.lcm else 25)
     guidance = a.guidance if a.guidance is not None else (1.0 if a.lcm else 5.0 if bundled else 7.5)
     generator = torch.Generator("cpu").manual_seed(a.seed)
     start = time.perf_counter()
     image = pipe(a.prompt, negative_prompt=a.negative, num_inference_steps=steps, guidance_scale=guidance,
-                 width=a.width, height=a.height, generator=generator).images[0]
+                 width=a.width, height=a.height, generator=generator,
+                 eta=0.3 if a.sampler == "TCD" else 0.0).images[0]  # TCD's gamma: its step's default
     seconds = time.perf_counter() - start
     info = PngImagePlugin.PngInfo()
-    sampler = type(pipe.scheduler).__name__
+    sampler = a.sampler or name_of(pipe.scheduler)
     info.add_text("parameters", png_parameters(a, steps, guidance, image.width, image.height, sampler,
                                                "minidiff/shapes-sd (bundled)" if bundled else model))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
