@@ -59,7 +59,6 @@ class HeunDiscreteScheduler(SigmaScheduler):
                              "use_karras_sigmas, use_exponential_sigmas or use_beta_sigmas")
         self.num_inference_steps = num_inference_steps or len(timesteps)
         t, sigmas, _ = loop_sigmas(c, self.alphas_cumprod, self.num_inference_steps, timesteps)
-        sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
         self.sigmas = doubled(sigmas)[:-1]  # stays on the CPU: indexed once per call
         self.timesteps = doubled(torch.from_numpy(np.asarray(t))).to(device=device, dtype=torch.float32)
         self.prev_derivative = self.dt = self.sample = None  # the first call's slope, step and sample

@@ -9,7 +9,6 @@ the last step, to sigma 0, is a plain Euler step (one call).
 import dataclasses
 from typing import Optional
 
-import numpy as np
 import torch
 
 from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
@@ -54,10 +53,8 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
 
     def set_timesteps(self, num_inference_steps, device=None):
         self.num_inference_steps = num_inference_steps
-        t, sigmas, log_sigmas = loop_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps)
-        if self.cfg.use_karras_sigmas:
-            t = t.round()  # (diffusers rounds the Karras timesteps of DPM2, not the midpoints')
-        sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+        # (diffusers rounds DPM2's Karras timesteps, not the midpoints')
+        t, sigmas, log_sigmas = loop_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps, round_converted=True)
         mid = midpoint_sigmas(sigmas, sigmas.roll(1))  # mid[i]: between sigma_{i-1} and sigma_i
         t_mid = sigma_to_t_float32(mid.numpy(), log_sigmas)
         self.sigmas = torch.cat([doubled(sigmas), sigmas[-1:]])  # CPU: indexed once per call

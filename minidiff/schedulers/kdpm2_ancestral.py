@@ -7,7 +7,6 @@ call. The last step, to sigma 0, is a plain Euler step (one call, no noise).
 """
 import dataclasses
 
-import numpy as np
 import torch
 
 from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
@@ -34,10 +33,8 @@ class KDPM2AncestralDiscreteScheduler(SigmaScheduler):
 
     def set_timesteps(self, num_inference_steps, device=None):
         self.num_inference_steps = num_inference_steps
-        t, sigmas, log_sigmas = loop_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps)
-        if self.cfg.use_karras_sigmas:
-            t = t.round()  # (diffusers rounds the Karras timesteps of DPM2, not the midpoints')
-        sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))
+        # (diffusers rounds DPM2's Karras timesteps, not the midpoints')
+        t, sigmas, log_sigmas = loop_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps, round_converted=True)
         to = torch.cat([sigmas[1:], sigmas[:1] * 0])
         up = (to ** 2 * (sigmas ** 2 - to ** 2) / sigmas ** 2) ** 0.5  # DDPM's ancestral noise (eta = 1)
         down = (to ** 2 - up ** 2) ** 0.5

@@ -63,7 +63,7 @@ class LMSDiscreteScheduler(SigmaScheduler):
     def set_timesteps(self, num_inference_steps, device=None):
         self.num_inference_steps = num_inference_steps
         t, sigmas, _ = loop_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps)
-        self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # CPU: indexed per step
+        self.sigmas = sigmas  # stays on the CPU: indexed once per step
         self.timesteps = torch.from_numpy(np.asarray(t)).to(device=device, dtype=torch.float32)
         self.derivatives = []  # the last `order` slopes, oldest first
         self.reset_loop()

@@ -11,15 +11,18 @@ import torch
 from .common import convert_sigmas, sigma_to_t, spaced_sigmas, train_sigmas
 
 
-def loop_sigmas(cfg, alphas_cumprod, num_inference_steps, timesteps=None):
-    """(timesteps, sigmas, log_sigmas) as numpy arrays: sigmas float64 without the final 0, timesteps float32
-    (float64 when a sigma schedule replaced the spacing, as in diffusers), log_sigmas the training schedule's."""
+def loop_sigmas(cfg, alphas_cumprod, num_inference_steps, timesteps=None, round_converted=False):
+    """(timesteps, sigmas, log_sigmas): sigmas a float32 tensor ending in 0; timesteps numpy, float32, or
+    float64 where a sigma schedule replaced the spacing (rounded if `round_converted`), as diffusers has them;
+    log_sigmas the training schedule's (float32 numpy)."""
     timesteps, sigmas = spaced_sigmas(cfg, alphas_cumprod, num_inference_steps, timesteps)
     log_sigmas = np.log(train_sigmas(alphas_cumprod).numpy())
     converted = convert_sigmas(cfg, sigmas, num_inference_steps)
     if converted is not None:
         sigmas, timesteps = converted, sigma_to_t(converted, log_sigmas)
-    return timesteps, sigmas, log_sigmas
+        if round_converted and cfg.use_karras_sigmas:
+            timesteps = timesteps.round()
+    return timesteps, torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)), log_sigmas
 
 
 def doubled(x):
