@@ -33,12 +33,6 @@ COMPONENT_MODULES = {
     "DDIMScheduler": "minidiff.schedulers",
     "PNDMScheduler": "minidiff.schedulers",
     "LCMScheduler": "minidiff.schedulers",
-    "DDPMScheduler": "minidiff.schedulers",
-    "HeunDiscreteScheduler": "minidiff.schedulers",
-    "KDPM2DiscreteScheduler": "minidiff.schedulers",
-    "KDPM2AncestralDiscreteScheduler": "minidiff.schedulers",
-    "LMSDiscreteScheduler": "minidiff.schedulers",
-    "TCDScheduler": "minidiff.schedulers",
     "DDPMWuerstchenScheduler": "minidiff.schedulers.ddpm_wuerstchen",
     "WuerstchenPrior": "minidiff.models.wuerstchen_prior",
     "WuerstchenDiffNeXt": "minidiff.models.wuerstchen_diffnext",
@@ -53,6 +47,9 @@ SKIPPED = {"safety_checker", "feature_extractor", "image_encoder"}
 
 
 def component_class(name, where):
+    schedulers = importlib.import_module("minidiff.schedulers")
+    if name not in COMPONENT_MODULES and name in schedulers.__all__:  # every scheduler lives there
+        return getattr(schedulers, name)
     if name not in COMPONENT_MODULES:
         raise ValueError(f"{where}: component class {name!r} is not implemented by minidiff "
                          f"(known: {', '.join(sorted(COMPONENT_MODULES))})")

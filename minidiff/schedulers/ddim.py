@@ -10,9 +10,8 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from . import common
-from .common import (SchedulerOutput, alpha_at, alpha_schedule, check_schedule, make_config, predict_eps, predict_x0,
-                     randn_tensor, spaced_timesteps)
+from .base import KARRAS_SCHEDULERS, Scheduler, step_output
+from .common import alpha_at, alpha_schedule, check_schedule, predict_eps, predict_x0, randn_tensor, spaced_timesteps
 
 
 @dataclasses.dataclass
@@ -38,44 +37,30 @@ class DDIMConfig:
         check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
 
 
-class DDIMScheduler:
+class DDIMScheduler(Scheduler):
+    """Starts from unit Gaussian noise; the UNet input is not scaled; each step depends only on its timestep."""
     config_dataclass = DDIMConfig
-    order = 1
-    init_noise_sigma = 1.0  # the loop starts from unit Gaussian noise and the UNet input is not scaled
-    # config files and add_noise work as in every scheduler (common.py)
-    from_config = classmethod(common.from_config)
-    from_pretrained = classmethod(common.from_pretrained)
-    save_pretrained = common.save_pretrained
-    __len__ = common.num_train_timesteps
-    add_noise = common.add_noise_vp
+    _compatibles = KARRAS_SCHEDULERS
 
-    def __init__(self, _carried=None, _where=None, **config):
-        _, self.config = make_config(type(self), config, _where, _carried)
-        self.betas, self.alphas_cumprod, self.final_alpha_cumprod = alpha_schedule(self.config)
-        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
-        self.num_inference_steps = None
-
-    def set_begin_index(self, begin_index=0):
-        """Nothing to do: each DDIM step depends only on its own timestep (diffusers' DDIM has no such method;
-        this lets a pipeline call it on any scheduler)."""
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.betas, self.alphas_cumprod, self.final_alpha_cumprod = alpha_schedule(self.cfg)
+        self.timesteps = torch.arange(self.cfg.num_train_timesteps - 1, -1, -1)
 
     def set_timesteps(self, num_inference_steps, device=None):
-        N = self.config.num_train_timesteps
+        N = self.cfg.num_train_timesteps
         if num_inference_steps > N:
             raise ValueError(f"DDIMScheduler.set_timesteps: num_inference_steps={num_inference_steps} is more than the "
                              f"{N} training timesteps")
         self.num_inference_steps = num_inference_steps
-        timesteps = spaced_timesteps(self.config, num_inference_steps, round_linspace=True).astype(np.int64)
+        timesteps = spaced_timesteps(self.cfg, num_inference_steps, round_linspace=True).astype(np.int64)
         self.timesteps = torch.from_numpy(timesteps).to(device)
 
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
              variance_noise=None, return_dict=True):
         if self.num_inference_steps is None:
             raise ValueError("DDIMScheduler.step: call set_timesteps first")
-        c = self.config
+        c = self.cfg
         t = int(timestep)
         t_prev = t - c.num_train_timesteps // self.num_inference_steps  # (for every spacing, as in diffusers)
         a_t, a_prev = self.alphas_cumprod[t], alpha_at(self, t_prev)
@@ -94,6 +79,4 @@ class DDIMScheduler:
             if variance_noise is None:
                 variance_noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
             prev_sample = prev_sample + std * variance_noise
-        if not return_dict:
-            return prev_sample, x0
-        return SchedulerOutput(prev_sample, x0)
+        return step_output(return_dict, prev_sample, x0)

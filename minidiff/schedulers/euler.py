@@ -10,10 +10,9 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from . import common
-from .common import (SchedulerOutput, check_choice, check_float_timestep, check_schedule, enter_loop, euler_step,
-                     make_config, predict_x0_sigma, randn_tensor, reset_loop, sigma_schedule, spaced_sigmas,
-                     train_sigmas)
+from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
+from .common import (check_choice, check_float_timestep, check_schedule, euler_step, karras_sigmas, predict_x0_sigma,
+                     randn_tensor, sigma_schedule, sigma_to_t, spaced_sigmas, train_sigmas)
 
 
 @dataclasses.dataclass
@@ -42,57 +41,27 @@ class EulerDiscreteConfig:
         check_choice(where, "final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
 
 
-def karras_sigmas(sigmas, n, sigma_min=None, sigma_max=None, rho=7.0):
-    """Karras et al. 2022 (eq. 5): n noise levels evenly spaced in sigma^(1/rho), from sigma_max down to sigma_min."""
-    lo = sigma_min if sigma_min is not None else sigmas[-1].item()
-    hi = sigma_max if sigma_max is not None else sigmas[0].item()
-    ramp = np.linspace(0, 1, n)
-    return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-
-
-def sigma_to_t(sigmas, log_sigmas):
-    """Fractional training timestep of each sigma: linear interpolation in log sigma over the training
-    schedule (`log_sigmas` ascending with t), clamped to its ends."""
-    log_sigma = np.log(np.maximum(sigmas, 1e-10))
-    low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
-    lo, hi = log_sigmas[low], log_sigmas[low + 1]
-    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
-    return (1 - w) * low + w * (low + 1)
-
-
-class EulerDiscreteScheduler:
+class EulerDiscreteScheduler(SigmaScheduler):
     config_dataclass = EulerDiscreteConfig
-    order = 1
-    # config files, loop position and add_noise work as in every scheduler (common.py)
-    from_config = classmethod(common.from_config)
-    from_pretrained = classmethod(common.from_pretrained)
-    save_pretrained = common.save_pretrained
-    __len__ = common.num_train_timesteps
-    init_noise_sigma = property(common.start_noise_std)
-    step_index = property(common.step_index)
-    begin_index = property(common.begin_index)
-    set_begin_index = common.set_begin_index
-    add_noise = common.add_noise_sigma
+    _compatibles = KARRAS_SCHEDULERS
 
-    def __init__(self, _carried=None, _where=None, **config):
-        _, self.config = make_config(type(self), config, _where, _carried)
-        self.betas, self.alphas_cumprod, self.sigmas = sigma_schedule(self.config)
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.betas, self.alphas_cumprod, self.sigmas = sigma_schedule(self.cfg)
         # until set_timesteps: every training step
-        train_steps = torch.arange(self.config.num_train_timesteps - 1, -1, -1, dtype=torch.float32)
+        train_steps = torch.arange(self.cfg.num_train_timesteps - 1, -1, -1, dtype=torch.float32)
         self.timesteps = self._model_timesteps(train_steps)
-        self.num_inference_steps = None
-        reset_loop(self)
 
     def _model_timesteps(self, timesteps):
         # what the UNet is given at each sigma (self.sigmas[:-1] for continuous time)
-        c = self.config
+        c = self.cfg
         if c.timestep_type == "continuous" and c.prediction_type == "v_prediction":
             return 0.25 * self.sigmas[:-1].log()
         return timesteps
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
         """The loop's timesteps and sigmas: evenly spaced (`timestep_spacing`), Karras-spaced, or given."""
-        c = self.config
+        c = self.cfg
         if sum(x is not None for x in (num_inference_steps, timesteps, sigmas)) != 1:
             raise ValueError("set_timesteps: pass exactly one of num_inference_steps, timesteps or sigmas")
         if timesteps is not None and c.use_karras_sigmas:
@@ -115,17 +84,12 @@ class EulerDiscreteScheduler:
         self.num_inference_steps = len(sigmas) - 1
         self.sigmas = torch.from_numpy(sigmas)  # stays on the CPU: indexed once per step
         self.timesteps = self._model_timesteps(torch.from_numpy(timesteps.astype(np.float32))).to(device)
-        reset_loop(self)
-
-    def scale_model_input(self, sample, timestep):
-        """The UNet's input x / sqrt(sigma^2 + 1): unit variance, as in training."""
-        sigma = self.sigmas[enter_loop(self, timestep)]
-        return sample / ((sigma ** 2 + 1) ** 0.5)
+        self.reset_loop()
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True):
         check_float_timestep("EulerDiscreteScheduler.step", timestep)
-        i = enter_loop(self, timestep)
+        i = self.enter_loop(timestep)
         sigma = self.sigmas[i]
         sample = sample.to(torch.float32)
         gamma = min(s_churn / (len(self.sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
@@ -133,9 +97,7 @@ class EulerDiscreteScheduler:
         if gamma > 0:  # churn: first raise the noise level from sigma to sigma_hat
             noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
             sample = sample + noise * s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5
-        x0 = predict_x0_sigma(self.config.prediction_type, model_output, sample, sigma, sigma_hat)
+        x0 = predict_x0_sigma(self.cfg.prediction_type, model_output, sample, sigma, sigma_hat)
         prev_sample = euler_step(sample, x0, sigma_hat, self.sigmas[i + 1]).to(model_output.dtype)
         self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0
-        return SchedulerOutput(prev_sample, x0)
+        return step_output(return_dict, prev_sample, x0)

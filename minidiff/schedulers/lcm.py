@@ -11,9 +11,8 @@ from typing import ClassVar, Optional
 import numpy as np
 import torch
 
-from . import common
-from .common import (LCMSchedulerOutput, alpha_at, alpha_schedule, check_schedule, enter_loop, make_config,
-                     predict_x0, randn_tensor, reset_loop)
+from .base import LCMSchedulerOutput, Scheduler
+from .common import alpha_at, alpha_schedule, check_schedule, predict_x0, randn_tensor
 
 
 @dataclasses.dataclass
@@ -41,40 +40,25 @@ class LCMConfig:
         check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
 
 
-class LCMScheduler:
+class LCMScheduler(Scheduler):
+    """Starts from unit Gaussian noise; the UNet input is not scaled."""
     config_dataclass = LCMConfig
-    order = 1
-    init_noise_sigma = 1.0  # the loop starts from unit Gaussian noise and the UNet input is not scaled
-    # config files, loop position and add_noise work as in every scheduler (common.py)
-    from_config = classmethod(common.from_config)
-    from_pretrained = classmethod(common.from_pretrained)
-    save_pretrained = common.save_pretrained
-    __len__ = common.num_train_timesteps
-    step_index = property(common.step_index)
-    begin_index = property(common.begin_index)
-    set_begin_index = common.set_begin_index
-    add_noise = common.add_noise_vp
 
-    def __init__(self, _carried=None, _where=None, **config):
-        _, self.config = make_config(type(self), config, _where, _carried)
-        self.betas, self.alphas_cumprod, self.final_alpha_cumprod = alpha_schedule(self.config)
-        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
-        self.num_inference_steps = None
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.betas, self.alphas_cumprod, self.final_alpha_cumprod = alpha_schedule(self.cfg)
+        self.timesteps = torch.arange(self.cfg.num_train_timesteps - 1, -1, -1)
         self.custom_timesteps = False
-        reset_loop(self)
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample
 
     def set_timesteps(self, num_inference_steps=None, device=None, original_inference_steps=None, timesteps=None,
                       strength=1.0):
         """`num_inference_steps` timesteps evenly spaced (by index) over the distillation grid, or the given
         descending `timesteps`; `strength` < 1 (img2img) keeps only the lower part of the grid."""
-        N = self.config.num_train_timesteps
+        N = self.cfg.num_train_timesteps
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("LCMScheduler.set_timesteps: pass exactly one of num_inference_steps or timesteps")
         original = original_inference_steps if original_inference_steps is not None \
-            else self.config.original_inference_steps
+            else self.cfg.original_inference_steps
         if original > N:
             raise ValueError(f"LCMScheduler.set_timesteps: original_inference_steps={original} is more than the "
                              f"{N} training timesteps")
@@ -106,13 +90,13 @@ class LCMScheduler:
             picks = np.floor(np.linspace(0, len(grid), num=n, endpoint=False)).astype(np.int64)
             timesteps = grid[::-1][picks]
         self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(device=device, dtype=torch.long)
-        reset_loop(self)
+        self.reset_loop()
 
     def boundary_scalings(self, timestep):
         """(c_skip, c_out) of consistency models with sigma_data 0.5, at scaled time t * timestep_scaling:
         c_skip -> 1 and c_out -> 0 as t -> 0, so the model is the identity on clean data."""
         sigma_data = 0.5
-        scaled = timestep * self.config.timestep_scaling
+        scaled = timestep * self.cfg.timestep_scaling
         c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
         c_out = scaled / (scaled ** 2 + sigma_data ** 2) ** 0.5
         return c_skip, c_out
@@ -120,8 +104,8 @@ class LCMScheduler:
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         if self.num_inference_steps is None:
             raise ValueError("LCMScheduler.step: call set_timesteps first")
-        c = self.config
-        i = enter_loop(self, timestep)
+        c = self.cfg
+        i = self.enter_loop(timestep)
         t = int(timestep)
         # past the end of `timesteps` the next timestep is t itself (as in diffusers)
         t_prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t

@@ -7,16 +7,17 @@ stochastic sampling). gamma, the step's `eta`, sets the mix: 0 is deterministic 
 jump to x_0 and re-noise. The last step returns the estimate at s (no noise).
 """
 import dataclasses
-from typing import ClassVar, NamedTuple, Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
 
-from .base import Scheduler
+from .base import Output, Scheduler
 from .common import check_schedule, make_betas, predict_eps, predict_x0, randn_tensor
 
 
-class TCDSchedulerOutput(NamedTuple):
+@dataclasses.dataclass(eq=False)
+class TCDSchedulerOutput(Output):
     prev_sample: torch.Tensor
     pred_noised_sample: Optional[torch.Tensor] = None
 
@@ -115,6 +116,5 @@ class TCDScheduler(Scheduler):
         else:
             prev_sample = noised
         self._step_index += 1
-        if not return_dict:
-            return prev_sample, noised
-        return TCDSchedulerOutput(prev_sample, noised)
+        out = TCDSchedulerOutput(prev_sample, noised)
+        return out if return_dict else out.to_tuple()
