@@ -337,19 +337,6 @@ class Autoencoder(Model):
     every pipeline takes (`image_to_latents`, `latents_to_image`), the config's latent scaling, the float32
     upcast, and the slicing / tiling switches."""
 
-    # The one legacy key form: the fp32 VAE files of SD 1.x / 2.x (and sd-vae-ft-mse/-ema), written by
-    # diffusers < 0.14, name the mid-block attention `query`, `key`, `value`, `proj_attn`; their fp16
-    # variants and today's files say `to_q`, `to_k`, `to_v`, `to_out.0`. Same tensors, same shapes.
-    LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
-
-    @classmethod
-    def rename_key(cls, key):
-        """`…attentions.0.query.weight` -> `…attentions.0.to_q.weight`; every other key is kept."""
-        parts = key.split(".")
-        if ".attentions." in key and parts[-2] in cls.LEGACY_ATTENTION:
-            return ".".join(parts[:-2] + [cls.LEGACY_ATTENTION[parts[-2]], parts[-1]])
-        return key
-
     def __init__(self, config):
         super().__init__(config)
         # Slicing runs a batch one image at a time; tiling runs big images in overlapping tiles (both save memory).
@@ -455,6 +442,20 @@ class AutoencoderKL(Autoencoder):
     """
 
     config_class = AutoencoderKLConfig
+    single_file_part = "vae"
+
+    # The one legacy key form: the fp32 VAE files of SD 1.x / 2.x (and sd-vae-ft-mse/-ema), written by
+    # diffusers < 0.14, name the mid-block attention `query`, `key`, `value`, `proj_attn`; their fp16
+    # variants and today's files say `to_q`, `to_k`, `to_v`, `to_out.0`. Same tensors, same shapes.
+    LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+    @classmethod
+    def rename_key(cls, key):
+        """`…attentions.0.query.weight` -> `…attentions.0.to_q.weight`; every other key is kept."""
+        parts = key.split(".")
+        if ".attentions." in key and parts[-2] in cls.LEGACY_ATTENTION:
+            return ".".join(parts[:-2] + [cls.LEGACY_ATTENTION[parts[-2]], parts[-1]])
+        return key
 
     def __init__(self, config):
         super().__init__(config)
