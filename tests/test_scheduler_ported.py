@@ -15,6 +15,7 @@ LCM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_sc
 DPM = dict(LINEAR, solver_order=2, prediction_type="epsilon", thresholding=False, sample_max_value=1.0,
            algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=False, euler_at_final=False,
            lambda_min_clipped=-float("inf"), variance_type=None, final_sigmas_type="sigma_min")
+UNIPC = dict(LINEAR, solver_order=2, solver_type="bh2", final_sigmas_type="sigma_min")  # test_scheduler_unipc.py's
 
 # (test file: test name, scheduler, config, steps, expected sum, expected mean)
 CASES = [
@@ -51,6 +52,12 @@ CASES = [
      dict(DPM, prediction_type="v_prediction", use_karras_sigmas=True), 10, None, 0.2096),
     ("dpm_multi: full_loop_with_lu_and_v_prediction", "DPMSolverMultistepScheduler",
      dict(DPM, prediction_type="v_prediction", use_lu_lambdas=True), 10, None, 0.1554),
+    ("unipc: full_loop_no_noise", "UniPCMultistepScheduler", UNIPC, 10, None, 0.2464),
+    ("unipc: full_loop_with_karras", "UniPCMultistepScheduler", dict(UNIPC, use_karras_sigmas=True), 10, None, 0.2925),
+    ("unipc: full_loop_with_v_prediction", "UniPCMultistepScheduler", dict(UNIPC, prediction_type="v_prediction"), 10,
+     None, 0.1014),
+    ("unipc: full_loop_with_karras_and_v_prediction", "UniPCMultistepScheduler",
+     dict(UNIPC, prediction_type="v_prediction", use_karras_sigmas=True), 10, None, 0.1966),
 ]
 
 

@@ -8,6 +8,7 @@ from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .pndm import PNDMScheduler
+from .unipc_multistep import UniPCMultistepScheduler
 
 __all__ = [
     "DDIMScheduler",
@@ -21,5 +22,6 @@ __all__ = [
     "Scheduler",
     "SchedulerOutput",
     "SigmaScheduler",
+    "UniPCMultistepScheduler",
     "randn_tensor",
 ]
