@@ -15,6 +15,7 @@ LCM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_sc
 DPM = dict(LINEAR, solver_order=2, prediction_type="epsilon", thresholding=False, sample_max_value=1.0,
            algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=False, euler_at_final=False,
            lambda_min_clipped=-float("inf"), variance_type=None, final_sigmas_type="sigma_min")
+DEIS = dict(LINEAR, solver_order=2)  # test_scheduler_deis.py's
 UNIPC = dict(LINEAR, solver_order=2, solver_type="bh2", final_sigmas_type="sigma_min")  # test_scheduler_unipc.py's
 
 # (test file: test name, scheduler, config, steps, expected sum, expected mean)
@@ -58,6 +59,9 @@ CASES = [
      None, 0.1014),
     ("unipc: full_loop_with_karras_and_v_prediction", "UniPCMultistepScheduler",
      dict(UNIPC, prediction_type="v_prediction", use_karras_sigmas=True), 10, None, 0.1966),
+    ("deis: full_loop_no_noise", "DEISMultistepScheduler", DEIS, 10, None, 0.23916),
+    ("deis: full_loop_with_v_prediction", "DEISMultistepScheduler", dict(DEIS, prediction_type="v_prediction"), 10,
+     None, 0.091),
 ]
 
 

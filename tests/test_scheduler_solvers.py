@@ -138,3 +138,25 @@ def test_unipc_config_rules(tmp_path):
     assert b.config.disable_corrector == [1, 3]
     with pytest.raises(ValueError, match="solver_p=.* is not supported"):
         ours.UniPCMultistepScheduler(solver_p=ours.DDIMScheduler())
+
+
+DEIS_CASES = [dict(solver_order=o, prediction_type=p) for o, p in itertools.product([1, 2, 3], ["epsilon", "v_prediction",
+                                                                                                "sample"])] + [
+    dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True, solver_order=3), dict(timestep_spacing="trailing"),
+    dict(timestep_spacing="leading", steps_offset=1), dict(lower_order_final=False, solver_order=3),
+    dict(thresholding=True, sample_max_value=1.5)]
+
+
+@pytest.mark.parametrize("case", DEIS_CASES, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_deis(case):
+    check_loops("DEISMultistepScheduler", dict(SD, **case), scale=3.0 if "thresholding" in case else 1)
+
+
+def test_deis_config_rules():
+    for extra in (dict(algorithm_type="dpmsolver++", solver_type="midpoint"), dict(solver_type="bh2")):
+        a, b = (cls.from_config({**SD, **extra}) for cls in (ours.DEISMultistepScheduler,
+                                                               diffusers.DEISMultistepScheduler))
+        assert (a.config.algorithm_type, a.config.solver_type) == (b.config.algorithm_type, b.config.solver_type) == \
+            ("deis", "logrho")
+    with pytest.raises(ValueError, match="algorithm_type='sde-dpmsolver\\+\\+' is not supported"):
+        ours.DEISMultistepScheduler(algorithm_type="sde-dpmsolver++")

@@ -3,6 +3,7 @@ from .base import LCMSchedulerOutput, Scheduler, SchedulerOutput, SigmaScheduler
 from .common import randn_tensor
 from .ddim import DDIMScheduler
 from .ddpm_wuerstchen import DDPMWuerstchenScheduler
+from .deis_multistep import DEISMultistepScheduler
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
@@ -13,6 +14,7 @@ from .unipc_multistep import UniPCMultistepScheduler
 __all__ = [
     "DDIMScheduler",
     "DDPMWuerstchenScheduler",
+    "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
