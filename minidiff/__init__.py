@@ -15,7 +15,8 @@ from .pipelines import (DiffusionPipeline, LatentConsistencyModelPipeline, Stabl
                         WuerstchenDecoderPipeline, WuerstchenPriorPipeline)
 from .schedulers import (DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler,
                          PNDMScheduler)
-from .schedulers import DEISMultistepScheduler, DPMSolverMultistepScheduler, UniPCMultistepScheduler
+from .schedulers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
+                         UniPCMultistepScheduler)
 from .schedulers.ddpm_wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, DDPMWuerstchenScheduler
 from .tokenizer import CLIPTokenizer
 

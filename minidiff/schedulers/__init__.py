@@ -5,6 +5,7 @@ from .ddim import DDIMScheduler
 from .ddpm_wuerstchen import DDPMWuerstchenScheduler
 from .deis_multistep import DEISMultistepScheduler
 from .dpmsolver_multistep import DPMSolverMultistepScheduler
+from .dpmsolver_singlestep import DPMSolverSinglestepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .lcm import LCMScheduler
@@ -16,6 +17,7 @@ __all__ = [
     "DDPMWuerstchenScheduler",
     "DEISMultistepScheduler",
     "DPMSolverMultistepScheduler",
+    "DPMSolverSinglestepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "LCMScheduler",

@@ -16,8 +16,8 @@ import torch
 from .base import KARRAS_SCHEDULERS, step_output
 from .common import (check_choice, check_schedule, check_sigma_schedule, randn_tensor, sigma_to_t, threshold_sample,
                      train_sigmas)
-from .multistep import (FLOW_OPTIONS, MultistepScheduler, alpha_sigma, check_solver, data_prediction, log_snr,
-                        noise_prediction, solver_sigmas, solver_timesteps)
+from .multistep import (FLOW_OPTIONS, MultistepScheduler, alpha_sigma, check_solver, data_prediction, dpm_combine,
+                        log_snr, noise_prediction, solver_sigmas, solver_timesteps)
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 
@@ -73,16 +73,12 @@ class DPMSolverMultistepConfig:
 
 def dpm_solver_update(algorithm, solver_type, order, outputs, sigmas, x, noise=None):
     """One step of `order` from noise level sigmas[1] to sigmas[0]; `outputs` are the converted model outputs
-    (newest last) taken at sigmas[1], sigmas[2], sigmas[3]. Written as x_t = ratio x + sum_k c_k D_k (+ noise),
-    D_k the k-th divided difference of the outputs in lambda, each c_k the exact integral of its Taylor term."""
-    alpha_t, sigma_t = alpha_sigma(sigmas[0])
-    alpha_s0, sigma_s0 = alpha_sigma(sigmas[1])
-    lambda_t, lambda_s0 = log_snr(sigmas[0]), log_snr(sigmas[1])
-    h = lambda_t - lambda_s0
+    (newest last) taken at sigmas[1], sigmas[2], sigmas[3]: D_k are their divided differences in lambda."""
+    h = log_snr(sigmas[0]) - log_snr(sigmas[1])
     m0 = outputs[-1]
     D = [m0]
     if order >= 2:
-        r0 = (lambda_s0 - log_snr(sigmas[2])) / h
+        r0 = (log_snr(sigmas[1]) - log_snr(sigmas[2])) / h
         D1_0 = 1.0 / r0 * (m0 - outputs[-2])
         D.append(D1_0)
     if order == 3:
@@ -91,33 +87,7 @@ def dpm_solver_update(algorithm, solver_type, order, outputs, sigmas, x, noise=N
         D[1] = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
         D.append(1.0 / (r0 + r1) * (D1_0 - D1_1))
     midpoint = solver_type == "midpoint" and order == 2  # third order always uses the full expansion
-    if algorithm == "dpmsolver++":
-        e = torch.exp(-h) - 1.0
-        ratio, c = sigma_t / sigma_s0, [-(alpha_t * e)]
-        c.append(-(0.5 * (alpha_t * e)) if midpoint else alpha_t * (e / h + 1.0))
-        c.append(-(alpha_t * ((torch.exp(-h) - 1.0 + h) / h ** 2 - 0.5)))
-        noise_std = None
-    elif algorithm == "dpmsolver":
-        e = torch.exp(h) - 1.0
-        ratio, c = alpha_t / alpha_s0, [-(sigma_t * e)]
-        c.append(-(0.5 * (sigma_t * e)) if midpoint else -(sigma_t * (e / h - 1.0)))
-        c.append(-(sigma_t * ((torch.exp(h) - 1.0 - h) / h ** 2 - 0.5)))
-        noise_std = None
-    elif algorithm == "sde-dpmsolver++":
-        e = 1 - torch.exp(-2.0 * h)
-        ratio, c = sigma_t / sigma_s0 * torch.exp(-h), [alpha_t * e]
-        c.append(0.5 * (alpha_t * e) if midpoint else alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0))
-        c.append(alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5))
-        noise_std = sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h))
-    else:  # sde-dpmsolver (orders 1 and 2)
-        e = torch.exp(h) - 1.0
-        ratio, c = alpha_t / alpha_s0, [-(2.0 * (sigma_t * e))]
-        c.append(-(sigma_t * e) if midpoint else -(2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0))))
-        noise_std = sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0)
-    x_t = ratio * x
-    for c_k, D_k in zip(c, D):
-        x_t = x_t + c_k * D_k
-    return x_t if noise_std is None else x_t + noise_std * noise
+    return dpm_combine(algorithm, h, sigmas[0], sigmas[1], midpoint, D, x, noise)
 
 
 class DPMSolverMultistepScheduler(MultistepScheduler):

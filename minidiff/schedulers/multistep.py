@@ -72,6 +72,40 @@ def noise_prediction(cfg, model_output, sample, s):
     return alpha_t * model_output + sigma_t * sample
 
 
+def dpm_combine(algorithm, h, s_to, s_from, midpoint, D, x, noise=None):
+    """DPM-Solver's step over h in lambda from x at level s_from to s_to, given the Taylor terms D_0..D_2 of the
+    model output: x_t = ratio x + sum_k c_k D_k (+ noise), each c_k the exact integral of its term. `midpoint`
+    takes the second-order term the midpoint way (else as Heun / the full expansion)."""
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = alpha_sigma(s_to), alpha_sigma(s_from)
+    if algorithm == "dpmsolver++":  # data prediction
+        e = torch.exp(-h) - 1.0
+        ratio, c = sigma_t / sigma_s, [-(alpha_t * e)]
+        c.append(-(0.5 * (alpha_t * e)) if midpoint else alpha_t * (e / h + 1.0))
+        c.append(-(alpha_t * ((torch.exp(-h) - 1.0 + h) / h ** 2 - 0.5)))
+        noise_std = None
+    elif algorithm == "dpmsolver":  # noise prediction
+        e = torch.exp(h) - 1.0
+        ratio, c = alpha_t / alpha_s, [-(sigma_t * e)]
+        c.append(-(0.5 * (sigma_t * e)) if midpoint else -(sigma_t * (e / h - 1.0)))
+        c.append(-(sigma_t * ((torch.exp(h) - 1.0 - h) / h ** 2 - 0.5)))
+        noise_std = None
+    elif algorithm == "sde-dpmsolver++":
+        e = 1 - torch.exp(-2.0 * h)
+        ratio, c = sigma_t / sigma_s * torch.exp(-h), [alpha_t * e]
+        c.append(0.5 * (alpha_t * e) if midpoint else alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0))
+        c.append(alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5))
+        noise_std = sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h))
+    else:  # sde-dpmsolver (orders 1 and 2)
+        e = torch.exp(h) - 1.0
+        ratio, c = alpha_t / alpha_s, [-(2.0 * (sigma_t * e))]
+        c.append(-(sigma_t * e) if midpoint else -(2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0))))
+        noise_std = sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0)
+    x_t = ratio * x
+    for c_k, D_k in zip(c, D):
+        x_t = x_t + c_k * D_k
+    return x_t if noise_std is None else x_t + noise_std * noise
+
+
 def check_solver(cfg, where):
     """validate() checks shared by the solvers (prediction types; flow-matching options are not built)."""
     check_choice(where, "prediction_type", cfg.prediction_type, ("epsilon", "sample", "v_prediction"))
