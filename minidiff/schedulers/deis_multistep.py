@@ -5,39 +5,23 @@ In rho = sigma_t / alpha_t the noise-prediction ODE is dx/alpha = eps drho; DEIS
 polynomial through the last 1-3 eps predictions exactly, in log rho, so each step is one UNet call.
 """
 import dataclasses
-from typing import Optional
 
 import numpy as np
 import torch
 
 from .base import KARRAS_SCHEDULERS, step_output
 from .common import check_choice, check_schedule, check_sigma_schedule, train_sigmas
-from .multistep import (FLOW_OPTIONS, MultistepScheduler, alpha_sigma, check_solver, data_prediction, log_snr,
+from .multistep import (MultistepScheduler, SolverConfig, alpha_sigma, check_solver, data_prediction, log_snr,
                         solver_sigmas, solver_timesteps)
 
 
 @dataclasses.dataclass
-class DEISMultistepConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
-    solver_order: int = 2
-    prediction_type: str = "epsilon"
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
+class DEISMultistepConfig(SolverConfig):
     algorithm_type: str = "deis"
     solver_type: str = "logrho"
     lower_order_final: bool = True
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
-
-    NEUTRAL = FLOW_OPTIONS
 
     def validate(self, where):
         if self.algorithm_type in ("dpmsolver", "dpmsolver++"):  # DPM-Solver configs: diffusers runs them as DEIS
@@ -107,12 +91,7 @@ class DEISMultistepScheduler(MultistepScheduler):
         lower_final = i == n - 1 and c.lower_order_final and n < 15
         lower_second = i == n - 2 and c.lower_order_final and n < 15
         self.remember(self.convert_model_output(model_output, sample=sample))
-        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_final:
-            order = 1
-        elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_second:
-            order = 2
-        else:
-            order = 3
+        order = self.step_order(lower_final, lower_second)
         sigmas = [self.sigmas[i + 1]] + [self.sigmas[i - k] for k in range(order)]
         prev_sample = deis_update(order, self.model_outputs, sigmas, sample)
         self.lower_order_nums = min(self.lower_order_nums + 1, c.solver_order)

@@ -13,36 +13,20 @@ import numpy as np
 import torch
 
 from .base import KARRAS_SCHEDULERS, step_output
-from .common import BETA_SCHEDULES, check_choice, check_sigma_schedule, randn_tensor, threshold_sample, train_sigmas
-from .multistep import (FLOW_OPTIONS, MultistepScheduler, alpha_sigma, check_solver, data_prediction, dpm_combine,
-                        log_snr, noise_prediction, solver_sigmas)
+from .common import BETA_SCHEDULES, check_choice, check_sigma_schedule, randn_tensor, train_sigmas
+from .multistep import MultistepScheduler, SolverConfig, check_solver, dpm_combine, log_snr, solver_sigmas
 
 logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass
-class DPMSolverSinglestepConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
-    solver_order: int = 2
-    prediction_type: str = "epsilon"
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
+class DPMSolverSinglestepConfig(SolverConfig):
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"
     lower_order_final: bool = False
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -float("inf")
     variance_type: Optional[str] = None
-
-    NEUTRAL = FLOW_OPTIONS
 
     def validate(self, where):
         if self.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and self.final_sigmas_type == "zero":
@@ -134,20 +118,6 @@ class DPMSolverSinglestepScheduler(MultistepScheduler):
                 logger.warning("DPMSolverSinglestepScheduler: lower_order_final set to True for %s", why)
                 c.lower_order_final = self.config["lower_order_final"] = True
         self.order_list = order_list(n, c.solver_order, c.lower_order_final, c.final_sigmas_type == "zero")
-
-    def convert_model_output(self, model_output, *args, sample=None):
-        """x_0 (dpmsolver++) or eps (dpmsolver) from the model output at the current noise level."""
-        c, s = self.cfg, self.sigmas[self.step_index]
-        if c.prediction_type == "epsilon" and c.variance_type in ("learned", "learned_range"):
-            model_output = model_output[:, :3]
-        if c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
-            return data_prediction(c, model_output, sample, s)
-        eps = noise_prediction(c, model_output, sample, s)
-        if c.thresholding:
-            alpha_t, sigma_t = alpha_sigma(s)
-            x0 = threshold_sample((sample - sigma_t * eps) / alpha_t, c.dynamic_thresholding_ratio, c.sample_max_value)
-            eps = (sample - alpha_t * x0) / sigma_t
-        return eps
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         if self.num_inference_steps is None:

@@ -5,12 +5,14 @@ x_t = alpha_t x_0 + sigma_t eps, with alpha = 1 / sqrt(s^2 + 1), sigma = s alpha
 level s. They keep the last model outputs (converted to x_0 or eps) for their multistep formulas, leave the
 UNet input unscaled and start from unit noise.
 """
+import dataclasses
+from typing import Optional
+
 import numpy as np
 import torch
 
 from .base import SigmaScheduler
-from .common import check_choice, convert_sigmas, sigma_schedule, sigma_to_t, threshold_sample, \
-    train_sigmas
+from .common import check_choice, convert_sigmas, sigma_schedule, sigma_to_t, threshold_sample, train_sigmas
 
 
 def alpha_sigma(s):
@@ -112,8 +114,26 @@ def check_solver(cfg, where):
     check_choice(where, "solver_order", cfg.solver_order, (1, 2, 3))
 
 
-FLOW_OPTIONS = {"use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
-                "time_shift_type": "exponential"}  # keys diffusers has for flow-matching models: NEUTRAL here
+@dataclasses.dataclass
+class SolverConfig:
+    """The config keys the four solvers share (each file adds its own)."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Optional[list] = None
+    solver_order: int = 2
+    prediction_type: str = "epsilon"
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+
+    # keys diffusers has for flow-matching models: accepted at these values only
+    NEUTRAL = {"use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
+               "time_shift_type": "exponential"}
 
 
 class MultistepScheduler(SigmaScheduler):
@@ -144,6 +164,31 @@ class MultistepScheduler(SigmaScheduler):
 
     def remember(self, model_output):
         self.model_outputs = self.model_outputs[1:] + [model_output]
+
+    def step_order(self, lower_final, lower_second):
+        """The multistep order of this step: it grows with the outputs remembered, up to solver_order; the final
+        (or second to last) step of a short loop may ask for first (second) order."""
+        c = self.cfg
+        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_final:
+            return 1
+        if c.solver_order == 2 or self.lower_order_nums < 2 or lower_second:
+            return 2
+        return 3
+
+    def convert_model_output(self, model_output, *args, sample=None):
+        """DPM-Solver's: x_0 (dpmsolver++) or eps (dpmsolver) from the model output at the current noise level."""
+        c, s = self.cfg, self.sigmas[self.step_index]
+        if c.prediction_type == "epsilon" and c.variance_type in ("learned", "learned_range"):
+            model_output = model_output[:, :3]
+        if c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
+            return data_prediction(c, model_output, sample, s)
+        eps = noise_prediction(c, model_output, sample, s)
+        if c.thresholding:  # threshold the x_0 this noise implies, then turn it back into noise
+            alpha_t, sigma_t = alpha_sigma(s)
+            x0 = threshold_sample((sample - sigma_t * eps) / alpha_t, c.dynamic_thresholding_ratio, c.sample_max_value)
+            eps = (sample - alpha_t * x0) / sigma_t
+        return eps
+
 
     def scale_model_input(self, sample, *args, **kwargs):
         return sample

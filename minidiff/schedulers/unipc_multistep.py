@@ -13,29 +13,16 @@ import torch
 
 from .base import KARRAS_SCHEDULERS, step_output
 from .common import check_choice, check_schedule, check_sigma_schedule, train_sigmas
-from .multistep import (FLOW_OPTIONS, MultistepScheduler, alpha_sigma, check_solver, data_prediction, log_snr,
+from .multistep import (MultistepScheduler, SolverConfig, alpha_sigma, check_solver, data_prediction, log_snr,
                         noise_prediction, solver_sigmas, solver_timesteps)
 
 
 @dataclasses.dataclass
-class UniPCMultistepConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
-    solver_order: int = 2
-    prediction_type: str = "epsilon"
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
+class UniPCMultistepConfig(SolverConfig):
     predict_x0: bool = True  # expand the x_0 prediction (UniPC's data-prediction form) or the noise
     solver_type: str = "bh2"
     lower_order_final: bool = True
     disable_corrector: list = dataclasses.field(default_factory=list)  # step indices whose corrector is skipped
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
     final_sigmas_type: str = "zero"
@@ -43,7 +30,7 @@ class UniPCMultistepConfig:
     sigma_min: Optional[float] = None  # bounds of the Karras / exponential / beta schedules
     sigma_max: Optional[float] = None
 
-    NEUTRAL = {**FLOW_OPTIONS, "solver_p": None, "shift_terminal": None}
+    NEUTRAL = {**SolverConfig.NEUTRAL, "solver_p": None, "shift_terminal": None}
 
     def validate(self, where):
         if self.solver_type in ("midpoint", "heun", "logrho"):  # DPM-Solver or DEIS configs: diffusers uses bh2
