@@ -17,6 +17,8 @@ from .schedulers import (DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDi
                          PNDMScheduler)
 from .schedulers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
                          UniPCMultistepScheduler)
+from .schedulers import (DDPMScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,  # issue 15
+                         KDPM2DiscreteScheduler, LMSDiscreteScheduler, TCDScheduler)
 from .schedulers.ddpm_wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, DDPMWuerstchenScheduler
 from .tokenizer import CLIPTokenizer
 

@@ -46,6 +46,8 @@ def parse_args(argv):
     g.add_argument("--embedding", action="append", default=[], metavar="FILE",
                    help="textual inversion embedding to load (repeatable); the prompt names it by its token "
                         "(the embedding's name, or the file's name for A1111 files)")
+    g.add_argument("--sampler", default=None, help="sampler by its A1111 or ComfyUI name, e.g. 'DPM++ 2M Karras', "
+                                                   "'Euler a', 'Heun' (default: the model's own scheduler)")
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--device", default="cpu")
@@ -68,6 +70,13 @@ def check_args(a):
         v = getattr(a, name)
         if v is not None and (v <= 0 or v % 8):
             raise SystemExit(f"minidiff: --{name} {v} must be a positive multiple of 8")
+    if a.sampler is not None:
+        from .samplers import sampler_name, scheduler_class
+        try:
+            a.sampler = sampler_name(a.sampler)
+            scheduler_class(a.sampler)  # the class exists
+        except ValueError as e:
+            raise SystemExit(f"minidiff: --sampler: {e}") from None
     if a.model is not None and not os.path.exists(a.model) and a.model.count("/") != 1:
         raise SystemExit(f"minidiff: --model {a.model!r} is neither a local folder nor a Hub repo id (owner/name)")
     if a.vae is not None and not os.path.exists(a.vae) and a.vae.count("/") != 1:
@@ -139,6 +148,7 @@ def generate(a):
     from PIL import PngImagePlugin
 
     from .pipelines import DiffusionPipeline
+    from .samplers import name_of, scheduler_for
     from .schedulers import LCMScheduler
     from .toy.common import LORA_DIR as BUNDLED_LCM_LORA, MODEL_DIR as BUNDLED
 
@@ -163,6 +173,11 @@ def generate(a):
         pipe.load_lora_weights(a.lora)
     for path in a.embedding:
         pipe.load_textual_inversion(path, allow_pickle=getattr(a, "allow_pickle", False))
+    if a.sampler is not None:
+        try:
+            pipe.scheduler = scheduler_for(a.sampler, pipe.scheduler.config)
+        except ValueError as e:
+            raise SystemExit(f"minidiff: --sampler: {e}") from None
     steps = a.steps or (4 if a.lcm else 25)
     guidance = a.guidance if a.guidance is not None else (1.0 if a.lcm else 5.0 if bundled else 7.5)
     generator = torch.Generator("cpu").manual_seed(a.seed)
@@ -180,11 +195,13 @@ def generate(a):
     else:  # Wuerstchen: its own CLIP-G prompt path, plain text
         a.prompt_syntax = "plain"
     extra = {"prompt_syntax": a.prompt_syntax, "clip_skip": clip_skip} if "prompt_syntax" in accepted else {}
+    if a.sampler == "TCD":
+        extra["eta"] = 0.3  # TCD's gamma: its step's default
     image = pipe(a.prompt, negative_prompt=a.negative, num_inference_steps=steps, guidance_scale=guidance,
                  width=a.width, height=a.height, generator=generator, **extra).images[0]
     seconds = time.perf_counter() - start
     info = PngImagePlugin.PngInfo()
-    sampler = type(pipe.scheduler).__name__
+    sampler = a.sampler or name_of(pipe.scheduler)
     info.add_text("parameters", png_parameters(a, steps, guidance, image.width, image.height, sampler,
                                                "minidiff/shapes-sd (bundled)" if bundled else model))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

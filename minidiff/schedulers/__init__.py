@@ -11,6 +11,13 @@ from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .pndm import PNDMScheduler
 from .unipc_multistep import UniPCMultistepScheduler
+# issue 15 (samplers): one file each
+from .ddpm import DDPMScheduler
+from .heun import HeunDiscreteScheduler
+from .kdpm2 import KDPM2DiscreteScheduler
+from .kdpm2_ancestral import KDPM2AncestralDiscreteScheduler
+from .lms import LMSDiscreteScheduler
+from .tcd import TCDScheduler, TCDSchedulerOutput
 
 __all__ = [
     "DDIMScheduler",
@@ -29,3 +36,5 @@ __all__ = [
     "UniPCMultistepScheduler",
     "randn_tensor",
 ]
+__all__ += ["DDPMScheduler", "HeunDiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "KDPM2DiscreteScheduler",
+            "LMSDiscreteScheduler", "TCDScheduler", "TCDSchedulerOutput"]
