@@ -86,6 +86,7 @@ def test_sigma_sampler_loops(name, spacing, schedule):
                                      dict(prediction_type="sample", name="LMSDiscreteScheduler"),
                                      dict(beta_schedule="linear", name="KDPM2DiscreteScheduler"),
                                      dict(beta_schedule="squaredcos_cap_v2", name="HeunDiscreteScheduler"),
+                                     dict(beta_schedule="exp", name="HeunDiscreteScheduler"),
                                      dict(beta_schedule="linear", name="KDPM2AncestralDiscreteScheduler")])
 def test_sigma_sampler_variants(variant):
     variant = dict(variant)

@@ -6,6 +6,7 @@ lists every step's timestep twice after the first, one entry per model call; the
 a plain Euler step (one call).
 """
 import dataclasses
+import math
 from typing import Optional
 
 import numpy as np
@@ -34,8 +35,16 @@ class HeunDiscreteConfig:
     steps_offset: int = 0
 
     def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
+        # (Heun alone has the "exp" beta schedule in diffusers)
+        plain = dataclasses.replace(self, beta_schedule="linear") if self.beta_schedule == "exp" else self
+        check_schedule(plain, where, ("epsilon", "v_prediction", "sample"))
         check_sigma_schedule(self, where)
+
+
+def exp_betas(n, max_beta=0.999):
+    """diffusers' betas_for_alpha_bar(alpha_transform_type="exp"): alpha_bar(t) = exp(-12 t), betas capped."""
+    return torch.tensor([min(1 - math.exp(-12.0 * (i + 1) / n) / math.exp(-12.0 * i / n), max_beta)
+                         for i in range(n)], dtype=torch.float32)
 
 
 class HeunDiscreteScheduler(SigmaScheduler):
@@ -45,7 +54,8 @@ class HeunDiscreteScheduler(SigmaScheduler):
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.betas = make_betas(self.cfg)
+        exp = self.cfg.beta_schedule == "exp" and self.cfg.trained_betas is None
+        self.betas = exp_betas(self.cfg.num_train_timesteps) if exp else make_betas(self.cfg)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.set_timesteps(self.cfg.num_train_timesteps)  # as diffusers: a full-length loop until set_timesteps
 
