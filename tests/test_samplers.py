@@ -287,6 +287,20 @@ def test_from_any_other_config_like_diffusers(name, tmp_path):
     same_schedule(c, d)
 
 
+@pytest.mark.parametrize("schedule", SIGMA_SCHEDULES[1:], ids=["karras", "exponential", "beta"])
+@pytest.mark.parametrize("name", SIGMA_NAMES)
+def test_sigma_bounds_carried_from_an_euler_config(name, schedule):
+    """diffusers reads sigma_min/sigma_max off the config wherever they came from: an Euler config's bounds
+    set these schedulers' sigma schedules too (but LMS's Karras one)."""
+    euler = dict(diffusers.EulerDiscreteScheduler(**SD, sigma_min=0.1, sigma_max=10.0).config)
+    a = getattr(ours, name).from_config(euler, **schedule)
+    b = getattr(diffusers, name).from_config(euler, **schedule)
+    for s in (a, b):
+        s.set_timesteps(5)
+    same_schedule(a, b)
+    assert (a.sigmas.max().item() == 10.0) == (name != "LMSDiscreteScheduler" or "use_karras_sigmas" not in schedule)
+
+
 @pytest.mark.parametrize("name", NEW)
 def test_compatibles_like_diffusers(name):
     a, b = getattr(ours, name)(), getattr(diffusers, name)()

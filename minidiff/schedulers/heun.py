@@ -15,7 +15,7 @@ import torch
 from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
 from .common import (check_float_timestep, check_schedule, check_sigma_schedule, make_betas,
                      predict_x0_sigma)
-from .sigma_loop import doubled, loop_sigmas
+from .sigma_loop import config_bounds, doubled, loop_sigmas
 
 
 @dataclasses.dataclass
@@ -68,7 +68,8 @@ class HeunDiscreteScheduler(SigmaScheduler):
             raise ValueError("HeunDiscreteScheduler.set_timesteps: custom `timesteps` cannot be used with "
                              "use_karras_sigmas, use_exponential_sigmas or use_beta_sigmas")
         self.num_inference_steps = num_inference_steps or len(timesteps)
-        t, sigmas, _ = loop_sigmas(c, self.alphas_cumprod, self.num_inference_steps, timesteps)
+        t, sigmas, _ = loop_sigmas(c, self.alphas_cumprod, self.num_inference_steps, timesteps,
+                                   bounds=config_bounds(self))
         self.sigmas = doubled(sigmas)[:-1]  # stays on the CPU: indexed once per call
         self.timesteps = doubled(torch.from_numpy(np.asarray(t))).to(device=device, dtype=torch.float32)
         self.prev_derivative = self.dt = self.sample = None  # the first call's slope, step and sample
