@@ -72,3 +72,79 @@ def test_compatibles():
         ref = sorted(c.__name__ for c in getattr(diffusers, name)().compatibles if c.__name__ in built)
         assert names(getattr(ours, name)()) == ref, name
     assert "DDIMScheduler" in names(ours.EulerDiscreteScheduler()) and names(ours.LCMScheduler()) == ["LCMScheduler"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Issue 13: the scheduler surface diffusers' snippets and tests use
+
+
+@pytest.mark.parametrize("variant", [
+    dict(use_exponential_sigmas=True), dict(use_beta_sigmas=True), dict(interpolation_type="log_linear"),
+    dict(use_beta_sigmas=True, sigma_min=0.1, sigma_max=8.0, final_sigmas_type="sigma_min"),
+    dict(use_exponential_sigmas=True, timestep_spacing="trailing", prediction_type="v_prediction"),
+    dict(interpolation_type="log_linear", use_karras_sigmas=True, final_sigmas_type="sigma_min"),
+])
+def test_euler_sigma_schedules(variant):
+    a = ours.EulerDiscreteScheduler(**SD, **variant)
+    b = diffusers.EulerDiscreteScheduler(**SD, **variant)
+    for s in (a, b):
+        s.set_timesteps(8)
+    # the beta quantiles are computed without scipy: equal to scipy's within float64 rounding
+    exact = not variant.get("use_beta_sigmas")
+    assert a.num_inference_steps == b.num_inference_steps and len(a.sigmas) == len(b.sigmas)
+    if not exact:
+        assert torch.allclose(a.sigmas, b.sigmas, rtol=1e-6, atol=0) and torch.allclose(a.timesteps, b.timesteps,
+                                                                                       rtol=1e-6, atol=1e-5)
+        a.sigmas, a.timesteps = b.sigmas.clone(), b.timesteps.clone()  # then every step must match exactly
+    compare_loop(a, b, start_sample())
+
+
+@pytest.mark.parametrize("name", ["DDIMScheduler", "LCMScheduler"])
+def test_thresholding(name):
+    kw = dict(SD, thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5)
+    a, b = getattr(ours, name)(**kw), getattr(diffusers, name)(**kw)
+    for s in (a, b):
+        s.set_timesteps(4)
+    x = start_sample() * 3  # pixel-like values beyond [-1, 1], so the threshold acts
+    fields = ("prev_sample", "pred_original_sample") if name == "DDIMScheduler" else ("prev_sample", "denoised")
+    outs = compare_loop(a, b, x, fields=fields, seed=0)
+    x0 = outs[0].pred_original_sample if name == "DDIMScheduler" else None
+    if x0 is not None:  # thresholded to [-1, 1] after dividing by s
+        assert x0.abs().max() <= 1.0 + 1e-6
+
+
+def test_pndm_public_prk_and_plms_steps():
+    a, b = ours.PNDMScheduler(**SD), diffusers.PNDMScheduler(**SD)
+    for s in (a, b):
+        s.set_timesteps(10)
+    x = start_sample()
+    xa = xb = x
+    for i, t in enumerate(a.timesteps):  # as diffusers' own PNDM test: prk steps, then plms steps, called directly
+        method = "step_prk" if i < len(a.prk_timesteps) else "step_plms"
+        eps = torch.sin(xa) * 0.5
+        xa = getattr(a, method)(eps, t, xa).prev_sample
+        xb = getattr(b, method)(torch.sin(xb) * 0.5, t, xb).prev_sample
+        assert torch.equal(xa, xb), (i, method)
+    assert a.step_plms(x, a.timesteps[-1], x, return_dict=False)[0].shape == x.shape
+
+
+def test_lcm_previous_timestep():
+    a, b = ours.LCMScheduler(**SD), diffusers.LCMScheduler(**SD)
+    for s in (a, b):
+        s.set_timesteps(4)
+    for t in a.timesteps:
+        assert int(a.previous_timestep(t)) == int(b.previous_timestep(t))
+    assert int(a.previous_timestep(a.timesteps[-1])) == -1
+    for s in (a, b):
+        s.set_timesteps(timesteps=[999, 759, 499, 259])
+    assert [int(a.previous_timestep(t)) for t in a.timesteps] == [int(b.previous_timestep(t)) for t in b.timesteps]
+    assert int(ours.LCMScheduler().previous_timestep(torch.tensor(500))) == 499  # before set_timesteps
+
+
+def test_config_values_as_attributes_are_deprecated_but_work():
+    s = ours.DDIMScheduler(**SD)
+    with pytest.warns(FutureWarning, match="use scheduler.config.beta_schedule"):
+        assert s.beta_schedule == "scaled_linear"
+    with pytest.raises(AttributeError, match="no attribute 'not_there'"):
+        s.not_there
+    assert not hasattr(s, "sigmas")

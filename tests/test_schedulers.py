@@ -328,18 +328,16 @@ def test_save_pretrained_round_trip(tmp_path):
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="interpolation_type='log_linear' is not supported"):
-        ours.EulerDiscreteScheduler(interpolation_type="log_linear")
-    with pytest.raises(ValueError, match="use_exponential_sigmas=True is not supported"):
-        ours.EulerDiscreteScheduler.from_config({"use_exponential_sigmas": True})
+    with pytest.raises(ValueError, match="interpolation_type='cubic' is not supported"):
+        ours.EulerDiscreteScheduler(interpolation_type="cubic")
+    with pytest.raises(ValueError, match="use_karras_sigmas=True and use_exponential_sigmas=True: choose at most one"):
+        ours.EulerDiscreteScheduler.from_config({"use_exponential_sigmas": True, "use_karras_sigmas": True})
     with pytest.raises(ValueError, match="prediction_type='sample' is not supported"):
         ours.EulerAncestralDiscreteScheduler(prediction_type="sample")
     with pytest.raises(ValueError, match="timestep_spacing='even'"):
         ours.DDIMScheduler(timestep_spacing="even")
     with pytest.raises(ValueError, match="beta_schedule='cosine'"):
         ours.PNDMScheduler(beta_schedule="cosine")
-    with pytest.raises(ValueError, match="thresholding=True is not supported"):
-        ours.LCMScheduler(thresholding=True)
     with pytest.raises(ValueError, match=r"unknown config keys \['use_karras_sigmas'\]"):
         ours.DDIMScheduler(use_karras_sigmas=True)
     with pytest.raises(ValueError, match=r"unknown arguments \['timestep_spacin'\]"):

@@ -3,6 +3,7 @@ from .base import LCMSchedulerOutput, Scheduler, SchedulerOutput, SigmaScheduler
 from .common import randn_tensor
 from .ddim import DDIMScheduler
 from .ddpm_wuerstchen import DDPMWuerstchenScheduler
+from .dpmsolver_multistep import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .lcm import LCMScheduler
@@ -18,6 +19,7 @@ from .tcd import TCDScheduler, TCDSchedulerOutput
 __all__ = [
     "DDIMScheduler",
     "DDPMWuerstchenScheduler",
+    "DPMSolverMultistepScheduler",
     "EulerAncestralDiscreteScheduler",
     "EulerDiscreteScheduler",
     "LCMScheduler",

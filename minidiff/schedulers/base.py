@@ -18,6 +18,7 @@ import dataclasses
 import importlib
 import json
 import os
+import warnings
 from typing import Optional
 
 import torch
@@ -162,6 +163,14 @@ class Scheduler:
 
     def __len__(self):
         return self.cfg.num_train_timesteps
+
+    def __getattr__(self, name):  # only reached for names that are not attributes
+        config = self.__dict__.get("config")
+        if config is not None and name in config and not name.startswith("_"):
+            warnings.warn(f"{type(self).__name__}.{name}: reading config values as scheduler attributes is deprecated "
+                          f"(as in diffusers); use scheduler.config.{name}", FutureWarning, stacklevel=2)
+            return config[name]
+        raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
 
     def __bool__(self):  # never falsy, whatever __len__ says
         return True

@@ -80,7 +80,7 @@ def sigma_schedule(config):
     noisiest first, then sigma 0."""
     betas = make_betas(config)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-    if config.rescale_betas_zero_snr:
+    if getattr(config, "rescale_betas_zero_snr", False):
         alphas_cumprod[-1] = 2 ** -24  # zero terminal SNR would make the last sigma infinite
     sigmas = torch.cat([train_sigmas(alphas_cumprod).flip(0), torch.zeros(1)])
     return betas, alphas_cumprod, sigmas

@@ -5,13 +5,14 @@ x_t' = sqrt(a_t') x_0 + sqrt(1 - a_t' - s^2) eps + s z, with s = eta sigma_t (eq
 eta 0 is the deterministic sampler SD uses, eta 1 is DDPM-like.
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from .base import KARRAS_SCHEDULERS, Scheduler, step_output
-from .common import alpha_at, alpha_schedule, check_schedule, predict_eps, predict_x0, randn_tensor, spaced_timesteps
+from .common import alpha_at, alpha_schedule, check_schedule, predict_eps, predict_x0, randn_tensor, spaced_timesteps, \
+    threshold_sample
 
 
 @dataclasses.dataclass
@@ -25,13 +26,12 @@ class DDIMConfig:
     set_alpha_to_one: bool = True  # the last step lands on a_0 = 1 (else on the first training step's a)
     steps_offset: int = 0
     prediction_type: str = "epsilon"
-    dynamic_thresholding_ratio: float = 0.995  # used only with thresholding, which is not implemented
+    thresholding: bool = False  # Imagen's dynamic thresholding of x_0 (pixel-space models; it replaces clipping)
+    dynamic_thresholding_ratio: float = 0.995
     clip_sample_range: float = 1.0
-    sample_max_value: float = 1.0  # used only with thresholding
+    sample_max_value: float = 1.0
     timestep_spacing: str = "leading"
     rescale_betas_zero_snr: bool = False
-
-    NEUTRAL: ClassVar = {"thresholding": False}
 
     def validate(self, where):
         check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
@@ -66,7 +66,9 @@ class DDIMScheduler(Scheduler):
         a_t, a_prev = self.alphas_cumprod[t], alpha_at(self, t_prev)
         x0 = predict_x0(c.prediction_type, model_output, sample, a_t)
         eps = predict_eps(c.prediction_type, model_output, sample, a_t, x0)
-        if c.clip_sample:
+        if c.thresholding:
+            x0 = threshold_sample(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        elif c.clip_sample:
             x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
         variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)  # sigma_t^2 of eq. 16
         std = eta * variance ** 0.5

@@ -9,7 +9,6 @@ in diffusers.
 """
 import dataclasses
 import math
-from typing import ClassVar
 
 import numpy as np
 import torch
@@ -26,8 +25,6 @@ DEFAULT_STAGE_C_TIMESTEPS = [float(t) for t in np.linspace(1.0, 2 / 3, 20)] + \
 class DDPMWuerstchenConfig:
     scaler: float = 1.0
     s: float = 0.008
-
-    NEUTRAL: ClassVar[dict] = {}
 
     def validate(self, where):
         if not self.scaler > 0:

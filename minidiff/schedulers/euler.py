@@ -5,14 +5,14 @@ is an Euler step of the probability-flow ODE dx/dsigma = (x - x_0) / sigma from 
 (Karras et al. 2022, Algorithm 2; `s_churn` adds its optional noise).
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
-from .common import (check_choice, check_float_timestep, check_schedule, euler_step, karras_sigmas, predict_x0_sigma,
-                     randn_tensor, sigma_schedule, sigma_to_t, spaced_sigmas, train_sigmas)
+from .common import (check_choice, check_float_timestep, check_schedule, check_sigma_schedule, convert_sigmas, euler_step,
+                     predict_x0_sigma, randn_tensor, sigma_schedule, sigma_to_t, spaced_sigmas, train_sigmas)
 
 
 @dataclasses.dataclass
@@ -23,8 +23,11 @@ class EulerDiscreteConfig:
     beta_schedule: str = "linear"
     trained_betas: Optional[list] = None
     prediction_type: str = "epsilon"
+    interpolation_type: str = "linear"  # sigma between training steps: "linear" in t, or "log_linear" (see below)
     use_karras_sigmas: Optional[bool] = False
-    sigma_min: Optional[float] = None  # Karras schedule bounds (default: the schedule's own)
+    use_exponential_sigmas: Optional[bool] = False
+    use_beta_sigmas: Optional[bool] = False
+    sigma_min: Optional[float] = None  # bounds of those three schedules (default: the training schedule's own)
     sigma_max: Optional[float] = None
     timestep_spacing: str = "linspace"
     timestep_type: str = "discrete"  # "continuous": the UNet gets 0.25 log(sigma) (EDM-style v-prediction models)
@@ -32,13 +35,12 @@ class EulerDiscreteConfig:
     rescale_betas_zero_snr: bool = False
     final_sigmas_type: str = "zero"  # the loop ends at sigma 0, or at the first training step's sigma
 
-    NEUTRAL: ClassVar = {"interpolation_type": "linear", "use_exponential_sigmas": (False, None),
-                         "use_beta_sigmas": (False, None)}
-
     def validate(self, where):
         check_schedule(self, where, ("epsilon", "v_prediction", "sample", "original_sample"))
         check_choice(where, "timestep_type", self.timestep_type, ("discrete", "continuous"))
         check_choice(where, "final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
+        check_choice(where, "interpolation_type", self.interpolation_type, ("linear", "log_linear"))
+        check_sigma_schedule(self, where)
 
 
 class EulerDiscreteScheduler(SigmaScheduler):
@@ -60,12 +62,14 @@ class EulerDiscreteScheduler(SigmaScheduler):
         return timesteps
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
-        """The loop's timesteps and sigmas: evenly spaced (`timestep_spacing`), Karras-spaced, or given."""
+        """The loop's timesteps and sigmas: evenly spaced (`timestep_spacing`), Karras, exponential or beta-spaced, or
+        given."""
         c = self.cfg
         if sum(x is not None for x in (num_inference_steps, timesteps, sigmas)) != 1:
             raise ValueError("set_timesteps: pass exactly one of num_inference_steps, timesteps or sigmas")
-        if timesteps is not None and c.use_karras_sigmas:
-            raise ValueError("set_timesteps: custom `timesteps` cannot be used with use_karras_sigmas=True")
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+            if timesteps is not None and getattr(c, flag):
+                raise ValueError(f"set_timesteps: custom `timesteps` cannot be used with {flag}=True")
         if timesteps is not None and c.timestep_type == "continuous" and c.prediction_type == "v_prediction":
             raise ValueError("set_timesteps: custom `timesteps` cannot be used with timestep_type='continuous' "
                              "and prediction_type='v_prediction'")
@@ -76,12 +80,14 @@ class EulerDiscreteScheduler(SigmaScheduler):
             timesteps = sigma_to_t(sigmas[:-1], log_sigmas)
         else:
             timesteps, sigmas = spaced_sigmas(c, self.alphas_cumprod, num_inference_steps, timesteps)
-            if c.use_karras_sigmas:
-                sigmas = karras_sigmas(sigmas, len(timesteps), c.sigma_min, c.sigma_max)
-                timesteps = sigma_to_t(sigmas, log_sigmas)
+            if c.interpolation_type == "log_linear":  # n + 1 levels evenly spaced in log sigma (as diffusers)
+                sigmas = torch.linspace(np.log(trained[-1]), np.log(trained[0]), len(timesteps) + 1).exp().numpy()
+            converted = convert_sigmas(c, sigmas, len(timesteps), c.sigma_min, c.sigma_max)
+            if converted is not None:  # Karras, exponential or beta: the timesteps follow the sigmas
+                sigmas, timesteps = converted, sigma_to_t(converted, log_sigmas)
             last = trained[0] if c.final_sigmas_type == "sigma_min" else 0.0
             sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
-        self.num_inference_steps = len(sigmas) - 1
+        self.num_inference_steps = len(timesteps)
         self.sigmas = torch.from_numpy(sigmas)  # stays on the CPU: indexed once per step
         self.timesteps = self._model_timesteps(torch.from_numpy(timesteps.astype(np.float32))).to(device)
         self.reset_loop()

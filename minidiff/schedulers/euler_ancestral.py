@@ -5,7 +5,7 @@ sigma_down, then fresh noise of std sigma_up, with sigma_down^2 + sigma_up^2 = s
 sigma_up chosen as in DDPM's ancestral sampling (eta = 1). Noise is drawn on every step, the last included.
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -26,8 +26,6 @@ class EulerAncestralDiscreteConfig:
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
-
-    NEUTRAL: ClassVar = {}
 
     def validate(self, where):
         check_schedule(self, where, ("epsilon", "v_prediction"))

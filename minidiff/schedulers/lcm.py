@@ -6,13 +6,13 @@ boundary condition denoised = c_skip(t) x_t + c_out(t) x_0(x_t), then noises it 
 timestep with fresh noise; the last step returns the clean estimate (no noise drawn).
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from .base import LCMSchedulerOutput, Scheduler
-from .common import alpha_at, alpha_schedule, check_schedule, predict_x0, randn_tensor
+from .common import alpha_at, alpha_schedule, check_schedule, predict_x0, randn_tensor, threshold_sample
 
 
 @dataclasses.dataclass
@@ -28,13 +28,12 @@ class LCMConfig:
     set_alpha_to_one: bool = True
     steps_offset: int = 0  # unused by LCM's schedule (as in diffusers)
     prediction_type: str = "epsilon"
-    dynamic_thresholding_ratio: float = 0.995  # used only with thresholding, which is not implemented
-    sample_max_value: float = 1.0  # used only with thresholding
+    thresholding: bool = False  # Imagen's dynamic thresholding of x_0 (pixel-space models; it replaces clipping)
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
     timestep_spacing: str = "leading"  # unused by LCM's schedule (as in diffusers)
     timestep_scaling: float = 10.0
     rescale_betas_zero_snr: bool = False
-
-    NEUTRAL: ClassVar = {"thresholding": False}
 
     def validate(self, where):
         check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
@@ -92,6 +91,13 @@ class LCMScheduler(Scheduler):
         self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(device=device, dtype=torch.long)
         self.reset_loop()
 
+    def previous_timestep(self, timestep):
+        """The timestep after `timestep` in this loop (-1 after the last one), as diffusers."""
+        if self.custom_timesteps or self.num_inference_steps:
+            index = (self.timesteps == timestep).nonzero(as_tuple=True)[0][0]
+            return torch.tensor(-1) if index == self.timesteps.shape[0] - 1 else self.timesteps[index + 1]
+        return timestep - 1
+
     def boundary_scalings(self, timestep):
         """(c_skip, c_out) of consistency models with sigma_data 0.5, at scaled time t * timestep_scaling:
         c_skip -> 1 and c_out -> 0 as t -> 0, so the model is the identity on clean data."""
@@ -112,7 +118,9 @@ class LCMScheduler(Scheduler):
         a_t, a_prev = self.alphas_cumprod[t], alpha_at(self, t_prev)
         c_skip, c_out = self.boundary_scalings(torch.as_tensor(timestep))
         x0 = predict_x0(c.prediction_type, model_output, sample, a_t)
-        if c.clip_sample:
+        if c.thresholding:
+            x0 = threshold_sample(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        elif c.clip_sample:
             x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
         denoised = c_out * x0 + c_skip * sample
         if i != self.num_inference_steps - 1:  # noise again, down to the next timestep

@@ -7,7 +7,7 @@ mean of eps(x_t0) and eps at the result (a Heun step), which is why `timesteps` 
 Without `skip_prk_steps` the first three steps are pseudo Runge-Kutta (RK4, 4 UNet calls each) instead.
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -28,8 +28,6 @@ class PNDMConfig:
     prediction_type: str = "epsilon"
     timestep_spacing: str = "leading"
     steps_offset: int = 0
-
-    NEUTRAL: ClassVar = {}
 
     def validate(self, where):
         check_schedule(self, where, ("epsilon", "v_prediction"))
@@ -77,13 +75,22 @@ class PNDMScheduler(Scheduler):
         if self.num_inference_steps is None:
             raise ValueError("PNDMScheduler.step: call set_timesteps first")
         if self.counter < len(self.prk_timesteps) and not self.cfg.skip_prk_steps:
-            prev_sample = self._step_prk(model_output, int(timestep), sample)
-        else:
-            prev_sample = self._step_plms(model_output, int(timestep), sample)
+            return self.step_prk(model_output, timestep, sample, return_dict)
+        return self.step_plms(model_output, timestep, sample, return_dict)
+
+    def step_prk(self, model_output, timestep, sample, return_dict=True):
+        """One call of a Runge-Kutta step (diffusers' public method; `step` picks it for the first calls)."""
+        prev_sample = self._prk(model_output, int(timestep), sample)
         self.counter += 1
         return step_output(return_dict, prev_sample)
 
-    def _step_prk(self, model_output, timestep, sample):
+    def step_plms(self, model_output, timestep, sample, return_dict=True):
+        """One linear multistep step (diffusers' public method; `step` picks it after the Runge-Kutta calls)."""
+        prev_sample = self._plms(model_output, int(timestep), sample)
+        self.counter += 1
+        return step_output(return_dict, prev_sample)
+
+    def _prk(self, model_output, timestep, sample):
         # RK4 over [t, t - h]: slopes k1..k4 at t, t - h/2, t - h/2, t - h; each call also returns the
         # next stage's input (x at t - h/2, or at t - h), always transferred from x_t
         stage = self.counter % 4
@@ -101,7 +108,7 @@ class PNDMScheduler(Scheduler):
             self.cur_model_output = 0
         return self._transfer(self.cur_sample, t_from, t_to, model_output)
 
-    def _step_plms(self, model_output, timestep, sample):
+    def _plms(self, model_output, timestep, sample):
         if not self.cfg.skip_prk_steps and len(self.ets) < 3:
             raise ValueError("PNDMScheduler: the PLMS steps need the three Runge-Kutta steps first; run the loop "
                              "over `scheduler.timesteps` from its start")
