@@ -183,6 +183,7 @@ def test_img2img_entry_mid_loop():
     dict(timestep_spacing="linspace", clip_sample=False, prediction_type="sample"),
     dict(variance_type="fixed_large", steps_offset=1, clip_sample=False),
     dict(variance_type="fixed_small_log", beta_schedule="squaredcos_cap_v2"),
+    dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5),
 ])
 def test_ddpm_loop(variant):
     a, b = pair("DDPMScheduler", **{**SD, **variant})
