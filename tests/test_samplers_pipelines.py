@@ -1,6 +1,6 @@
 """Issue 15's schedulers inside whole SD and SDXL pipelines: the same image as diffusers (uint8 within 1),
 second-order schedulers calling the UNet twice per step, img2img strength and the SDXL hand-off with them,
-and callbacks and the progress bar counting as diffusers' do."""
+and callbacks and the progress bar counting as diffusers' do (the multistep solvers: test_pipeline_solvers.py)."""
 import diffusers
 import numpy as np
 import pytest
@@ -13,12 +13,6 @@ from utils import assert_close
 
 NEW = ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler",
        "DDPMScheduler", "TCDScheduler"]
-# issue 15's multistep solvers (their own tests are elsewhere): here inside the pipelines, those minidiff has
-SOLVERS = [(name, keys) for name, keys in [
-    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True}),
-    ("DPMSolverMultistepScheduler", {"use_karras_sigmas": True, "algorithm_type": "sde-dpmsolver++"}),
-    ("DPMSolverSinglestepScheduler", {}), ("UniPCMultistepScheduler", {}), ("DEISMultistepScheduler", {})]
-    if hasattr(schedulers, name)]
 
 
 @pytest.fixture(scope="module")
@@ -55,8 +49,7 @@ def counting():
     return calls, callback
 
 
-@pytest.mark.parametrize("name, keys", [(n, {"use_karras_sigmas": True} if n.startswith("KDPM2") else {}) for n in NEW]
-                         + SOLVERS)
+@pytest.mark.parametrize("name, keys", [(n, {"use_karras_sigmas": True} if n.startswith("KDPM2") else {}) for n in NEW])
 def test_sd_text_to_image(sd, name, keys):
     folder, ref = sd
     ours, ref = swapped(StableDiffusionPipeline, diffusers.StableDiffusionPipeline, folder, ref, name, **keys)
@@ -81,7 +74,7 @@ def test_sd_img2img_strength(sd, name):
     assert_same_image(ours(**kw, generator=gen(5)).images, ref(**kw, generator=gen(5)).images)
 
 
-@pytest.mark.parametrize("name, keys", [(n, {}) for n in NEW] + SOLVERS)
+@pytest.mark.parametrize("name, keys", [(n, {}) for n in NEW])
 def test_sdxl_text_to_image(sdxl, name, keys):
     folder, ref = sdxl
     ours, ref = swapped(StableDiffusionXLPipeline, diffusers.StableDiffusionXLPipeline, folder, ref, name, **keys)
