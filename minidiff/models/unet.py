@@ -417,6 +417,7 @@ class UNet2DConditionModel(Model):
     """diffusers' UNet2DConditionModel for the SD 1.x/2.x/XL families: `unet(sample, t, text).sample`."""
 
     config_class = UNet2DConditionConfig
+    single_file_part = "unet"
 
     def __init__(self, config):
         super().__init__(config)

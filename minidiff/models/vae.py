@@ -370,6 +370,7 @@ class AutoencoderKL(Model):
     """
 
     config_class = AutoencoderKLConfig
+    single_file_part = "vae"
 
     # The one legacy key form: the fp32 VAE files of SD 1.x / 2.x (and sd-vae-ft-mse/-ema), written by
     # diffusers < 0.14, name the mid-block attention `query`, `key`, `value`, `proj_attn`; their fp16

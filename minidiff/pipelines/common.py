@@ -130,6 +130,19 @@ class DiffusionPipeline:
                 raise ValueError(f"{where} has no {name!r} component, which {cls.__name__} needs")
         return cls(**components, **options, **kwargs)
 
+    @classmethod
+    def from_single_file(cls, path, config=None, original_config=None, prediction_type=None, torch_dtype=None,
+                         device=None, allow_pickle=False, **kwargs):
+        """Build the pipeline from one A1111 / ComfyUI / civitai checkpoint file (LDM / SGM layout), offline.
+
+        The family (SD 1.x, SD 2.x, SDXL base or refiner) is told from the tensors; `config=` a diffusers folder or
+        repo, `original_config=` the LDM yaml and `prediction_type=` override the guess. Component keyword
+        arguments (`vae=`, `scheduler=`) replace the file's. See weights/single_file.py.
+        """
+        from ..weights.single_file import load_pipeline
+        return load_pipeline(cls, path, config=config, original_config=original_config, prediction_type=prediction_type,
+                             torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle, **kwargs)
+
     def save_pretrained(self, folder):
         """Write the pipeline in the Hub layout (model_index.json + one folder per component)."""
         os.makedirs(folder, exist_ok=True)
@@ -208,7 +221,9 @@ class DiffusionPipeline:
         self._progress_disable = disable
 
     def progress_bar(self, iterable, desc="denoising"):
-        return progress(iterable, desc, disable=self._progress_disable)
+        # a second-order scheduler (order 2) calls the model twice per step: the bar counts steps, as diffusers'
+        order = getattr(getattr(self, "scheduler", None), "order", 1)
+        return progress(iterable, desc, disable=self._progress_disable, order=order)
 
     # ---- LoRA: thin delegates to minidiff/lora.py, which does the work (begin) --------------------
     def load_lora_weights(self, repo_id_or_file_or_dict, weight_name=None, adapter_name=None, allow_partial=False,
@@ -270,17 +285,20 @@ def _variants(repo_or_path, index, given, variant, allow_pickle, where):
     return component_variants(repo_or_path, models, variant, allow_pickle, where)
 
 
-def progress(iterable, desc="", disable=False, stream=None):
-    """A one-line progress bar on stderr: `desc  12/25 [00:01<00:02, 9.1it/s]`."""
+def progress(iterable, desc="", disable=False, stream=None, order=1):
+    """A one-line progress bar on stderr: `desc  12/25 [00:01<00:02, 9.1it/s]`. With `order` model calls per
+    step it advances once per `order` items and on the last, as diffusers' bar does."""
     items = list(iterable)
     if disable or not items:
         yield from items
         return
     stream = stream or sys.stderr
-    n, start = len(items), time.perf_counter()
+    n, start, done = -(-len(items) // order), time.perf_counter(), 0
     for i, item in enumerate(items):
         yield item
-        done = i + 1
+        if (i + 1) % order and i != len(items) - 1:
+            continue
+        done += 1
         elapsed = time.perf_counter() - start
         rate = done / elapsed if elapsed > 0 else 0.0
         left = (n - done) / rate if rate > 0 else 0.0
