@@ -49,7 +49,9 @@ def parse_args(argv):
     g.add_argument("--sampler", default=None, help="sampler by its A1111 or ComfyUI name, e.g. 'DPM++ 2M Karras', "
                                                    "'Euler a', 'Heun' (default: the model's own scheduler)")
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weights and compute dtype (default: auto = bfloat16 on a CPU with AVX512_BF16 or AMX, "
+                        "float32 on other CPUs; see minidiff/device.py; --from-png: the PNG's)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     return p.parse_args(argv)
@@ -83,11 +85,11 @@ def check_args(a):
         raise SystemExit(f"minidiff: --vae {a.vae!r} is neither a local file or folder nor a Hub repo id (owner/name)")
 
 
-def png_parameters(a, steps, guidance, width, height, sampler, model):
+def png_parameters(a, steps, guidance, width, height, sampler, model, dtype=None):
     """The text block image tools (A1111, ComfyUI readers) show for a PNG: prompt, negative, settings."""
     settings = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance, "Seed": a.seed, "Size": f"{width}x{height}",
                 "Model": model, "LoRA": "LCM" if a.lcm else None, "Clip skip": a.clip_skip,
-                "Prompt syntax": a.prompt_syntax}
+                "Prompt syntax": a.prompt_syntax, "Dtype": dtype}
     return format_infotext(a.prompt, a.negative, settings)
 
 
@@ -118,6 +120,8 @@ def apply_png(a):
     # an infotext without "Prompt syntax" is A1111's own, which reads prompts its way
     a.prompt_syntax = a.prompt_syntax or s.get("Prompt syntax", "a1111")
     a.lcm = a.lcm or s.get("LoRA") == "LCM"
+    if getattr(a, "dtype", "auto") is None and s.get("Dtype") in ("float32", "float16", "bfloat16"):
+        a.dtype = s["Dtype"]  # the same dtype makes the same picture
     model = s.get("Model")
     if a.model is None and model is not None and not model.endswith("(bundled)"):
         if not (os.path.exists(model) or model.count("/") == 1):
@@ -147,6 +151,7 @@ def generate(a):
     import torch
     from PIL import PngImagePlugin
 
+    from .device import resolve_dtype
     from .pipelines import DiffusionPipeline
     from .samplers import name_of, scheduler_for
     from .schedulers import LCMScheduler
@@ -156,7 +161,10 @@ def generate(a):
     bundled = a.model is None
     if bundled and not os.path.isdir(BUNDLED):
         raise SystemExit(f"minidiff: the bundled model is missing from {BUNDLED}; pass --model")
-    dtype = getattr(torch, a.dtype)
+    a.dtype = a.dtype or "auto"
+    dtype = resolve_dtype(a.dtype, a.device)
+    print(f"minidiff: dtype {str(dtype).replace('torch.', '')}"
+          + (" (auto: this device's fast dtype; --dtype float32 for fp32)" if a.dtype == "auto" else ""), file=sys.stderr)
     if os.path.isfile(model):
         pipe = DiffusionPipeline.from_single_file(model, torch_dtype=dtype, device=a.device)
     else:
@@ -203,7 +211,8 @@ def generate(a):
     info = PngImagePlugin.PngInfo()
     sampler = a.sampler or name_of(pipe.scheduler)
     info.add_text("parameters", png_parameters(a, steps, guidance, image.width, image.height, sampler,
-                                               "minidiff/shapes-sd (bundled)" if bundled else model))
+                                               "minidiff/shapes-sd (bundled)" if bundled else model,
+                                               str(dtype).replace("torch.", "")))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     image.save(a.out, pnginfo=info)
     print(f"wrote {a.out} ({image.width}x{image.height}, {steps} steps, {seconds:.2f} s)")

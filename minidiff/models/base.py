@@ -11,6 +11,7 @@ import dataclasses
 
 import torch.nn as nn
 
+from ..device import resolve_dtype
 from ..weights.load import load_model, save_model
 
 
@@ -28,7 +29,7 @@ class Model(nn.Module):
                         allow_pickle=False):
         """Build from `config.json` on the meta device and assign the weights file's tensors (every key and
         shape checked first); see minidiff.weights.load.load_model."""
-        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
+        return load_model(cls, repo_or_path, subfolder, variant, resolve_dtype(torch_dtype, device), device, allow_pickle)
 
     @classmethod
     def from_single_file(cls, path, config=None, original_config=None, torch_dtype=None, device=None,
@@ -39,7 +40,8 @@ class Model(nn.Module):
             raise ValueError(f"{cls.__name__}.from_single_file: single files hold UNets, VAEs and CLIP text encoders, "
                              f"not {cls.__name__}")
         from ..weights.single_file import load_component
-        return load_component(cls, path, cls.single_file_part, config, original_config, torch_dtype, device,
+        return load_component(cls, path, cls.single_file_part, config, original_config,
+                              resolve_dtype(torch_dtype, device), device,
                               allow_pickle, subfolder)
 
     def save_pretrained(self, folder):

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..device import resolve_dtype
 from ..models.base import ModelOutput
 from ..schedulers.common import randn_tensor
 from ..weights.hub import read_json
@@ -92,6 +93,7 @@ class DiffusionPipeline:
         `text_encoder=None`); other keyword arguments go to the pipeline's constructor.
         """
         repo_or_path = os.fspath(repo_or_path)
+        torch_dtype = resolve_dtype(torch_dtype, device)  # "auto": the device's fast dtype (minidiff/device.py)
         index = read_json(repo_or_path, "model_index.json")
         where = os.path.join(repo_or_path, "model_index.json")
         if cls is DiffusionPipeline:  # the generic entry point picks the class the repo names
@@ -142,7 +144,7 @@ class DiffusionPipeline:
         """
         from ..weights.single_file import load_pipeline
         return load_pipeline(cls, path, config=config, original_config=original_config, prediction_type=prediction_type,
-                             torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle, **kwargs)
+                             torch_dtype=resolve_dtype(torch_dtype, device), device=device, allow_pickle=allow_pickle, **kwargs)
 
     def save_pretrained(self, folder):
         """Write the pipeline in the Hub layout (model_index.json + one folder per component)."""

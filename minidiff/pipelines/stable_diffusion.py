@@ -9,6 +9,7 @@ import inspect
 
 import torch
 
+from ..device import latent_dtype
 from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from ..prompts import (check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids,
@@ -123,7 +124,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
     def _denoise(self, latents, timesteps, embeds, guidance_scale, guidance_rescale, generator, eta,
                  cross_attention_kwargs, added_cond_kwargs=None, callback_on_step_end=None):
         guided = self._guided(guidance_scale)
-        timestep_cond = self._timestep_cond(guidance_scale, latents.shape[0], latents.dtype)
+        # bf16 weights: the latents and the scheduler's math stay fp32 between steps (device.latent_dtype)
+        latents = latents.to(latent_dtype(latents.dtype))
+        timestep_cond = self._timestep_cond(guidance_scale, latents.shape[0], self.unet.dtype)
         # only the schedulers that draw noise take a generator; only DDIM takes eta
         accepted = inspect.signature(self.scheduler.step).parameters
         step_kwargs = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in accepted}
@@ -131,10 +134,10 @@ class StableDiffusionPipeline(DiffusionPipeline):
         with self._on_device(self.unet) as unet, scaled(unet, call_scale(cross_attention_kwargs)):
             for i, t in enumerate(self.progress_bar(timesteps)):
                 x = torch.cat([latents] * 2) if guided else latents
-                x = self.scheduler.scale_model_input(x, t)
+                x = self.scheduler.scale_model_input(x, t).to(embeds.dtype)
                 noise_pred = unet(x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond,
                                   cross_attention_kwargs=cross_attention_kwargs,
-                                  added_cond_kwargs=added_cond_kwargs, return_dict=False)[0]
+                                  added_cond_kwargs=added_cond_kwargs, return_dict=False)[0].to(latents.dtype)
                 if guided:
                     uncond, text = noise_pred.chunk(2)
                     noise_pred = uncond + guidance_scale * (text - uncond)
@@ -197,7 +200,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
         set_timesteps(self.scheduler, num_inference_steps, device, timesteps)
         n = batch * num_images_per_prompt
-        latents = self.prepare_latents(n, height, width, cond.dtype, generator, latents)
+        latents = self.prepare_latents(n, height, width, latent_dtype(cond.dtype), generator, latents)
 
         latents = self._denoise(latents, self.scheduler.timesteps, embeds, guidance_scale, guidance_rescale,
                                 generator, eta, cross_attention_kwargs, callback_on_step_end=callback_on_step_end)
