@@ -29,6 +29,8 @@ def parse_args(argv):
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--device", default="cpu")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    from .compress import add_cli as add_compress
+    add_compress(sub)
     return p.parse_args(argv)
 
 
@@ -100,6 +102,9 @@ def main(argv=None):
     if a.command == "generate":
         check_args(a)
         generate(a)
+    elif a.command == "compress":
+        from .compress import run_cli
+        run_cli(a)
 
 
 if __name__ == "__main__":

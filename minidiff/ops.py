@@ -13,6 +13,7 @@ references below are the definition (and what the Triton kernels in `minidiff.ke
 against).
 """
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -77,8 +78,15 @@ def ref_lora_conv2d(x, weight, bias, stride, padding, dilation, loras):
     return out
 
 
+def ref_lut_weight(packed, lut, nbits, shape):
+    """A palettised weight (minidiff.compress): unpack the n-bit indices, gather each weight from its group's LUT."""
+    from minidiff.compress import depalettise, unpack  # the packing format lives beside the palettiser
+    return depalettise(unpack(packed, nbits, math.prod(shape)).reshape(shape), lut)
+
+
 REFERENCES = {"attention": ref_attention, "group_norm": ref_group_norm, "layer_norm": ref_layer_norm,
-              "geglu": ref_geglu, "lora_linear": ref_lora_linear, "lora_conv2d": ref_lora_conv2d}
+              "geglu": ref_geglu, "lora_linear": ref_lora_linear, "lora_conv2d": ref_lora_conv2d,
+              "lut_weight": ref_lut_weight}
 
 # ----------------------------------------------------------------------------- the seam
 
@@ -88,6 +96,7 @@ layer_norm = ref_layer_norm
 geglu = ref_geglu
 lora_linear = ref_lora_linear
 lora_conv2d = ref_lora_conv2d
+lut_weight = ref_lut_weight
 
 
 def current():
