@@ -22,8 +22,8 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import ops
 from .weights.lora_formats import COMPONENTS, layer_scale, parse_lora, read_lora_file, resolve_lora_file
 # also reachable as minidiff.lora.<name>, as before the file formats moved out
 from .weights.lora_formats import (DEFAULT_WEIGHT_NAME, METADATA_KEY, ModuleLoRA, is_target,  # noqa: F401
@@ -67,14 +67,15 @@ class LoRALayer(nn.Module):
         self.fused = []  # adapters added into `weight`
         self.unfused = None  # (weight, bias) as they were before fusing, on the CPU
 
-    def forward(self, x):
-        out = self.base_forward(x)
+    def active_loras(self):
+        """(down, up, up_bias, scale) of each adapter in use, the form the ops seam's lora_* ops take."""
         if self.fused or not self.enabled:  # a fused layer computes with W + deltas alone, as PEFT does
-            return out
+            return []
+        loras = []
         for name in self.active:
             a = self.adapters[name]
-            out = out + self.lora_forward(x, a) * (a.scale * self.adapter_weights[name] * self.call_scale)
-        return out
+            loras.append((a.down, a.up, a.up_bias, a.scale * self.adapter_weights[name] * self.call_scale))
+        return loras
 
     def delta_weight(self, a):
         """B A as a weight of this layer's shape, in fp32."""
@@ -117,11 +118,8 @@ class LoRALinear(LoRALayer):
         super().__init__(base)
         self.in_features, self.out_features = base.in_features, base.out_features
 
-    def base_forward(self, x):
-        return F.linear(x, self.weight, self.bias)
-
-    def lora_forward(self, x, a):
-        return F.linear(F.linear(x, a.down), a.up, a.up_bias)
+    def forward(self, x):
+        return ops.lora_linear(x, self.weight, self.bias, self.active_loras())
 
     def expected_shapes(self, rank):
         return (rank, self.in_features), (self.out_features, rank)
@@ -148,11 +146,9 @@ class LoRAConv2d(LoRALayer):
         self.kernel_size, self.stride, self.padding, self.dilation = (base.kernel_size, base.stride, base.padding,
                                                                       base.dilation)
 
-    def base_forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-
-    def lora_forward(self, x, a):
-        return F.conv2d(F.conv2d(x, a.down, None, self.stride, self.padding, self.dilation), a.up, a.up_bias)
+    def forward(self, x):
+        return ops.lora_conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation,
+                               self.active_loras())
 
     def expected_shapes(self, rank):
         return (rank, self.in_channels, *self.kernel_size), (self.out_channels, rank, 1, 1)

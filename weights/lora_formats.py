@@ -29,8 +29,9 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .hub import PICKLE_SUFFIXES, is_local, resolve_file
+from .hub import is_local, resolve_file
 from .load import read_state_dict
+from .safe import check_pickle, read_safetensors_header
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Pipeline components a LoRA file can adapt, with their kohya key prefixes.
@@ -145,15 +146,11 @@ def resolve_lora_file(source, weight_name=None, subfolder=None):
 
 def read_lora_file(path, allow_pickle=False):
     """(state dict, {component: PEFT config dict} or {}) of a LoRA file."""
-    if path.endswith(PICKLE_SUFFIXES) and not allow_pickle:
-        raise ValueError(f"{path} is a pickle file, which can run code when loaded; pass allow_pickle=True to read "
-                         "it anyway (with torch.load(weights_only=True)), or use the .safetensors version")
+    kind = check_pickle(path, allow_pickle)  # by content, not by name
     state_dict = read_state_dict([path], allow_pickle=allow_pickle)
     configs = {}
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
+    if kind == "safetensors":
+        raw = read_safetensors_header(path).metadata.get(METADATA_KEY)
         if raw:
             try:
                 flat = json.loads(raw)

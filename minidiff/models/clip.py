@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidiff.nn import attention
+from minidiff import ops
 from ..weights.load import load_model, save_model
 
 
@@ -134,7 +134,7 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x, mask=None):
         # no padding mask: SDPA's own causal masking, which lets it pick its fastest kernel
-        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask=mask, causal=mask is None)
+        out = ops.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask=mask, causal=mask is None)
         return self.out_proj(out)
 
 
@@ -152,9 +152,9 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = ops.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = CLIPAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = ops.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 
     def forward(self, x, mask=None):
@@ -196,7 +196,7 @@ class CLIPTextTransformer(nn.Module):
         self.config = cfg
         self.embeddings = CLIPTextEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.final_layer_norm = ops.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
         input_ids = input_ids.view(-1, input_ids.shape[-1])

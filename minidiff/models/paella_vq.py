@@ -15,6 +15,7 @@ from typing import ClassVar, NamedTuple
 import torch
 import torch.nn as nn
 
+from .. import ops
 from ..weights import load_model, save_model
 
 
@@ -53,15 +54,15 @@ class MixingResidualBlock(nn.Module):
 
     def __init__(self, c, c_hidden):
         super().__init__()
-        self.norm1 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.norm1 = ops.LayerNorm(c, elementwise_affine=False, eps=1e-6, dim=1)
         self.depthwise = nn.Sequential(nn.ReplicationPad2d(1), nn.Conv2d(c, c, kernel_size=3, groups=c))
-        self.norm2 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.norm2 = ops.LayerNorm(c, elementwise_affine=False, eps=1e-6)  # on channels-last x
         self.channelwise = nn.Sequential(nn.Linear(c, c_hidden), nn.GELU(), nn.Linear(c_hidden, c))
         self.gammas = nn.Parameter(torch.zeros(6))
 
     def forward(self, x):
         g = self.gammas
-        h = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * (1 + g[0]) + g[1]
+        h = self.norm1(x) * (1 + g[0]) + g[1]
         x = x + self.depthwise(h) * g[2]
         h = self.norm2(x.permute(0, 2, 3, 1)) * (1 + g[3]) + g[4]  # channels-last for the MLP
         return x + self.channelwise(h).permute(0, 3, 1, 2) * g[5]

@@ -14,11 +14,13 @@ that every resnet adds to its features.
 from dataclasses import dataclass
 from typing import ClassVar
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidiff.nn import GroupNorm, attention, timestep_embedding
+from minidiff import ops
 from ..weights.load import load_model, save_model
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
@@ -138,6 +140,22 @@ class UNet2DConditionOutput:
 
 # ----------------------------------------------------------------------------- building blocks
 
+def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=1.0, max_period=10000, scale=1.0):
+    """Sinusoidal embedding of (fractional) timesteps t: (B,) -> (B, dim), as in DDPM / Stable Diffusion.
+
+    Frequencies exp(-log(max_period) * i / (half - freq_shift)); `flip_sin_to_cos` puts cos first.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    args = t[:, None].float() * torch.exp(exponent)[None, :] * scale
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
+
 class TimestepEmbedding(nn.Module):
     """MLP lifting a sinusoidal timestep embedding (or any vector) to the width the resnets add."""
 
@@ -159,19 +177,19 @@ class ResnetBlock2D(nn.Module):
 
     def __init__(self, in_channels, out_channels, temb_channels, groups, eps, output_scale_factor=1.0):
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = ops.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = ops.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # 1x1 conv to match widths on the skip path
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, silu=True))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h, silu=True))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x + h
@@ -193,7 +211,7 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, mask=None):
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask=mask,
+        out = ops.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask=mask,
                         upcast=self.upcast)
         return self.to_out[0](out)
 
@@ -206,8 +224,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return ops.geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -228,11 +245,11 @@ class BasicTransformerBlock(nn.Module):
     def __init__(self, dim, heads, head_dim, context_dim, only_cross_attention=False, upcast=False):
         super().__init__()
         self.only_cross_attention = only_cross_attention
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = ops.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, head_dim, context_dim if only_cross_attention else None, upcast)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = ops.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, head_dim, context_dim, upcast)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = ops.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def forward(self, x, context, mask=None, context_mask=None):
@@ -249,7 +266,7 @@ class Transformer2DModel(nn.Module):
         head_dim = channels // heads
         inner = heads * head_dim
         self.linear_projection = linear_projection
-        self.norm = GroupNorm(groups, channels, eps=1e-6)
+        self.norm = ops.GroupNorm(groups, channels, eps=1e-6)
         # SD 1.x projects with 1x1 convolutions, SD 2.x / SDXL with Linear layers: same map, different keys
         self.proj_in = nn.Linear(channels, inner) if linear_projection else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
@@ -447,7 +464,7 @@ class UNet2DConditionModel(nn.Module):
                 context_dim=context_dims[j] if attn else None, heads=heads[j],
                 transformer_layers_per_layer=reverse_tlpb[i], only_cross_attention=only_cross[j]))
 
-        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
+        self.conv_norm_out = ops.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, cfg.conv_out_kernel,
                                   padding=(cfg.conv_out_kernel - 1) // 2)
 
@@ -531,5 +548,5 @@ class UNet2DConditionModel(nn.Module):
             size = tuple(skips[-1].shape[-2:]) if skips else None
             x = block(x, block_skips, emb, context, mask, context_mask, upsample_size=size)
 
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        x = self.conv_out(self.conv_norm_out(x, silu=True))
         return UNet2DConditionOutput(sample=x) if return_dict else (x,)

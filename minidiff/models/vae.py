@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn import GroupNorm, attention
+from .. import ops
 from ..schedulers.common import randn_tensor
 from ..weights.load import load_model, save_model
 
@@ -91,16 +91,20 @@ class ResnetBlock2D(nn.Module):
 
     def __init__(self, in_channels, out_channels, groups, act_fn):
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_channels, eps=1e-6)
+        self.norm1 = ops.GroupNorm(groups, in_channels, eps=1e-6)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = GroupNorm(groups, out_channels, eps=1e-6)
+        self.norm2 = ops.GroupNorm(groups, out_channels, eps=1e-6)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nonlinearity = activation(act_fn)
+        # SiLU (every real VAE) runs fused with the norm through the ops seam; another act_fn runs after it
+        self.nonlinearity = None if act_fn in ("silu", "swish") else activation(act_fn)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
+    def norm_act(self, norm, x):
+        return norm(x, silu=True) if self.nonlinearity is None else self.nonlinearity(norm(x))
+
     def forward(self, x):
-        h = self.conv1(self.nonlinearity(self.norm1(x)))
-        h = self.conv2(self.nonlinearity(self.norm2(h)))
+        h = self.conv1(self.norm_act(self.norm1, x))
+        h = self.conv2(self.norm_act(self.norm2, h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -111,7 +115,7 @@ class SpatialSelfAttention(nn.Module):
 
     def __init__(self, channels, groups):
         super().__init__()
-        self.group_norm = GroupNorm(groups, channels, eps=1e-6)
+        self.group_norm = ops.GroupNorm(groups, channels, eps=1e-6)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -120,7 +124,7 @@ class SpatialSelfAttention(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
-        out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), heads=1)
+        out = ops.attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), heads=1)
         out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
         return x + out
 
@@ -204,8 +208,7 @@ class Encoder(nn.Module):
                                add_downsample=i < len(ch) - 1)
             for i in range(len(ch))])
         self.mid_block = MidBlock(ch[-1], groups, cfg.act_fn, cfg.mid_block_add_attention)
-        self.conv_norm_out = GroupNorm(groups, ch[-1], eps=1e-6)
-        self.conv_act = nn.SiLU()  # SiLU here whatever act_fn says, as in the original LDM code
+        self.conv_norm_out = ops.GroupNorm(groups, ch[-1], eps=1e-6)  # then SiLU whatever act_fn says, as in LDM
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x):
@@ -213,7 +216,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 class Decoder(nn.Module):
@@ -228,15 +231,14 @@ class Decoder(nn.Module):
             UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, groups, cfg.act_fn,
                              add_upsample=i < len(ch) - 1)
             for i in range(len(ch))])
-        self.conv_norm_out = GroupNorm(groups, ch[-1], eps=1e-6)
-        self.conv_act = nn.SiLU()
+        self.conv_norm_out = ops.GroupNorm(groups, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .. import ops
 from ..weights import load_model, save_model
-from .wuerstchen_common import AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, r_embedding
+from .wuerstchen_common import AttnBlock, channel_norm, ResBlockStageB, TimestepBlock, r_embedding
 
 
 @dataclass
@@ -77,11 +78,11 @@ class WuerstchenDiffNeXt(nn.Module):
         inject = list(cfg.inject_effnet) + list(reversed(cfg.inject_effnet))
         self.effnet_mappers = nn.ModuleList(
             [nn.Conv2d(cfg.effnet_embd, cfg.c_cond, kernel_size=1) if on else None for on in inject])
-        self.seq_norm = nn.LayerNorm(cfg.c_cond, elementwise_affine=False, eps=1e-6)
+        self.seq_norm = ops.LayerNorm(cfg.c_cond, elementwise_affine=False, eps=1e-6)
 
         p = cfg.patch_size
         self.embedding = nn.Sequential(nn.PixelUnshuffle(p), nn.Conv2d(cfg.c_in * p * p, c_hidden[0], kernel_size=1),
-                                       LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6))
+                                       channel_norm(c_hidden[0]))
 
         def make(kind, i, c_skip):
             if kind == "C":
@@ -95,7 +96,7 @@ class WuerstchenDiffNeXt(nn.Module):
         for i in range(levels):
             level = nn.ModuleList()
             if i > 0:
-                level.append(nn.Sequential(LayerNorm2d(c_hidden[i - 1], elementwise_affine=False, eps=1e-6),
+                level.append(nn.Sequential(channel_norm(c_hidden[i - 1]),
                                            nn.Conv2d(c_hidden[i - 1], c_hidden[i], kernel_size=2, stride=2)))
             for _ in range(cfg.blocks[i]):
                 for kind in cfg.level_config[i]:
@@ -111,11 +112,11 @@ class WuerstchenDiffNeXt(nn.Module):
                     unet_skip = c_hidden[i] if i < levels - 1 and j == 0 and k == 0 else 0
                     level.append(make(kind, i, unet_skip + effnet_skip[i]))
             if i > 0:
-                level.append(nn.Sequential(LayerNorm2d(c_hidden[i], elementwise_affine=False, eps=1e-6),
+                level.append(nn.Sequential(channel_norm(c_hidden[i]),
                                            nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2)))
             self.up_blocks.append(level)
 
-        self.clf = nn.Sequential(LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
+        self.clf = nn.Sequential(channel_norm(c_hidden[0]),
                                  nn.Conv2d(c_hidden[0], 2 * cfg.c_out * p * p, kernel_size=1),
                                  nn.PixelShuffle(p))
 

@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ..weights import load_model, save_model
 
-from .wuerstchen_common import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, r_embedding
+from .wuerstchen_common import AttnBlock, channel_norm, ResBlock, TimestepBlock, r_embedding
 
 
 @dataclass
@@ -52,7 +52,7 @@ class WuerstchenPrior(nn.Module):
             blocks += [ResBlock(c, dropout=cfg.dropout), TimestepBlock(c, cfg.c_r),
                        AttnBlock(c, c, cfg.nhead, self_attn=True, dropout=cfg.dropout)]
         self.blocks = nn.ModuleList(blocks)
-        self.out = nn.Sequential(LayerNorm2d(c, elementwise_affine=False, eps=1e-6),
+        self.out = nn.Sequential(channel_norm(c),
                                  nn.Conv2d(c, cfg.c_in * 2, kernel_size=1))
 
     @classmethod

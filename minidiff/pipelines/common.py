@@ -348,7 +348,7 @@ def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
 
 def guidance_scale_embedding(w, dim, dtype=torch.float32):
     """LCM's guidance embedding: w (B,) scaled by 1000, sin then cos, frequencies exp(-log(1e4) i / (half - 1))."""
-    from ..nn import timestep_embedding
+    from ..models.unet import timestep_embedding
     return timestep_embedding(w * 1000.0, dim, flip_sin_to_cos=False, freq_shift=1.0).to(dtype)
 
 
