@@ -5,10 +5,13 @@ first; an index spans at most two bytes since n <= 8), and gathers each weight f
 The reference is minidiff.ops.ref_lut_weight (unpack, then gather); tests run both under TRITON_INTERPRET=1.
 """
 import math
+import os
 
 import torch
 import triton
 import triton.language as tl
+
+from minidiff import ops
 
 
 @triton.jit
@@ -27,7 +30,12 @@ def _lut_weight_kernel(packed_ptr, lut_ptr, out_ptr, numel, nbytes, group_numel,
 
 
 def lut_weight(packed, lut, nbits, shape, block=1024):
-    """Same contract as minidiff.ops.ref_lut_weight: (packed uint8 stream, lut (groups, 2^n), n, weight shape)."""
+    """Same contract as minidiff.ops.ref_lut_weight: (packed uint8 stream, lut (groups, 2^n), n, weight shape).
+
+    Plug it in with `ops.use(lut_weight=lut_weight)`. CPU tensors take the reference, unless Triton's
+    interpreter is on (TRITON_INTERPRET=1), which is how the tests run the kernel without a GPU."""
+    if not packed.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        return ops.ref_lut_weight(packed, lut, nbits, shape)
     numel = math.prod(shape)
     lut = lut.contiguous()
     out = torch.empty(numel, dtype=lut.dtype, device=lut.device)

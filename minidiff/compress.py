@@ -245,17 +245,16 @@ def dequantise(model):
 
 def palettised_layers(files):
     """{name: {"nbits", "groups"}} from a weights file's metadata ({} for an ordinary file)."""
-    from safetensors import safe_open
+    from minidiff.weights.safe import read_safetensors_header
     if len(files) != 1 or not files[0].endswith(".safetensors"):
         return {}
-    with safe_open(files[0], framework="pt") as f:
-        meta = f.metadata() or {}
+    meta = read_safetensors_header(files[0]).metadata
     if METADATA_KEY not in meta:
         return {}
     try:
         layers = json.loads(meta[METADATA_KEY])["layers"]
         return {n: {"nbits": int(v["nbits"]), "groups": int(v["groups"])} for n, v in layers.items()}
-    except (ValueError, KeyError, TypeError) as e:
+    except (ValueError, KeyError, TypeError, AttributeError) as e:
         raise ValueError(f"{files[0]}: malformed {METADATA_KEY} metadata: {e}") from e
 
 

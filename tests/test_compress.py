@@ -248,6 +248,14 @@ for nbits in compress.NBITS:
         for dtype in (torch.float32, torch.float16, torch.bfloat16):
             ref = ops.ref_lut_weight(packed, lut.to(dtype), nbits, shape)
             assert torch.equal(lut_weight(packed, lut.to(dtype), nbits, shape), ref), (nbits, shape, dtype)
+# through the seam: a palettised layer computes the same with the kernel plugged in
+layer = torch.nn.Sequential(torch.nn.Conv2d(5, 12, 3, padding=1))
+compress.apply_recipe(layer, {"0": 6}, group_size=4)
+x = torch.randn(2, 5, 9, 7)
+with torch.no_grad():
+    ref = layer(x)
+    with ops.use(lut_weight=lut_weight):
+        assert torch.equal(layer(x), ref)
 print("ok")
 """
     env = {**os.environ, "TRITON_INTERPRET": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
