@@ -346,6 +346,9 @@ def test_sampler_names():
     assert type(s).__name__ == "KDPM2AncestralDiscreteScheduler" and s.config.use_karras_sigmas
     assert name_of(s) == "DPM2 a Karras" and name_of(ours.HeunDiscreteScheduler()) == "Heun"
     assert sampler_name("euler_ancestral") == "Euler a" and sampler_name("lms karras") == "LMS Karras"
+    # where A1111 has no name the PNG says the class name, which reads back
+    assert sampler_name("PNDMScheduler") == "PNDMScheduler"
+    assert type(scheduler_for("PNDMScheduler", {})).__name__ == "PNDMScheduler"
     with pytest.raises(ValueError, match="unknown sampler 'Eulr'; known: Euler, Euler a, Heun"):
         sampler_name("Eulr")
     # every name the issue lists is known; each maps to the class diffusers' docs give
