@@ -28,10 +28,10 @@ def fake_model(x, t):
     return torch.sin(1.3 * x + float(t) / 250.0) * 0.8 + 0.1 * x
 
 
-def loop(sched, model=fake_model, seed=5, **step_kwargs):
+def loop(sched, model=fake_model, seed=5, dtype=torch.float32, **step_kwargs):
     """A pipeline's loop from seeded noise (a generator goes to schedulers whose step takes one); returns the
     step outputs."""
-    x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+    x = (torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma).to(dtype)
     if "generator" in inspect.signature(sched.step).parameters:
         step_kwargs["generator"] = torch.Generator().manual_seed(seed)
     outs = []
@@ -254,6 +254,18 @@ def test_tcd_schedules_and_errors():
     x = torch.zeros(1, 4, 2, 2)
     with pytest.raises(ValueError, match=r"eta \(TCD's gamma\) = 1.5 must be in \[0, 1\]"):
         a.step(x, a.timesteps[0], x, eta=1.5)
+
+
+@pytest.mark.parametrize("name", SIGMA_NAMES + ["DDPMScheduler", "TCDScheduler"])
+def test_fp16_loops(name):
+    """fp16 latents stay fp16 and take the same values as in diffusers (its dtype promotions, not ours)."""
+    a, b = pair(name, **SD, **({"use_karras_sigmas": True} if name in SIGMA_NAMES else {}))
+    for s in (a, b):
+        s.set_timesteps(5)
+    outs_a, outs_b = loop(a, dtype=torch.float16), loop(b, dtype=torch.float16)
+    for oa, ob in zip(outs_a, outs_b):
+        assert oa[0].dtype == ob[0].dtype == torch.float16
+        assert_close(oa[0], ob[0], rel=1e-3 if name == "LMSDiscreteScheduler" else 0.0, name=name)
 
 
 # ---------------------------------------------------------------------------------------------
