@@ -125,9 +125,10 @@ def apply_png(a):
                              "local folder nor a Hub repo id (an A1111 checkpoint name?): pass --model")
         a.model = model
     if "Sampler" in s:
-        if hasattr(a, "sampler"):
-            a.sampler = a.sampler or s["Sampler"]
-        else:
+        from .samplers import sampler_name
+        try:  # a sampler minidiff has is used; any other is named in a warning (the model's own runs)
+            a.sampler = a.sampler or sampler_name(s["Sampler"])
+        except ValueError:
             a.png_sampler = s["Sampler"]
 
 

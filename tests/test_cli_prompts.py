@@ -4,7 +4,7 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from minidiff import StableDiffusionPipeline
+from minidiff import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 from minidiff.cli import main, parse_args
 from minidiff.infotext import format_infotext, parse_infotext
 from pipes import build_sd
@@ -94,10 +94,20 @@ def test_from_an_a1111_png(model, tmp_path, capsys):
         main(["generate", "--from-png", str(png), "--out", str(tmp_path / "x.png")])
     out = tmp_path / "again.png"
     main(["generate", "--from-png", str(png), "--model", folder, "--out", str(out)])
-    assert "sampler 'Euler a'" in capsys.readouterr().err  # said, not silently ignored
+    # the PNG's sampler is used (minidiff has "Euler a": minidiff/samplers.py), and written again
+    assert "Sampler: Euler a," in Image.open(out).text["parameters"]
     prompt, negative, _ = parse_infotext(A1111_INFOTEXT)
+    own = pipe.scheduler
+    pipe.scheduler = EulerAncestralDiscreteScheduler.from_config(own.config)
     ref = library(pipe, prompt, 5, negative_prompt=negative, prompt_syntax="a1111", clip_skip=1)
+    pipe.scheduler = own
     assert abs(pixels(out) - as_uint8(ref)).max() <= 1
+    # a sampler minidiff lacks is said, not silently ignored, and the model's own scheduler runs
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", A1111_INFOTEXT.replace("Sampler: Euler a", "Sampler: DPM fast"))
+    Image.new("RGB", (32, 24)).save(png, pnginfo=info)
+    main(["generate", "--from-png", str(png), "--model", folder, "--out", str(tmp_path / "fast.png")])
+    assert "sampler 'DPM fast'" in capsys.readouterr().err
     bare = tmp_path / "bare.png"
     Image.new("RGB", (8, 8)).save(bare)
     with pytest.raises(SystemExit, match="has no 'parameters' text"):
