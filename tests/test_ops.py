@@ -12,11 +12,8 @@ import torch.nn.functional as F
 
 from minidiff import lora, ops
 from minidiff.models import clip, unet, vae, wuerstchen_common
-from minidiff.models.paella_vq import PaellaVQModel, PaellaVQModelConfig
-from minidiff.models.taesd import AutoencoderTiny, AutoencoderTinyConfig
-from minidiff.models.wuerstchen_diffnext import WuerstchenDiffNeXt, WuerstchenDiffNeXtConfig
-from minidiff.models.wuerstchen_prior import WuerstchenPrior, WuerstchenPriorConfig
-from tests.utils import seeded_
+from tests.utils import (autoencoder_kl, autoencoder_tiny, clip_text, clip_text_projection, paella_vq, seeded_, unet_sd,
+                         unet_sdxl, wuerstchen_diffnext, wuerstchen_prior)
 
 GUARDED = ("scaled_dot_product_attention", "layer_norm", "group_norm")
 
@@ -54,71 +51,6 @@ def seam(monkeypatch):
 
 def n(model, *classes):
     return sum(isinstance(m, classes) for m in model.modules())
-
-
-def rand(*shape, seed=1):
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-UNET = dict(block_out_channels=(32, 64), layers_per_block=1, cross_attention_dim=32, attention_head_dim=4,
-            norm_num_groups=8, down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-            up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"))
-SDXL = dict(UNET, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"), up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
-            attention_head_dim=[2, 4], use_linear_projection=True, transformer_layers_per_block=[1, 2],
-            addition_embed_type="text_time", addition_time_embed_dim=8, projection_class_embeddings_input_dim=32 + 6 * 8)
-CLIP = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-            max_position_embeddings=16)
-IDS = torch.randint(0, 99, (2, 9), generator=torch.Generator().manual_seed(0))
-
-
-def unet_sd():
-    m = unet.UNet2DConditionModel(unet.UNet2DConditionConfig(**UNET))
-    return m, lambda: m(rand(2, 4, 16, 16), 10, rand(2, 7, 32)).sample
-
-
-def unet_sdxl():
-    m = unet.UNet2DConditionModel(unet.UNet2DConditionConfig(**SDXL))
-    extra = {"text_embeds": rand(2, 32), "time_ids": rand(2, 6).abs() * 100}
-    return m, lambda: m(rand(2, 4, 16, 16), torch.tensor([10, 500]), rand(2, 7, 32), added_cond_kwargs=extra).sample
-
-
-def autoencoder_kl():
-    m = vae.AutoencoderKL(vae.AutoencoderKLConfig(block_out_channels=(16, 32), norm_num_groups=8,
-                                                  down_block_types=("DownEncoderBlock2D",) * 2,
-                                                  up_block_types=("UpDecoderBlock2D",) * 2))
-    return m, lambda: m(rand(1, 3, 32, 32).tanh()).sample
-
-
-def autoencoder_tiny():
-    m = AutoencoderTiny(AutoencoderTinyConfig(encoder_block_out_channels=(16,) * 4, decoder_block_out_channels=(16,) * 4))
-    return m, lambda: m(rand(1, 3, 32, 32).tanh()).sample
-
-
-def clip_text():
-    m = clip.CLIPTextModel(clip.CLIPTextConfig(**CLIP))
-    return m, lambda: m(IDS).last_hidden_state  # causal attention, no mask
-
-
-def clip_text_projection():
-    m = clip.CLIPTextModelWithProjection(clip.CLIPTextConfig(**CLIP, hidden_act="gelu"))
-    return m, lambda: m(IDS, attention_mask=(torch.arange(9) < 7).long().expand(2, 9)).text_embeds  # padding mask
-
-
-def wuerstchen_prior():
-    m = WuerstchenPrior(WuerstchenPriorConfig(c_in=4, c=32, c_cond=16, c_r=8, depth=2, nhead=4))
-    return m, lambda: m(rand(2, 4, 6, 6), rand(2).sigmoid(), rand(2, 5, 16))
-
-
-def wuerstchen_diffnext():
-    m = WuerstchenDiffNeXt(WuerstchenDiffNeXtConfig(c_cond=16, c_hidden=[16, 32], nhead=[-1, 4], blocks=[1, 1],
-                                                    level_config=["CT", "CTA"], inject_effnet=[False, True],
-                                                    effnet_embd=4, clip_embd=16, c_r=8))
-    return m, lambda: m(rand(2, 4, 16, 16), rand(2).sigmoid(), rand(2, 4, 6, 6), rand(2, 5, 16))
-
-
-def paella_vq():
-    m = PaellaVQModel(PaellaVQModelConfig(embed_dim=32, bottleneck_blocks=2, num_vq_embeddings=16))
-    return m, lambda: m(rand(1, 3, 32, 32).sigmoid()).sample
 
 
 ATTENTION = (unet.Attention, vae.SpatialSelfAttention, clip.CLIPAttention, wuerstchen_common.Attention)

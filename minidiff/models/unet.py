@@ -6,7 +6,7 @@ Module names equal diffusers' UNet2DConditionModel checkpoint keys, so Hub weigh
 
 Layout, for block_out_channels (c0, c1, ..., cN):
     conv_in -> down blocks (each: resnets [+ transformers], then a stride-2 conv but the last)
-            -> mid block (resnet, transformer, resnet) -> up blocks (mirror, each resnet taking a
+            -> mid block (resnet, transformer, resnet; SSD-1B/Vega: one resnet) -> up blocks (mirror, each resnet taking a
             skip connection from the down path, then nearest x2 upsample + conv) -> norm, SiLU, conv_out.
 The timestep (and for SDXL the pooled text embedding + image size "time ids") becomes one vector
 that every resnet adds to its features.
@@ -21,11 +21,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidiff import ops
-from ..weights.load import load_model, save_model
+from .base import Model, ModelOutput
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
-MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 
 
 @dataclass
@@ -134,7 +134,7 @@ class UNet2DConditionConfig:
 
 
 @dataclass
-class UNet2DConditionOutput:
+class UNet2DConditionOutput(ModelOutput):
     sample: torch.Tensor
 
 
@@ -357,20 +357,24 @@ class DownBlock(nn.Module):
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
-    """At the lowest resolution: resnet, transformer, resnet."""
+    """At the lowest resolution: resnet, transformer, resnet. Without `context_dim` it is diffusers'
+    UNetMidBlock2D as UNet2DConditionModel builds it (num_layers=0, no attention): one resnet (SSD-1B, Vega)."""
 
-    def __init__(self, channels, temb_channels, cfg, context_dim, heads, transformer_layers_per_layer):
+    def __init__(self, channels, temb_channels, cfg, context_dim=None, heads=None, transformer_layers_per_layer=1):
         super().__init__()
         groups, eps, scale = cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor
-        self.has_cross_attention = True
-        layers = transformer_layers(transformer_layers_per_layer, 1)[0]
-        self.attentions = nn.ModuleList([Transformer2DModel(channels, heads, layers, context_dim, groups,
-                                                            cfg.use_linear_projection, False, cfg.upcast_attention)])
+        self.has_cross_attention = context_dim is not None
+        if self.has_cross_attention:
+            layers = transformer_layers(transformer_layers_per_layer, 1)[0]
+            self.attentions = nn.ModuleList([Transformer2DModel(channels, heads, layers, context_dim, groups,
+                                                                cfg.use_linear_projection, False, cfg.upcast_attention)])
         self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, temb_channels, groups, eps, scale)
-                                      for _ in range(2)])
+                                      for _ in range(2 if self.has_cross_attention else 1)])
 
     def forward(self, x, temb, context=None, mask=None, context_mask=None):
         x = self.resnets[0](x, temb)
+        if not self.has_cross_attention:
+            return x
         x = self.attentions[0](x, context, mask, context_mask)
         return self.resnets[1](x, temb)
 
@@ -409,15 +413,15 @@ class UpBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- the UNet
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(Model):
     """diffusers' UNet2DConditionModel for the SD 1.x/2.x/XL families: `unet(sample, t, text).sample`."""
 
     config_class = UNet2DConditionConfig
-    weight_names = ("diffusion_pytorch_model",)
+    single_file_part = "unet"
 
     def __init__(self, config):
-        super().__init__()
-        self.config = cfg = config
+        super().__init__(config)
+        cfg = config
         n = len(cfg.down_block_types)
         channels = list(cfg.block_out_channels)
         heads = cfg.heads_per_block()
@@ -451,6 +455,8 @@ class UNet2DConditionModel(nn.Module):
         self.mid_block = None
         if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
             self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], temb, cfg, context_dims[-1], heads[-1], tlpb[-1])
+        elif cfg.mid_block_type == "UNetMidBlock2D":
+            self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], temb, cfg)
 
         # the up path mirrors the down path, with one more resnet per block (it also eats the downsampler's skip)
         reverse_tlpb = cfg.reverse_transformer_layers_per_block or tlpb[::-1]
@@ -467,30 +473,6 @@ class UNet2DConditionModel(nn.Module):
         self.conv_norm_out = ops.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, cfg.conv_out_kernel,
                                   padding=(cfg.conv_out_kernel - 1) // 2)
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
-                        allow_pickle=False):
-        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-
-    @classmethod
-    def from_single_file(cls, path, config=None, original_config=None, torch_dtype=None, device=None,
-                         allow_pickle=False, subfolder=None):
-        """Load from one LDM-layout checkpoint (a whole model file or one holding only this part); see
-        weights/single_file.py. `config=`: a folder or repo with this model's config.json (in `subfolder`)."""
-        from ..weights.single_file import load_component
-        return load_component(cls, path, "unet", config, original_config, torch_dtype, device, allow_pickle, subfolder)
-
-    def save_pretrained(self, folder):
-        save_model(self, folder)
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
     def time_embed(self, sample, timestep, timestep_cond, class_labels, added_cond_kwargs):
         """The vector every resnet adds: embedded timestep [+ class/guidance] [+ SDXL text/size ids]."""

@@ -14,7 +14,7 @@ For pipelines, this file also provides `retrieve_latents` (the latents of an `en
 or of AutoencoderTiny) and `check_finite` (a clear error when an fp16 decode overflowed).
 """
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from .. import ops
 from ..schedulers.common import randn_tensor
-from ..weights.load import load_model, save_model
+from .base import Model, ModelOutput
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "mish": nn.Mish}
 
@@ -264,11 +264,13 @@ class DiagonalGaussianDistribution:
         return self.mean
 
 
-class AutoencoderKLOutput(NamedTuple):
+@dataclass
+class AutoencoderKLOutput(ModelOutput):
     latent_dist: DiagonalGaussianDistribution
 
 
-class DecoderOutput(NamedTuple):
+@dataclass
+class DecoderOutput(ModelOutput):
     sample: torch.Tensor
 
 
@@ -359,7 +361,7 @@ def _tiled(x, fn, tile_in, tile_out, overlap_factor):
 # The model
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(Model):
     """The VAE. `encode(x)` -> `.latent_dist`; `decode(z)` -> `.sample` (images in [-1, 1]).
 
     `decode` takes the decoder's latent space: convert diffusion latents first with
@@ -368,11 +370,23 @@ class AutoencoderKL(nn.Module):
     """
 
     config_class = AutoencoderKLConfig
-    weight_names = ("diffusion_pytorch_model",)
+    single_file_part = "vae"
+
+    # The one legacy key form: the fp32 VAE files of SD 1.x / 2.x (and sd-vae-ft-mse/-ema), written by
+    # diffusers < 0.14, name the mid-block attention `query`, `key`, `value`, `proj_attn`; their fp16
+    # variants and today's files say `to_q`, `to_k`, `to_v`, `to_out.0`. Same tensors, same shapes.
+    LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+    @classmethod
+    def rename_key(cls, key):
+        """`…attentions.0.query.weight` -> `…attentions.0.to_q.weight`; every other key is kept."""
+        parts = key.split(".")
+        if ".attentions." in key and parts[-2] in cls.LEGACY_ATTENTION:
+            return ".".join(parts[:-2] + [cls.LEGACY_ATTENTION[parts[-2]], parts[-1]])
+        return key
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         latent = config.latent_channels
@@ -385,30 +399,6 @@ class AutoencoderKL(nn.Module):
         self.tile_sample_min_size = size
         self.tile_latent_min_size = int(size / 2 ** (len(config.block_out_channels) - 1))
         self.tile_overlap_factor = 0.25
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
-                        allow_pickle=False):
-        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-
-    @classmethod
-    def from_single_file(cls, path, config=None, original_config=None, torch_dtype=None, device=None,
-                         allow_pickle=False, subfolder=None):
-        """Load from one LDM-layout checkpoint (a whole model file or one holding only this part); see
-        weights/single_file.py. `config=`: a folder or repo with this model's config.json (in `subfolder`)."""
-        from ..weights.single_file import load_component
-        return load_component(cls, path, "vae", config, original_config, torch_dtype, device, allow_pickle, subfolder)
-
-    def save_pretrained(self, folder):
-        save_model(self, folder)
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
     def enable_slicing(self):
         self.use_slicing = True

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import ops
-from ..weights import load_model, save_model
+from .base import Model
 from .wuerstchen_common import AttnBlock, channel_norm, ResBlockStageB, TimestepBlock, r_embedding
 
 
@@ -62,13 +62,12 @@ class WuerstchenDiffNeXtConfig:
             raise ValueError(f"{where}: c_r={self.c_r!r} is too small for a sinusoidal embedding (need >= 4)")
 
 
-class WuerstchenDiffNeXt(nn.Module):
+class WuerstchenDiffNeXt(Model):
     config_class = WuerstchenDiffNeXtConfig
-    weight_names = ("diffusion_pytorch_model",)
 
     def __init__(self, config):
-        super().__init__()
-        self.config = cfg = config
+        super().__init__(config)
+        cfg = config
         c_hidden, levels = cfg.c_hidden, len(cfg.c_hidden)
         dropout = cfg.dropout if isinstance(cfg.dropout, list) else [cfg.dropout] * levels
 
@@ -119,21 +118,6 @@ class WuerstchenDiffNeXt(nn.Module):
         self.clf = nn.Sequential(channel_norm(c_hidden[0]),
                                  nn.Conv2d(c_hidden[0], 2 * cfg.c_out * p * p, kernel_size=1),
                                  nn.PixelShuffle(p))
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None, allow_pickle=False):
-        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-
-    def save_pretrained(self, folder):
-        save_model(self, folder)
-
-    @property
-    def dtype(self):
-        return self.clip_mapper.weight.dtype
-
-    @property
-    def device(self):
-        return self.clip_mapper.weight.device
 
     def effnet_features(self, mapper_index, effnet, size):
         """Stage C embedding at one level's resolution, mapped to c_cond channels (None if not injected)."""

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..models.base import ModelOutput
 from ..weights.hub import read_json
 
 # model_index.json names classes; this is where each one lives in minidiff. Several Hub names map to one class.
@@ -39,14 +40,17 @@ COMPONENT_MODULES = {
     "PaellaVQModel": "minidiff.models.paella_vq",
     "VQModelPaella": "minidiff.models.paella_vq",
 }
-# Tokenizer class names in model_index.json that are served by minidiff's one CLIPTokenizer.
-CLASS_ALIASES = {"CLIPTokenizerFast": "CLIPTokenizer", "PreTrainedTokenizerFast": "CLIPTokenizer",
+# Hub class names served by another minidiff class (CLIPTokenizer and CLIPTokenizerFast serve the tokenizers).
+CLASS_ALIASES = {"PreTrainedTokenizerFast": "CLIPTokenizerFast",
                  "VQModelPaella": "PaellaVQModel"}
 # Components minidiff does not run; the pipeline holds None for them.
 SKIPPED = {"safety_checker", "feature_extractor", "image_encoder"}
 
 
 def component_class(name, where):
+    schedulers = importlib.import_module("minidiff.schedulers")
+    if name not in COMPONENT_MODULES and name in schedulers.__all__:  # every scheduler lives there
+        return getattr(schedulers, name)
     if name not in COMPONENT_MODULES:
         raise ValueError(f"{where}: component class {name!r} is not implemented by minidiff "
                          f"(known: {', '.join(sorted(COMPONENT_MODULES))})")
@@ -55,7 +59,7 @@ def component_class(name, where):
 
 
 @dataclass
-class PipelineOutput:
+class PipelineOutput(ModelOutput):
     """What a pipeline returns: `.images` (PIL list, numpy array, tensor or latents)."""
     images: object
     nsfw_content_detected: object = None
@@ -99,6 +103,7 @@ class DiffusionPipeline:
                                                    device=device, allow_pickle=allow_pickle, **kwargs)
         init_params = inspect.signature(cls.__init__).parameters
         components, options = {}, {}
+        variants = _variants(repo_or_path, index, kwargs, variant, allow_pickle, where)
         for key, value in index.items():
             if key.startswith("_"):
                 continue
@@ -112,7 +117,7 @@ class DiffusionPipeline:
             else:
                 klass = component_class(value[1], f"{where} ({key})")
                 if hasattr(klass, "config_class"):  # a model with weights
-                    components[key] = klass.from_pretrained(repo_or_path, subfolder=key, variant=variant,
+                    components[key] = klass.from_pretrained(repo_or_path, subfolder=key, variant=variants[key],
                                                             torch_dtype=torch_dtype, device=device,
                                                             allow_pickle=allow_pickle)
                 else:  # a scheduler or a tokenizer
@@ -216,7 +221,9 @@ class DiffusionPipeline:
         self._progress_disable = disable
 
     def progress_bar(self, iterable, desc="denoising"):
-        return progress(iterable, desc, disable=self._progress_disable)
+        # a second-order scheduler (order 2) calls the model twice per step: the bar counts steps, as diffusers'
+        order = getattr(getattr(self, "scheduler", None), "order", 1)
+        return progress(iterable, desc, disable=self._progress_disable, order=order)
 
     # ---- LoRA: thin delegates to minidiff/lora.py, which does the work (begin) --------------------
     def load_lora_weights(self, repo_id_or_file_or_dict, weight_name=None, adapter_name=None, allow_partial=False,
@@ -264,17 +271,34 @@ class DiffusionPipeline:
     # ---- LoRA (end) ---------------------------------------------------------------------------
 
 
-def progress(iterable, desc="", disable=False, stream=None):
-    """A one-line progress bar on stderr: `desc  12/25 [00:01<00:02, 9.1it/s]`."""
+def _variants(repo_or_path, index, given, variant, allow_pickle, where):
+    """{component: variant or None} for the models the pipeline reads from the repo (realfiles.py)."""
+    from .realfiles import component_variants
+    models = {}
+    for key, value in index.items():
+        if (key.startswith("_") or key in given or key in SKIPPED or not isinstance(value, (list, tuple))
+                or len(value) != 2 or value[1] is None):
+            continue
+        klass = component_class(value[1], f"{where} ({key})")
+        if hasattr(klass, "config_class"):
+            models[key] = klass
+    return component_variants(repo_or_path, models, variant, allow_pickle, where)
+
+
+def progress(iterable, desc="", disable=False, stream=None, order=1):
+    """A one-line progress bar on stderr: `desc  12/25 [00:01<00:02, 9.1it/s]`. With `order` model calls per
+    step it advances once per `order` items and on the last, as diffusers' bar does."""
     items = list(iterable)
     if disable or not items:
         yield from items
         return
     stream = stream or sys.stderr
-    n, start = len(items), time.perf_counter()
+    n, start, done = -(-len(items) // order), time.perf_counter(), 0
     for i, item in enumerate(items):
         yield item
-        done = i + 1
+        if (i + 1) % order and i != len(items) - 1:
+            continue
+        done += 1
         elapsed = time.perf_counter() - start
         rate = done / elapsed if elapsed > 0 else 0.0
         left = (n - done) / rate if rate > 0 else 0.0
@@ -360,9 +384,17 @@ def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
 
 
 def guidance_scale_embedding(w, dim, dtype=torch.float32):
-    """LCM's guidance embedding: w (B,) scaled by 1000, sin then cos, frequencies exp(-log(1e4) i / (half - 1))."""
-    from ..models.unet import timestep_embedding
-    return timestep_embedding(w * 1000.0, dim, flip_sin_to_cos=False, freq_shift=1.0).to(dtype)
+    """LCM's guidance embedding: w (B,) scaled by 1000, sin then cos, frequencies exp(-log(1e4) i / (half - 1)).
+
+    Computed in diffusers' order of float32 operations: at arguments near 1000 w, one rounding step of a
+    frequency moves sin by ~1e-4, which the first LCM step amplifies to ~1e-4 of the latents' scale."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    args = (w.float() * 1000.0)[:, None] * torch.exp(torch.arange(half, dtype=torch.float32) * -step)[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb.to(dtype)
 
 
 def prompt_batch(prompt, prompt_embeds):
