@@ -131,7 +131,8 @@ def prompt_windows(tokenizer, text):
 
 def embedding_lengths(tokenizer):
     """{id of a multi-vector textual inversion token: its number of vectors} (token, token_1, ...)."""
-    loaded = set(getattr(tokenizer, "textual_inversion_tokens", ()))
+    from .textual_inversion import user_tokens
+    loaded = set(user_tokens(tokenizer))
     out = {}
     for t in loaded:
         n = 1
