@@ -1,5 +1,6 @@
 """Long and weighted prompts (minidiff/prompts.py): A1111's parser examples, windows against a hand-built
 reference from minidiff's own text encoder calls, compel for long unweighted prompts, and the pipelines."""
+import copy
 import warnings
 
 import pytest
@@ -114,6 +115,10 @@ def test_batches_pad_to_the_longest_prompt(sd, sdxl):
 def test_break_and_comma_backtrack(sd):
     _, ours = sd
     tok = ours.tokenizer
+    short = copy.copy(tok)  # a tokenizer (and text encoder) of 20 positions, as the bundled model has: 18 a window
+    short.model_max_length = 20
+    windows = prompt_windows(short, long_prompt(30))
+    assert [len(w[0]) for w in windows] == [20, 20] and windows[1][0][1:13] == tok.encode_plain(long_prompt(30))[18:]
     windows = prompt_windows(tok, "a red cat BREAK a blue dog")
     assert len(windows) == 2
     assert windows[1][0][:5] == [tok.bos_token_id, *tok.encode_plain("a blue dog"), tok.eos_token_id]
