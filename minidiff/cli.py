@@ -29,7 +29,10 @@ def parse_args(argv):
                         "cut at 77 tokens")
     g.add_argument("--clip-skip", type=int, default=None, help="A1111's clip skip: 1 = the last layer (default), "
                                                               "2 = the one before, ...")
-    g.add_argument("--model", default=None, help="Hub repo id or local folder (default: the bundled shapes model)")
+    g.add_argument("--model", default=None, help="Hub repo id, local folder, or one checkpoint file "
+                                                 "(.safetensors, A1111/ComfyUI layout) (default: the bundled shapes model)")
+    g.add_argument("--vae", default=None, help="replace the model's VAE: a VAE-only file (e.g. "
+                                               "vae-ft-mse-840000-ema-pruned.safetensors), a VAE folder or repo")
     g.add_argument("--out", default="out.png", help="PNG file to write (default: out.png)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25, or 4 with --lcm)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 7.5 / bundled 5.0 / 1.0 with --lcm)")
@@ -43,6 +46,8 @@ def parse_args(argv):
     g.add_argument("--embedding", action="append", default=[], metavar="FILE",
                    help="textual inversion embedding to load (repeatable); the prompt names it by its token "
                         "(the embedding's name, or the file's name for A1111 files)")
+    g.add_argument("--sampler", default=None, help="sampler by its A1111 or ComfyUI name, e.g. 'DPM++ 2M Karras', "
+                                                   "'Euler a', 'Heun' (default: the model's own scheduler)")
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--device", default="cpu")
@@ -65,8 +70,17 @@ def check_args(a):
         v = getattr(a, name)
         if v is not None and (v <= 0 or v % 8):
             raise SystemExit(f"minidiff: --{name} {v} must be a positive multiple of 8")
+    if a.sampler is not None:
+        from .samplers import sampler_name, scheduler_class
+        try:
+            a.sampler = sampler_name(a.sampler)
+            scheduler_class(a.sampler)  # the class exists
+        except ValueError as e:
+            raise SystemExit(f"minidiff: --sampler: {e}") from None
     if a.model is not None and not os.path.exists(a.model) and a.model.count("/") != 1:
         raise SystemExit(f"minidiff: --model {a.model!r} is neither a local folder nor a Hub repo id (owner/name)")
+    if a.vae is not None and not os.path.exists(a.vae) and a.vae.count("/") != 1:
+        raise SystemExit(f"minidiff: --vae {a.vae!r} is neither a local file or folder nor a Hub repo id (owner/name)")
 
 
 def png_parameters(a, steps, guidance, width, height, sampler, model):
@@ -117,11 +131,24 @@ def apply_png(a):
             a.png_sampler = s["Sampler"]
 
 
+def load_vae(path, current, dtype, device):
+    """--vae: a single file (LDM or VAE-only layout) or a VAE folder / repo (or a pipeline folder's vae/)."""
+    from .models.vae import AutoencoderKL
+    if os.path.isfile(path):
+        vae = AutoencoderKL.from_single_file(path, torch_dtype=dtype, device=device)
+        # a single file carries no scaling factor: keep the model family's (SD 0.18215, SDXL 0.13025)
+        vae.config.scaling_factor = current.config.scaling_factor
+        return vae
+    sub = "vae" if os.path.isfile(os.path.join(path, "vae", "config.json")) else None
+    return AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=dtype, device=device)
+
+
 def generate(a):
     import torch
     from PIL import PngImagePlugin
 
     from .pipelines import DiffusionPipeline
+    from .samplers import name_of, scheduler_for
     from .schedulers import LCMScheduler
     from .toy.common import LORA_DIR as BUNDLED_LCM_LORA, MODEL_DIR as BUNDLED
 
@@ -130,7 +157,12 @@ def generate(a):
     if bundled and not os.path.isdir(BUNDLED):
         raise SystemExit(f"minidiff: the bundled model is missing from {BUNDLED}; pass --model")
     dtype = getattr(torch, a.dtype)
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=a.variant, device=a.device)
+    if os.path.isfile(model):
+        pipe = DiffusionPipeline.from_single_file(model, torch_dtype=dtype, device=a.device)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=a.variant, device=a.device)
+    if a.vae:
+        pipe.vae = load_vae(a.vae, pipe.vae, dtype, a.device)
     if a.lcm:
         lora = a.lora or (BUNDLED_LCM_LORA if bundled else None)
         if lora is None:
@@ -141,6 +173,11 @@ def generate(a):
         pipe.load_lora_weights(a.lora)
     for path in a.embedding:
         pipe.load_textual_inversion(path, allow_pickle=getattr(a, "allow_pickle", False))
+    if a.sampler is not None:
+        try:
+            pipe.scheduler = scheduler_for(a.sampler, pipe.scheduler.config)
+        except ValueError as e:
+            raise SystemExit(f"minidiff: --sampler: {e}") from None
     steps = a.steps or (4 if a.lcm else 25)
     guidance = a.guidance if a.guidance is not None else (1.0 if a.lcm else 5.0 if bundled else 7.5)
     generator = torch.Generator("cpu").manual_seed(a.seed)
@@ -158,11 +195,13 @@ def generate(a):
     else:  # Wuerstchen: its own CLIP-G prompt path, plain text
         a.prompt_syntax = "plain"
     extra = {"prompt_syntax": a.prompt_syntax, "clip_skip": clip_skip} if "prompt_syntax" in accepted else {}
+    if a.sampler == "TCD":
+        extra["eta"] = 0.3  # TCD's gamma: its step's default
     image = pipe(a.prompt, negative_prompt=a.negative, num_inference_steps=steps, guidance_scale=guidance,
                  width=a.width, height=a.height, generator=generator, **extra).images[0]
     seconds = time.perf_counter() - start
     info = PngImagePlugin.PngInfo()
-    sampler = type(pipe.scheduler).__name__
+    sampler = a.sampler or name_of(pipe.scheduler)
     info.add_text("parameters", png_parameters(a, steps, guidance, image.width, image.height, sampler,
                                                "minidiff/shapes-sd (bundled)" if bundled else model))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)

@@ -17,6 +17,7 @@ from ..weights.load import load_model, save_model
 class Model(nn.Module):
     config_class = None  # the model's config dataclass
     weight_names = ("diffusion_pytorch_model",)  # file stems: <stem>[.<variant>].safetensors; the first is written
+    single_file_part = None  # the part of an LDM/SGM single file this model is: "unet", "vae", "text_encoder", ...
 
     def __init__(self, config):
         super().__init__()
@@ -28,6 +29,18 @@ class Model(nn.Module):
         """Build from `config.json` on the meta device and assign the weights file's tensors (every key and
         shape checked first); see minidiff.weights.load.load_model."""
         return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
+
+    @classmethod
+    def from_single_file(cls, path, config=None, original_config=None, torch_dtype=None, device=None,
+                         allow_pickle=False, subfolder=None):
+        """Load from one LDM-layout checkpoint (a whole model file or one holding only this part); see
+        weights/single_file.py. `config=`: a folder or repo with this model's config.json (in `subfolder`)."""
+        if cls.single_file_part is None:
+            raise ValueError(f"{cls.__name__}.from_single_file: single files hold UNets, VAEs and CLIP text encoders, "
+                             f"not {cls.__name__}")
+        from ..weights.single_file import load_component
+        return load_component(cls, path, cls.single_file_part, config, original_config, torch_dtype, device,
+                              allow_pickle, subfolder)
 
     def save_pretrained(self, folder):
         """Write config.json and <weight_names[0]>.safetensors, the layout from_pretrained (and diffusers) read."""

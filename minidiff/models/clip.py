@@ -225,6 +225,7 @@ class _CLIPTextBase(Model):
 
 
 class CLIPTextModel(_CLIPTextBase):
+    single_file_part = "text_encoder"
     def __init__(self, config):
         super().__init__(config)
         self.text_model = CLIPTextTransformer(config)
@@ -235,6 +236,7 @@ class CLIPTextModel(_CLIPTextBase):
 
 
 class CLIPTextModelWithProjection(_CLIPTextBase):
+    single_file_part = "text_encoder_2"
     def __init__(self, config):
         super().__init__(config)
         self.text_model = CLIPTextTransformer(config)
