@@ -124,12 +124,20 @@ def apply_png(a):
             raise SystemExit(f"minidiff: --from-png {a.from_png} was made with model {model!r}, which is neither a "
                              "local folder nor a Hub repo id (an A1111 checkpoint name?): pass --model")
         a.model = model
-    if "Sampler" in s:
-        from .samplers import sampler_name
-        try:  # a sampler minidiff has is used; any other is named in a warning (the model's own runs)
-            a.sampler = a.sampler or sampler_name(s["Sampler"])
-        except ValueError:
+    if "Sampler" in s and a.sampler is None:
+        from .samplers import sampler_name, scheduler_class
+        name = s["Sampler"]
+        if s.get("Schedule type", "").lower() == "karras" and not name.endswith("Karras"):
+            name += " Karras"  # A1111 1.9+ writes the Karras schedule as its own setting
+        try:
+            a.sampler = sampler_name(name)
+        except ValueError:  # e.g. minidiff's "PNDMScheduler": the model's own scheduler, said if it differs
             a.png_sampler = s["Sampler"]
+            return
+        try:
+            scheduler_class(a.sampler)
+        except ValueError as e:
+            raise SystemExit(f"minidiff: --from-png {a.from_png}: {e}; pass --sampler to choose another") from None
 
 
 def load_vae(path, current, dtype, device):

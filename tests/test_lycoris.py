@@ -231,3 +231,21 @@ def test_every_key_lands_or_is_an_error():
         load_lora_weights({"unet": no_bias}, {"lora_unet_lin.diff": torch.zeros(24, 16),
                                               "lora_unet_lin.diff_b": torch.zeros(24)})
     assert kohya_table({"unet": model})["lora_unet_lin"] == ("unet", "lin")
+
+
+def test_lora_and_lycoris_adapters_together():
+    model = Tiny()
+    base = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    f = loha(model.lin, 2, g)
+    down, up = torch.randn(3, 16, generator=g) * 0.2, torch.randn(24, 3, generator=g) * 0.2
+    load_lora_weights({"unet": model}, {f"lora_unet_lin.{k}": v for k, v in f.items()}, adapter_name="loha",
+                      verbose=False)
+    load_lora_weights({"unet": model}, {"lora_unet_lin.lora_down.weight": down, "lora_unet_lin.lora_up.weight": up},
+                      adapter_name="lora", verbose=False)
+    from minidiff.lora import set_adapters
+    set_adapters({"unet": model}, ["loha", "lora"], [0.5, 2.0])
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        want = base.lin(x) + 0.5 * x @ peft_delta(f, 2.0).T + 2.0 * (x @ down.T) @ up.T  # no alpha: scale 1
+        assert_close(model.lin(x), want, name="LoHa + LoRA")

@@ -55,6 +55,10 @@ def test_diffusers_file_multi_vector_matches_diffusers(tmp_path, sd_folder):
                     ref.encode_prompt(prompt, "cpu", 1, True, negative_prompt="<cat-toy>")):
         assert_close(a, b, name="prompt embeddings")
     assert_same_image(ours(prompt, generator=gen(0), **KW).images, ref(prompt, generator=gen(0), **KW).images)
+    # saved with the pipeline, the tokens and vectors come back (multi-vector expansion included)
+    ours.save_pretrained(str(tmp_path / "saved"))
+    again = StableDiffusionPipeline.from_pretrained(str(tmp_path / "saved"))
+    assert_close(again.encode_prompt(prompt)[0], ours.encode_prompt(prompt)[0], name="saved and reloaded")
     # a token no embedding defines is just text
     plain = ours.encode_prompt("a <dog-toy>", do_classifier_free_guidance=False)[0]
     assert_close(plain, ref.encode_prompt("a <dog-toy>", "cpu", 1, False)[0], name="unknown token")
