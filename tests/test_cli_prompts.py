@@ -7,7 +7,7 @@ from PIL import Image, PngImagePlugin
 from minidiff import StableDiffusionPipeline
 from minidiff.cli import main, parse_args
 from minidiff.infotext import format_infotext, parse_infotext
-from pipes import build_sd
+from utils import build_sd
 
 A1111_INFOTEXT = """masterpiece, a (red:1.2) house
 on a hill, [fog]

@@ -1,5 +1,5 @@
-"""What the three training stages share: where the shipped files live, seeding, the learning-rate
-schedule and the progress line."""
+"""What the three training stages share: where the shipped files live (minidiff.assets), seeding, the
+learning-rate schedule and the progress line."""
 import math
 import os
 import random
@@ -10,10 +10,7 @@ import torch
 
 from ..weights.config import config_from_dict
 
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
-MODEL_DIR = os.path.join(ASSETS, "shapes-sd")
-LORA_DIR = os.path.join(ASSETS, "shapes-sd-lcm-lora")
-LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for first
+from ..assets import LORA_DIR, LORA_FILE, MODEL_DIR  # noqa: F401 (where the stages write what ships)
 
 # Disjoint seeds for every use of the data generator, so that no evaluation ever sees training images.
 SEED_VAE_DATA = 1
