@@ -159,7 +159,7 @@ def generate(a):
     from .pipelines import DiffusionPipeline
     from .samplers import name_of, scheduler_for
     from .schedulers import LCMScheduler
-    from .toy.common import LORA_DIR as BUNDLED_LCM_LORA, MODEL_DIR as BUNDLED
+    from .assets import LORA_DIR as BUNDLED_LCM_LORA, MODEL_DIR as BUNDLED
 
     model = a.model or BUNDLED
     bundled = a.model is None

@@ -8,7 +8,7 @@ from minidiff import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 from minidiff.cli import main, parse_args
 from minidiff.infotext import format_infotext, parse_infotext
 from minidiff.samplers import scheduler_for
-from pipes import build_sd
+from utils import build_sd
 
 A1111_INFOTEXT = """masterpiece, a (red:1.2) house
 on a hill, [fog]

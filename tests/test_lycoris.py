@@ -14,8 +14,7 @@ from peft.tuners.lokr import layer as peft_lokr
 from minidiff import StableDiffusionPipeline, StableDiffusionXLPipeline
 from minidiff.lora import load_lora_weights
 from minidiff.weights.lora_formats import kohya_table, sai_name, sai_prefixes
-from test_lora import build_sd, build_sdxl, targets, text_out, unet_out
-from utils import assert_close
+from utils import assert_close, build_lora_sd, build_lora_sdxl, targets, text_out, unet_out
 
 
 class Tiny(nn.Module):
@@ -152,12 +151,12 @@ def patch(model, by_path, alpha, weight=1.0):
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    return build_sd(str(tmp_path_factory.mktemp("sd_lycoris")))
+    return build_lora_sd(str(tmp_path_factory.mktemp("sd_lycoris")))
 
 
 @pytest.fixture(scope="module")
 def sdxl_folder(tmp_path_factory):
-    return build_sdxl(str(tmp_path_factory.mktemp("sdxl_lycoris")))
+    return build_lora_sdxl(str(tmp_path_factory.mktemp("sdxl_lycoris")))
 
 
 def test_sd1_every_layer_unet_and_text_encoder(sd_folder):

@@ -8,8 +8,7 @@ import torch
 import minidiff
 from minidiff import (StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline,
                       StableDiffusionXLPipeline)
-from pipes import assert_same_image, build_sd, build_sdxl, gen
-from utils import assert_close
+from utils import assert_close, assert_same_image, build_sd, build_sdxl, gen
 
 # The A1111 names these configs stand for, as diffusers' scheduler docs map them.
 SOLVERS = {

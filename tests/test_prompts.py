@@ -8,8 +8,7 @@ import torch
 
 from minidiff import StableDiffusionPipeline, StableDiffusionXLPipeline
 from minidiff.prompts import parse_prompt_attention, prompt_windows
-from pipes import assert_same_image, build_sd, build_sdxl, gen
-from utils import assert_close
+from utils import assert_close, assert_same_image, build_sd, build_sdxl, gen
 
 # A1111's documented examples (modules/prompt_parser.py docstring), then BREAK as its parser gives it.
 A1111_EXAMPLES = [

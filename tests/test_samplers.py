@@ -329,7 +329,7 @@ def test_compatibles_like_diffusers(name):
 
 @pytest.fixture(scope="module")
 def tiny_unet():
-    from pipes import SD_UNET
+    from utils import SD_UNET
     from utils import seeded_
     unet = seeded_(diffusers.UNet2DConditionModel(**{**SD_UNET, "sample_size": 8}), 0, std=0.05).eval()
     cond = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(9))

@@ -19,8 +19,7 @@ from safetensors.torch import save_file
 
 import minidiff
 from minidiff.weights import single_file as sf
-from pipes import assert_same_image, bpe, gen, tokenizer_folder
-from utils import assert_close, seeded_
+from utils import assert_close, assert_same_image, bpe, gen, seeded_, tokenizer_folder
 
 # ---- the converter: diffusers / transformers keys -> the original single-file keys --------------------
 

@@ -7,8 +7,7 @@ from safetensors.torch import save_file
 
 from minidiff import StableDiffusionPipeline, StableDiffusionXLPipeline
 from minidiff.textual_inversion import expand_prompt
-from pipes import assert_same_image, build_sd, build_sdxl, gen
-from utils import assert_close
+from utils import assert_close, assert_same_image, build_sd, build_sdxl, gen
 
 KW = dict(num_inference_steps=3, height=32, width=32, output_type="np")
 

@@ -751,9 +751,9 @@ def clip_tokenizer(pad_token, max_length=77):
     the vocabulary is the 256 byte symbols, the same with `</w>`, one token per merge, then the two specials."""
     import gzip
     from ..tokenizer import CLIPTokenizer, byte_to_char
-    import minidiff  # weights/ is installed as minidiff.weights, but an editable install reads it in place
-    path = os.path.join(os.path.dirname(minidiff.__file__), "assets", "clip-bpe", "merges.txt.gz")
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
+    # absolute: weights/ is installed as minidiff.weights, but an editable install reads it in place
+    from minidiff.assets import CLIP_MERGES
+    with gzip.open(CLIP_MERGES, "rt", encoding="utf-8") as fh:
         merges = [tuple(line.split()) for line in fh.read().strip().split("\n")[1:]]
     chars = sorted(byte_to_char().values())  # CLIP's order: the printable bytes, then those moved past 255
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
