@@ -486,7 +486,7 @@ def add_cli(sub):
     ap.add_argument("--out", required=True, help="new folder for the compressed pipeline")
 
 
-BUNDLED = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "shapes-sd")
+from minidiff.assets import MODEL_DIR as BUNDLED  # noqa: E402  (the default model of the CLI verbs)
 
 
 def _pipeline(model):
