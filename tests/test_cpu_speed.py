@@ -7,7 +7,7 @@ from PIL import Image
 
 from minidiff import StableDiffusionPipeline, device
 from minidiff.cli import main
-from minidiff.toy.common import MODEL_DIR
+from minidiff.assets import MODEL_DIR
 from pipes import build_sd
 
 
