@@ -8,7 +8,7 @@ from PIL import Image
 from minidiff import StableDiffusionPipeline, device
 from minidiff.cli import main
 from minidiff.assets import MODEL_DIR
-from pipes import build_sd
+from utils import build_sd
 
 
 @pytest.fixture
@@ -97,3 +97,30 @@ def test_bf16_is_the_same_picture_on_the_bundled_model():
     assert images[torch.float32].std() > 10
     for a, b in zip(images[torch.bfloat16], images[torch.float32]):
         assert psnr(a, b) > 35, psnr(a, b)
+
+
+def test_fused_qkv_projections_match_and_unfuse_exactly(folder):
+    """diffusers' fuse_qkv_projections on minidiff's UNet and VAE: same output as unfused (fp32 rounding of one
+    matmul vs three), nothing new in the state dict, unfuse back to bit-exact; LoRA layers compute unfused."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    unet, vae = pipe.unet, pipe.vae
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 7, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        before = unet(x, 10, ctx).sample
+        dec = vae.decode(x).sample
+        keys = set(unet.state_dict())
+        pipe.fuse_qkv_projections()
+        attn = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+        assert attn.attn1.fused_weight.shape[0] == 3 * attn.attn1.to_q.out_features  # self: q, k, v
+        assert attn.attn2.fused_weight.shape[0] == 2 * attn.attn2.to_k.out_features  # cross: k, v
+        assert set(unet.state_dict()) == keys
+        torch.testing.assert_close(unet(x, 10, ctx).sample, before, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(vae.decode(x).sample, dec, atol=1e-5, rtol=1e-4)
+        # the fused path really ran: a change to the fused copy changes the output
+        attn.attn1.fused_weight.mul_(2)
+        assert (unet(x, 10, ctx).sample - before).abs().max() > 1e-3
+        pipe.unfuse_qkv_projections()
+        assert "fused_weight" not in dict(attn.attn1.named_buffers())
+        assert torch.equal(unet(x, 10, ctx).sample, before)

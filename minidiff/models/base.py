@@ -52,6 +52,16 @@ class Model(nn.Module):
         """Keys written to config.json beside the config's fields (none but for transformers' models)."""
         return {}
 
+    def fuse_qkv_projections(self):
+        """One matmul for each attention's q, k, v (k, v in cross-attention), as diffusers' (fused_qkv.py)."""
+        from .. import fused_qkv
+        fused_qkv.fuse_qkv_projections(self)
+
+    def unfuse_qkv_projections(self):
+        """Back to the separate projections, exactly (the fused copies are dropped)."""
+        from .. import fused_qkv
+        fused_qkv.unfuse_qkv_projections(self)
+
     @property
     def dtype(self):
         return next(self.parameters()).dtype

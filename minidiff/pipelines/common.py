@@ -213,6 +213,17 @@ class DiffusionPipeline:
         finally:
             model.to("cpu")
 
+    def fuse_qkv_projections(self, unet=True, vae=True):
+        """diffusers' call: fused q/k/v projections in the UNet and the VAE (minidiff/fused_qkv.py)."""
+        for name, wanted in (("unet", unet), ("vae", vae)):
+            if wanted and hasattr(getattr(self, name, None), "fuse_qkv_projections"):
+                getattr(self, name).fuse_qkv_projections()
+
+    def unfuse_qkv_projections(self, unet=True, vae=True):
+        for name, wanted in (("unet", unet), ("vae", vae)):
+            if wanted and hasattr(getattr(self, name, None), "unfuse_qkv_projections"):
+                getattr(self, name).unfuse_qkv_projections()
+
     def enable_vae_slicing(self):
         self.vae.enable_slicing()
 
