@@ -32,7 +32,11 @@ def parse_args(argv):
     g.add_argument("--model", default=None, help="Hub repo id, local folder, or one checkpoint file "
                                                  "(.safetensors, A1111/ComfyUI layout) (default: the bundled shapes model)")
     g.add_argument("--vae", default=None, help="replace the model's VAE: a VAE-only file (e.g. "
-                                               "vae-ft-mse-840000-ema-pruned.safetensors), a VAE folder or repo")
+                                               "vae-ft-mse-840000-ema-pruned.safetensors), a VAE folder or repo "
+                                               "(AutoencoderKL or a TAESD AutoencoderTiny), or 'taesd': "
+                                               "madebyollin/taesd (taesdxl for SDXL), a fast decode for LCM/Turbo")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step; inductor "
+                                                          "caches the kernels across runs)")
     g.add_argument("--out", default="out.png", help="PNG file to write (default: out.png)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25, or 4 with --lcm)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 7.5 / bundled 5.0 / 1.0 with --lcm)")
@@ -83,7 +87,7 @@ def check_args(a):
             raise SystemExit(f"minidiff: --sampler: {e}") from None
     if a.model is not None and not os.path.exists(a.model) and a.model.count("/") != 1:
         raise SystemExit(f"minidiff: --model {a.model!r} is neither a local folder nor a Hub repo id (owner/name)")
-    if a.vae is not None and not os.path.exists(a.vae) and a.vae.count("/") != 1:
+    if a.vae is not None and a.vae != "taesd" and not os.path.exists(a.vae) and a.vae.count("/") != 1:
         raise SystemExit(f"minidiff: --vae {a.vae!r} is neither a local file or folder nor a Hub repo id (owner/name)")
 
 
@@ -146,16 +150,24 @@ def apply_png(a):
             raise SystemExit(f"minidiff: --from-png {a.from_png}: {e}; pass --sampler to choose another") from None
 
 
-def load_vae(path, current, dtype, device):
-    """--vae: a single file (LDM or VAE-only layout) or a VAE folder / repo (or a pipeline folder's vae/)."""
+def load_vae(path, current, dtype, device, xl=False):
+    """--vae: a single file (LDM or VAE-only layout) or a VAE folder / repo (or a pipeline folder's vae/);
+    'taesd': the tiny autoencoder for the model's family."""
+    from .models.taesd import AutoencoderTiny
     from .models.vae import AutoencoderKL
+    from .weights.hub import read_json
+    tiny = path == "taesd"
+    if tiny:
+        path = "madebyollin/taesdxl" if xl else "madebyollin/taesd"
     if os.path.isfile(path):
         vae = AutoencoderKL.from_single_file(path, torch_dtype=dtype, device=device)
         # a single file carries no scaling factor: keep the model family's (SD 0.18215, SDXL 0.13025)
         vae.config.scaling_factor = current.config.scaling_factor
         return vae
     sub = "vae" if os.path.isfile(os.path.join(path, "vae", "config.json")) else None
-    return AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=dtype, device=device)
+    tiny = tiny or read_json(path, "config.json", sub).get("_class_name") == "AutoencoderTiny"
+    return (AutoencoderTiny if tiny else AutoencoderKL).from_pretrained(path, subfolder=sub, torch_dtype=dtype,
+                                                                        device=device)
 
 
 def generate(a):
@@ -181,7 +193,7 @@ def generate(a):
     else:
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=a.variant, device=a.device)
     if a.vae:
-        pipe.vae = load_vae(a.vae, pipe.vae, dtype, a.device)
+        pipe.vae = load_vae(a.vae, pipe.vae, dtype, a.device, xl="XL" in type(pipe).__name__)
     if a.lcm:
         lora = a.lora or (BUNDLED_LCM_LORA if bundled else None)
         if lora is None:
@@ -197,6 +209,12 @@ def generate(a):
             pipe.scheduler = scheduler_for(a.sampler, pipe.scheduler.config)
         except ValueError as e:
             raise SystemExit(f"minidiff: --sampler: {e}") from None
+    if a.compile:  # nn.Module.compile (torch.compile in place): the first step compiles, later ones are fast
+        if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+            raise SystemExit(f"minidiff: --compile compiles a UNet; {type(pipe).__name__} has none")
+        pipe.unet.compile()
+        print("minidiff: --compile: the first step compiles (minutes on a small CPU; cached for the next run)",
+              file=sys.stderr)
     steps = a.steps or (4 if a.lcm else 25)
     guidance = a.guidance if a.guidance is not None else (1.0 if a.lcm else 5.0 if bundled else 7.5)
     generator = torch.Generator("cpu").manual_seed(a.seed)

@@ -1,5 +1,7 @@
 """CPU speed paths against fp32 eager: the fast-dtype default (bf16 where the CPU has bf16 units), how the
 CLI reports and records it, and that bf16 on the bundled model is the same picture as fp32."""
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -124,3 +126,57 @@ def test_fused_qkv_projections_match_and_unfuse_exactly(folder):
         pipe.unfuse_qkv_projections()
         assert "fused_weight" not in dict(attn.attn1.named_buffers())
         assert torch.equal(unet(x, 10, ctx).sample, before)
+
+
+def test_channels_last_matches_eager(folder):
+    """channels_last UNet and VAE (NHWC convolutions): the same image as the default layout."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a red cube", num_inference_steps=3, width=32, height=32, output_type="np")
+    ref = pipe(**kw, generator=torch.Generator().manual_seed(1)).images
+    for m in (pipe.unet, pipe.vae):
+        m.to(memory_format=torch.channels_last)
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    got = pipe(**kw, generator=torch.Generator().manual_seed(1)).images
+    assert np.abs(got - ref).max() < 1e-4 and ref.std() > 0.01
+
+
+def test_cli_taesd_and_compile_flags(folder, tmp_path, monkeypatch):
+    """--vae with a TAESD folder decodes with AutoencoderTiny (the library's image); --vae taesd names
+    madebyollin/taesd (taesdxl for SDXL); --compile compiles the UNet."""
+    import diffusers
+    from minidiff import AutoencoderTiny, cli
+    from utils import seeded_
+    taesd = tmp_path / "taesd"
+    seeded_(diffusers.AutoencoderTiny(encoder_block_out_channels=[8] * 4, decoder_block_out_channels=[8] * 4),
+            std=0.2).eval().save_pretrained(taesd)
+    out = tmp_path / "t.png"
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(type(self).__name__))
+    main(["generate", "a red cube", "--model", folder, "--vae", str(taesd), "--steps", "2", "--width", "32",
+          "--height", "32", "--dtype", "float32", "--compile", "--out", str(out)])
+    assert compiled == ["UNet2DConditionModel"]
+    pipe = StableDiffusionPipeline.from_pretrained(folder, vae=AutoencoderTiny.from_pretrained(taesd))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a red cube", num_inference_steps=2, width=32, height=32, generator=torch.Generator().manual_seed(0),
+               output_type="np").images[0]
+    got = np.asarray(Image.open(out)).astype(int)
+    assert np.abs(got - np.round(ref * 255)).max() <= 1
+    asked = []
+    monkeypatch.setattr(AutoencoderTiny, "from_pretrained", classmethod(lambda cls, path, **kw: asked.append(path)))
+    cli.load_vae("taesd", None, torch.float32, "cpu")
+    cli.load_vae("taesd", None, torch.float32, "cpu", xl=True)
+    assert asked == ["madebyollin/taesd", "madebyollin/taesdxl"]
+
+
+@pytest.mark.skipif(os.environ.get("MINIDIFF_COMPILE_TESTS") != "1",
+                    reason="torch.compile takes minutes on a small CPU: MINIDIFF_COMPILE_TESTS=1 runs it")
+def test_compiled_unet_matches_eager(folder):
+    """Opt-in: the compiled UNet against eager (fp32)."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, pipe.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        ref = pipe.unet(x, 10, ctx).sample
+        pipe.unet.compile()
+        torch.testing.assert_close(pipe.unet(x, 10, ctx).sample, ref, atol=1e-4, rtol=1e-4)
