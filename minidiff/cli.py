@@ -29,20 +29,19 @@ def parse_args(argv):
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--device", default="cpu")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g.add_argument("--allow-pickle", action="store_true", help="read pickle checkpoints/LoRAs (.bin, .ckpt; with "
+                   "torch.load(weights_only=True)); refused by default")
     return p.parse_args(argv)
 
 
 def check_args(a):
-    if not a.out.lower().endswith(".png"):
-        raise SystemExit(f"minidiff: --out {a.out!r} must end in .png")
-    if os.path.exists(a.out) and not a.overwrite:
-        raise SystemExit(f"minidiff: {a.out} exists; pass --overwrite to replace it")
-    if a.steps is not None and a.steps < 1:
-        raise SystemExit(f"minidiff: --steps {a.steps} must be >= 1")
-    for name in ("width", "height"):
-        v = getattr(a, name)
-        if v is not None and (v <= 0 or v % 8):
-            raise SystemExit(f"minidiff: --{name} {v} must be a positive multiple of 8")
+    """Every argument checked before anything is loaded (the rules: minidiff/cli_checks.py)."""
+    from .cli_checks import check_cli_args
+    from .errors import MinidiffError
+    try:
+        check_cli_args(a)
+    except (MinidiffError, FileNotFoundError) as e:
+        raise SystemExit(f"minidiff: {e}") from None
     if a.model is not None and not os.path.exists(a.model) and a.model.count("/") != 1:
         raise SystemExit(f"minidiff: --model {a.model!r} is neither a local folder nor a Hub repo id (owner/name)")
 
@@ -70,15 +69,16 @@ def generate(a):
     if bundled and not os.path.isdir(BUNDLED):
         raise SystemExit(f"minidiff: the bundled model is missing from {BUNDLED}; pass --model")
     dtype = getattr(torch, a.dtype)
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=a.variant, device=a.device)
+    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=a.variant, device=a.device,
+                                             allow_pickle=a.allow_pickle)
     if a.lcm:
         lora = a.lora or (BUNDLED_LCM_LORA if bundled else None)
         if lora is None:
             raise SystemExit("minidiff: --lcm with --model needs --lora (e.g. latent-consistency/lcm-lora-sdv1-5)")
-        pipe.load_lora_weights(lora, adapter_name="lcm")
+        pipe.load_lora_weights(lora, adapter_name="lcm", allow_pickle=a.allow_pickle)
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     elif a.lora:
-        pipe.load_lora_weights(a.lora)
+        pipe.load_lora_weights(a.lora, allow_pickle=a.allow_pickle)
     steps = a.steps or (4 if a.lcm else 25)
     guidance = a.guidance if a.guidance is not None else (1.0 if a.lcm else 5.0 if bundled else 7.5)
     generator = torch.Generator("cpu").manual_seed(a.seed)
@@ -90,8 +90,9 @@ def generate(a):
     sampler = type(pipe.scheduler).__name__
     info.add_text("parameters", png_parameters(a, steps, guidance, image.width, image.height, sampler,
                                                "minidiff/shapes-sd (bundled)" if bundled else model))
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    image.save(a.out, pnginfo=info)
+    # a temporary file beside --out, moved into place when complete (never over a file that appeared meanwhile)
+    from .output_file import write_new_file
+    write_new_file(a.out, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=a.overwrite)
     print(f"wrote {a.out} ({image.width}x{image.height}, {steps} steps, {seconds:.2f} s)")
 
 
@@ -99,7 +100,11 @@ def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
     if a.command == "generate":
         check_args(a)
-        generate(a)
+        from .errors import MinidiffError
+        try:
+            generate(a)
+        except (MinidiffError, FileNotFoundError) as e:  # documented errors: their message, without a traceback
+            raise SystemExit(f"minidiff: {e}") from None
 
 
 if __name__ == "__main__":

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from .config import config_from_dict, config_to_dict
-from ..errors import FileFormatError
+from ..errors import ConfigError, FileFormatError
 from .hub import read_json, resolve_weights
 from .safe import check_pickle, read_safetensors_header, torch_load
 
@@ -74,7 +74,7 @@ def _listing(keys, n=12):
     return ", ".join(keys[:n]) + more
 
 
-def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=False):
+def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=False, shapes=None):
     """Assign the tensors of `files` to `model` (built on meta), checking every key and shape first.
 
     `rename(file_key) -> module_key` maps another key form of the same model (None: keys are equal);
@@ -85,7 +85,8 @@ def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=F
     dtype = dtype or torch.float32
     device = torch.device(device) if device is not None else torch.device("cpu")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {rename(k): (path, shape, k) for k, (path, shape) in _shapes(files, allow_pickle).items()}
+    shapes = shapes if shapes is not None else _shapes(files, allow_pickle)
+    found = {rename(k): (path, shape, k) for k, (path, shape) in shapes.items()}
     found.pop(None, None)
     where = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} shards)"
     missing = expected.keys() - found.keys()
@@ -133,6 +134,26 @@ def _no_init():
 
 
 @contextmanager
+def _bounded_build(cls, n_tensors, files):
+    """Stop building a model as soon as it has more parameters than the weights hold tensors: a config that
+    asks for a million layers fails after a few thousand modules, naming both, instead of filling memory."""
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+    limit, count = 2 * n_tensors + 64, [0]
+
+    def hook(module, name, param):
+        count[0] += 1
+        if count[0] > limit:
+            raise ConfigError(f"{cls.__name__}: its config asks for more than {limit} parameter tensors, but "
+                              f"{files[0]}{f' (and {len(files) - 1} more shards)' if len(files) > 1 else ''} holds "
+                              f"{n_tensors}: the config.json does not belong to these weights")
+    handle = register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
+
+
+@contextmanager
 def _no_gc():
     """Pause the cyclic garbage collector while a model is built: the thousands of small objects a build
     allocates trigger full collections over everything imported so far (torch and friends), which made
@@ -158,10 +179,11 @@ def load_model(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None
         raw = read_json(repo_or_path, "config.json", subfolder)
         config = config_from_dict(cls.config_class, raw, where=os.path.join(repo_or_path, subfolder or "", "config.json"))
     files = resolve_weights(repo_or_path, cls.weight_names, subfolder, variant, allow_pickle)
+    shapes = _shapes(files, allow_pickle)  # headers only: checked before anything is built
     with _no_gc():
-        with torch.device("meta"), _no_init():
+        with torch.device("meta"), _no_init(), _bounded_build(cls, len(shapes), files):
             model = cls(config)
-        load_into(model, files, torch_dtype, device, getattr(cls, "rename_key", None), allow_pickle)
+        load_into(model, files, torch_dtype, device, getattr(cls, "rename_key", None), allow_pickle, shapes)
     return model.eval()
 
 

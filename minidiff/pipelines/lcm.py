@@ -9,6 +9,8 @@ pass on the prompt alone (no negative prompt). Each LCMScheduler step maps the l
 import torch
 
 from ..lora import call_scale, scaled
+from ..finite import check_step
+from .arguments import check_arguments
 from .common import PipelineOutput
 from .stable_diffusion import StableDiffusionPipeline
 
@@ -21,6 +23,7 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
                  timesteps=None, guidance_scale=8.5, num_images_per_prompt=1, generator=None, latents=None,
                  prompt_embeds=None, output_type="pil", return_dict=True, cross_attention_kwargs=None, clip_skip=None,
                  callback_on_step_end=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         if not hasattr(self.scheduler, "boundary_scalings"):
             raise ValueError(f"LatentConsistencyModelPipeline needs an LCMScheduler (it decodes the scheduler's "
                              f"denoised sample), got {type(self.scheduler).__name__}: set pipe.scheduler = "
@@ -62,6 +65,7 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
                     denoised = out.get("denoised", denoised)
                     cond = out.get("prompt_embeds", cond)
                     w_embedding = out.get("w_embedding", w_embedding)
+                check_step(denoised, unet, i, len(self.scheduler.timesteps), self.modules(), guidance_scale)
 
         images = self._decode(denoised.to(cond.dtype), output_type, generator)
         return PipelineOutput(images) if return_dict else (images, None)

@@ -9,8 +9,10 @@ import inspect
 
 import torch
 
+from ..finite import check_step
 from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
+from .arguments import check_arguments
 from .common import (DiffusionPipeline, PipelineOutput, check_common_inputs, guidance_scale_embedding,
                      negative_list, postprocess, preprocess_image, prompt_batch, rescale_noise_cfg)
 
@@ -102,6 +104,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 if callback_on_step_end is not None:
                     out = callback_on_step_end(self, i, t, {"latents": latents}) or {}
                     latents = out.get("latents", latents)
+                check_step(latents, unet, i, len(timesteps), self.modules(), guidance_scale)
         return latents
 
     def _decode(self, latents, output_type, generator=None):
@@ -110,7 +113,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         from ..models.vae import check_finite
         with self._on_device(self.vae) as vae:
             image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        check_finite(image, f"{type(self.vae).__name__}.decode")
+        check_finite(image, f"{type(self.vae).__name__}.decode", self.modules())
         return postprocess(image, output_type)
 
     def _check(self, prompt, height, width, num_inference_steps, num_images_per_prompt, generator, negative_prompt,
@@ -142,6 +145,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
                  guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
                  latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
                  cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None, callback_on_step_end=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         batch = self._check(prompt, height, width, num_inference_steps, num_images_per_prompt, generator,
@@ -195,6 +199,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
                  guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
                  prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
                  cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None, callback_on_step_end=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         if image is None:
             raise ValueError("image-to-image needs `image`")
         if not 0 <= strength <= 1:

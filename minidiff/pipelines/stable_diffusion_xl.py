@@ -9,6 +9,7 @@ import torch
 
 from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
+from .arguments import check_arguments
 from .common import PipelineOutput, postprocess, preprocess_image, prompt_batch
 from .stable_diffusion import StableDiffusionPipeline, _image_latents
 
@@ -147,7 +148,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             image = vae.decode(latents, return_dict=False)[0]
             if upcast:
                 vae.to(torch.float16)
-        check_finite(image, f"{type(self.vae).__name__}.decode")
+        check_finite(image, f"{type(self.vae).__name__}.decode", self.modules())
         return postprocess(image, output_type)
 
     @staticmethod
@@ -170,6 +171,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None,
                  callback_on_step_end=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         batch = self._check(prompt, height, width, num_inference_steps, num_images_per_prompt, generator,
@@ -273,6 +275,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                  target_size=None, negative_original_size=None, negative_crops_coords_top_left=(0, 0),
                  negative_target_size=None, aesthetic_score=6.0, negative_aesthetic_score=2.5, clip_skip=None,
                  callback_on_step_end=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         if image is None:
             raise ValueError("image-to-image needs `image` (an image, or the base pipeline's latents)")
         if not 0 <= strength <= 1:

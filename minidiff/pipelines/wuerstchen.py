@@ -18,6 +18,8 @@ from ..schedulers.common import randn_tensor
 from ..schedulers.ddpm_wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 from ..weights.config import AttrDict
 from ..weights.hub import read_json, resolve_file
+from ..finite import check_output, check_step
+from .arguments import check_arguments
 from .common import DiffusionPipeline, PipelineOutput, negative_list, numpy_to_pil, prompt_batch
 
 __all__ = ["DEFAULT_STAGE_C_TIMESTEPS", "WuerstchenCombinedPipeline", "WuerstchenDecoderPipeline",
@@ -174,6 +176,7 @@ class WuerstchenPriorPipeline(DiffusionPipeline):
                  guidance_scale=8.0, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
                  num_images_per_prompt=1, generator=None, latents=None, output_type="pt", return_dict=True,
                  callback_on_step_end=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         batch = self.check_inputs(prompt, height, width, num_inference_steps, timesteps, negative_prompt,
                                   prompt_embeds, negative_prompt_embeds, num_images_per_prompt, generator,
                                   output_type, latents)
@@ -198,6 +201,7 @@ class WuerstchenPriorPipeline(DiffusionPipeline):
                     pred = guide(pred, guidance_scale)
                 latents = self.scheduler.step(pred, ratio, latents, generator=generator).prev_sample
                 latents = step_callback(callback_on_step_end, self, i, t, latents)
+                check_step(latents, prior, i, len(ts) - 1, self.modules(), guidance_scale)
 
         # back to the scale of the EfficientNet features stage B was trained on (as diffusers writes it)
         latents = latents * self.config.latent_mean - self.config.latent_std
@@ -282,6 +286,7 @@ class WuerstchenDecoderPipeline(DiffusionPipeline):
                  negative_prompt=None, num_images_per_prompt=1, generator=None, latents=None, output_type="pil",
                  return_dict=True, callback_on_step_end=None):
         """As diffusers, return_dict=False returns the images themselves, not a tuple."""
+        check_arguments(self, locals())  # every argument's type and range, before any work
         if isinstance(image_embeddings, (list, tuple)):
             image_embeddings = torch.cat(list(image_embeddings), dim=0)
         if isinstance(image_embeddings, np.ndarray):
@@ -315,6 +320,7 @@ class WuerstchenDecoderPipeline(DiffusionPipeline):
                     pred = guide(pred, guidance_scale)
                 latents = self.scheduler.step(pred, ratio, latents, generator=generator).prev_sample
                 latents = step_callback(callback_on_step_end, self, i, t, latents)
+                check_step(latents, decoder, i, len(ts) - 1, self.modules(), guidance_scale)
 
         images = latents if output_type == "latent" else self.decode(latents, output_type)
         return PipelineOutput(images) if return_dict else images
@@ -323,7 +329,8 @@ class WuerstchenDecoderPipeline(DiffusionPipeline):
     def decode(self, latents, output_type="pil"):
         """Stage A: VQGAN latents -> images in [0, 1], decoded without snapping to the codebook."""
         with self._on_device(self.vqgan) as vqgan:
-            images = vqgan.decode(latents * vqgan.config.scale_factor).sample.clamp(0, 1)
+            images = vqgan.decode(latents * vqgan.config.scale_factor).sample
+        images = check_output(images, f"{type(self.vqgan).__name__}.decode", self.modules()).clamp(0, 1)
         if output_type == "pt":
             return images
         images = images.permute(0, 2, 3, 1).cpu().float().numpy()
@@ -422,6 +429,7 @@ class WuerstchenCombinedPipeline(DiffusionPipeline):
                  generator=None, latents=None, output_type="pil", return_dict=True, prior_callback_on_step_end=None,
                  callback_on_step_end=None):
         """As diffusers, return_dict=False returns the images themselves, not a tuple."""
+        check_arguments(self, locals())  # every argument's type and range, before any work
         prior, decoder = self.prior_pipe, self.decoder_pipe
         # every check of both stages before any work
         batch = prior.check_inputs(prompt, height, width, prior_num_inference_steps, prior_timesteps,
