@@ -24,6 +24,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .errors import ArgumentError, LoRAFileError
+
 from .weights.lora_formats import COMPONENTS, layer_scale, parse_lora, read_lora_file, resolve_lora_file
 # also reachable as minidiff.lora.<name>, as before the file formats moved out
 from .weights.lora_formats import (DEFAULT_WEIGHT_NAME, METADATA_KEY, ModuleLoRA, is_target,  # noqa: F401
@@ -69,9 +71,11 @@ class LoRALayer(nn.Module):
 
     def forward(self, x):
         out = self.base_forward(x)
-        if self.fused or not self.enabled:  # a fused layer computes with W + deltas alone, as PEFT does
+        if not self.enabled:
             return out
         for name in self.active:
+            if name in self.fused:  # already inside W; an adapter loaded after fuse_lora still applies, as in diffusers
+                continue
             a = self.adapters[name]
             out = out + self.lora_forward(x, a) * (a.scale * self.adapter_weights[name] * self.call_scale)
         return out
@@ -257,42 +261,21 @@ def load_lora_weights(target, repo_id_or_file_or_dict, weight_name=None, adapter
         state_dict, configs, where = repo_id_or_file_or_dict, {}, "the LoRA state dict"
     else:
         where = resolve_lora_file(repo_id_or_file_or_dict, weight_name, subfolder)
-        state_dict, configs = read_lora_file(where, allow_pickle)
+        # keys and shapes first, from the (bounded) header alone: no tensor is read for a file that does not fit
+        state_dict, configs = read_lora_file(where, allow_pickle, header_only=True)
     loaded = {n for names in get_list_adapters(models).values() for n in names}
     if adapter_name is None:
         adapter_name = f"default_{len(loaded)}"
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name={adapter_name!r}: use a non-empty name without '.'")
+        raise ArgumentError(f"adapter_name={adapter_name!r}: use a non-empty name without '.'")
     if adapter_name in loaded:
-        raise ValueError(f"an adapter named {adapter_name!r} is already loaded (loaded: {sorted(loaded)}): pass "
+        raise ArgumentError(f"an adapter named {adapter_name!r} is already loaded (loaded: {sorted(loaded)}): pass "
                          "another adapter_name, or delete_adapters() it first")
 
-    targets, unmatched, form = parse_lora(state_dict, models)
-    for config in configs.values():
-        if config.get("use_dora"):
-            raise ValueError(f"{where}: use_dora=True in its LoRA config: DoRA is not supported")
-    if unmatched and not allow_partial:
-        raise ValueError(f"{where}: {len(unmatched)} of {len(state_dict)} keys match no module of "
-                         f"{' / '.join(models)} ({form} format):"
-                         + _listing(f"{k}: {r}" for k, r in sorted(unmatched.items()))
-                         + "\n  (is this LoRA made for another base model? allow_partial=True loads the keys that match)")
-    adapters, wrong = {}, []
-    for (component, path), t in targets.items():
-        module = models[component].get_submodule(path)
-        down, up = _fit(t.down, module, "down"), _fit(t.up, module, "up")
-        want_down, want_up = expected_shapes(module, down.shape[0])
-        bias_ok = t.up_bias is None or (tuple(t.up_bias.shape) == (want_up[0],) and module.bias is not None)
-        if tuple(down.shape) != want_down or tuple(up.shape) != want_up or not bias_ok:
-            wrong.append(f"{t.keys[0]} (and its pair): down {tuple(t.down.shape)}, up {tuple(t.up.shape)}"
-                         f"{'' if t.up_bias is None else f', up bias {tuple(t.up_bias.shape)}'} do not fit "
-                         f"{component}.{path} ({describe(module)}), which needs down {want_down}, up {want_up}")
-            continue
-        adapters[(component, path)] = (down, up, t.up_bias, layer_scale(t, component, path, configs))
-    if wrong:
-        raise ValueError(f"{where}: {len(wrong)} LoRA layers do not fit the pipeline's modules (a LoRA for another "
-                         "base model, e.g. an SD 1.x LoRA on SDXL?):" + _listing(wrong, 12))
-    if not adapters:
-        raise ValueError(f"{where}: no LoRA layer to load ({len(state_dict)} keys, none matched)")
+    adapters, unmatched, form = _collect(state_dict, configs, models, where, allow_partial)
+    if any(t.is_meta for t in state_dict.values()):  # the header fits: now read the tensors
+        state_dict, configs = read_lora_file(where, allow_pickle)
+        adapters, unmatched, form = _collect(state_dict, configs, models, where, allow_partial)
 
     enabled = all(layer.enabled for _, layer in _all_layers(models))
     counts = {c: 0 for c in models}
@@ -311,6 +294,45 @@ def load_lora_weights(target, repo_id_or_file_or_dict, weight_name=None, adapter
         print(f"LoRA {adapter_name!r} ({form}): " + ", ".join(f"{c} {n} layers" for c, n in counts.items())
               + skipped, file=sys.stderr)
     return report
+
+
+def _collect(state_dict, configs, models, where, allow_partial):
+    """({(component, path): (down, up, up_bias, scale)}, unmatched keys, format) of a state dict whose every
+    key and shape was checked against `models` (meta tensors check shapes only)."""
+    targets, unmatched, form = parse_lora(state_dict, models)
+    for config in configs.values():
+        if config.get("use_dora"):
+            raise LoRAFileError(f"{where}: use_dora=True in its LoRA config: DoRA is not supported")
+    if unmatched and not allow_partial:
+        raise LoRAFileError(f"{where}: {len(unmatched)} of {len(state_dict)} keys match no module of "
+                            f"{' / '.join(models)} ({form} format):"
+                            + _listing(f"{k}: {r}" for k, r in sorted(unmatched.items()))
+                            + "\n  (is this LoRA made for another base model? allow_partial=True loads the keys that match)")
+    adapters, wrong = {}, []
+    for (component, path), t in targets.items():
+        module = models[component].get_submodule(path)
+        for role, x in (("down", t.down), ("up", t.up)):
+            if x.ndim not in (2, 4):
+                raise LoRAFileError(f"{where}: {t.keys[0]} (and its pair): the {role} weight has shape "
+                                    f"{tuple(x.shape)}; a LoRA weight is a matrix or a convolution kernel")
+        if t.down.shape[0] == 0 or t.up.shape[1] == 0:
+            raise LoRAFileError(f"{where}: {t.keys[0]} (and its pair): rank 0 (down {tuple(t.down.shape)}, up "
+                                f"{tuple(t.up.shape)}); a LoRA needs rank >= 1")
+        down, up = _fit(t.down, module, "down"), _fit(t.up, module, "up")
+        want_down, want_up = expected_shapes(module, down.shape[0])
+        bias_ok = t.up_bias is None or (tuple(t.up_bias.shape) == (want_up[0],) and module.bias is not None)
+        if tuple(down.shape) != want_down or tuple(up.shape) != want_up or not bias_ok:
+            wrong.append(f"{t.keys[0]} (and its pair): down {tuple(t.down.shape)}, up {tuple(t.up.shape)}"
+                         f"{'' if t.up_bias is None else f', up bias {tuple(t.up_bias.shape)}'} do not fit "
+                         f"{component}.{path} ({describe(module)}), which needs down {want_down}, up {want_up}")
+            continue
+        adapters[(component, path)] = (down, up, t.up_bias, layer_scale(t, component, path, configs))
+    if wrong:
+        raise LoRAFileError(f"{where}: {len(wrong)} LoRA layers do not fit the pipeline's modules (a LoRA for another "
+                            "base model, e.g. an SD 1.x LoRA on SDXL?):" + _listing(wrong, 12))
+    if not adapters:
+        raise LoRAFileError(f"{where}: no LoRA layer to load ({len(state_dict)} keys, none matched)")
+    return adapters, unmatched, form
 
 
 def _wrap(model, path):

@@ -18,7 +18,7 @@ def is_local(repo_or_path):
 def resolve_file(repo_or_path, filename, subfolder=None, required=True):
     """Path of `subfolder/filename` in a local folder or a Hub repo; None if absent and not required."""
     repo_or_path = os.fspath(repo_or_path)
-    if subfolder:
+    if subfolder is not None:  # "" too: a component named "" in model_index.json
         safe_name(subfolder, repo_or_path, "subfolder")
     safe_name(filename, os.path.join(repo_or_path, subfolder or ""), "file name")
     if is_local(repo_or_path):

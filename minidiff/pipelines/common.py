@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ArgumentError, ArgumentTypeError, FileFormatError
+from ..tokenizer_files import check_tokenizers_fit
 from ..weights.hub import read_json
 
 # model_index.json names classes; this is where each one lives in minidiff. Several Hub names map to one class.
@@ -48,7 +50,7 @@ SKIPPED = {"safety_checker", "feature_extractor", "image_encoder"}
 
 def component_class(name, where):
     if name not in COMPONENT_MODULES:
-        raise ValueError(f"{where}: component class {name!r} is not implemented by minidiff "
+        raise FileFormatError(f"{where}: component class {name!r} is not implemented by minidiff "
                          f"(known: {', '.join(sorted(COMPONENT_MODULES))})")
     module = importlib.import_module(COMPONENT_MODULES[name])
     return getattr(module, CLASS_ALIASES.get(name, name))
@@ -93,7 +95,7 @@ class DiffusionPipeline:
             from . import PIPELINES
             name = index.get("_class_name")
             if name not in PIPELINES:
-                raise ValueError(f"{where}: pipeline class {name!r} is not implemented by minidiff "
+                raise FileFormatError(f"{where}: pipeline class {name!r} is not implemented by minidiff "
                                  f"(known: {', '.join(sorted(PIPELINES))})")
             return PIPELINES[name].from_pretrained(repo_or_path, torch_dtype=torch_dtype, variant=variant,
                                                    device=device, allow_pickle=allow_pickle, **kwargs)
@@ -119,10 +121,11 @@ class DiffusionPipeline:
                     components[key] = klass.from_pretrained(repo_or_path, subfolder=key)
         unknown = [k for k in kwargs if k not in init_params]
         if unknown:
-            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {unknown}")
+            raise ArgumentTypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {unknown}")
         for name in cls.component_names:
             if name not in components and name not in kwargs and name not in cls.optional_components:
-                raise ValueError(f"{where} has no {name!r} component, which {cls.__name__} needs")
+                raise FileFormatError(f"{where} has no {name!r} component, which {cls.__name__} needs")
+        check_tokenizers_fit(components, where)  # ids and lengths every text encoder can embed
         return cls(**components, **options, **kwargs)
 
     def save_pretrained(self, folder):
@@ -275,7 +278,7 @@ def progress(iterable, desc="", disable=False, stream=None):
 def postprocess(image, output_type="pil"):
     """Decoded images in [-1, 1] (B, C, H, W) -> "pt" tensor in [0, 1], "np" (B, H, W, C) array, or PIL list."""
     if output_type not in ("pil", "np", "pt"):
-        raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
+        raise ArgumentError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
     image = (image / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
         return image
@@ -299,12 +302,12 @@ def preprocess_image(image, vae_scale_factor, height=None, width=None, latent_ch
     """
     images = image if isinstance(image, list) else [image]
     if not images:
-        raise ValueError("image is an empty list")
+        raise ArgumentError("image is an empty list")
     first = images[0]
     if isinstance(first, Image.Image):
         bad = [im.mode for im in images if im.mode != "RGB"]
         if bad:
-            raise ValueError(f"image has mode {bad[0]!r}; an RGB image is needed: pass image.convert('RGB')")
+            raise ArgumentError(f"image has mode {bad[0]!r}; an RGB image is needed: pass image.convert('RGB')")
         h = height or first.height
         w = width or first.width
         h, w = h - h % vae_scale_factor, w - w % vae_scale_factor
@@ -322,7 +325,7 @@ def preprocess_image(image, vae_scale_factor, height=None, width=None, latent_ch
             if x.shape[1] == latent_channels:
                 return x
         if x.shape[1] != 3:
-            raise ValueError(f"image has {x.shape[1]} channels; an RGB image (3 channels) or latents "
+            raise ArgumentError(f"image has {x.shape[1]} channels; an RGB image (3 channels) or latents "
                              f"({latent_channels} channels) are needed")
         h = height or x.shape[2]
         w = width or x.shape[3]
@@ -330,7 +333,7 @@ def preprocess_image(image, vae_scale_factor, height=None, width=None, latent_ch
         if (h, w) != tuple(x.shape[2:]):
             x = torch.nn.functional.interpolate(x, size=(h, w))
     else:
-        raise ValueError(f"image of type {type(first).__name__}: pass a PIL image, a numpy array or a torch tensor")
+        raise ArgumentError(f"image of type {type(first).__name__}: pass a PIL image, a numpy array or a torch tensor")
     if x.min() < 0:  # already in [-1, 1]
         return x
     return x * 2 - 1
@@ -354,16 +357,16 @@ def guidance_scale_embedding(w, dim, dtype=torch.float32):
 
 def prompt_batch(prompt, prompt_embeds):
     if prompt is None and prompt_embeds is None:
-        raise ValueError("pass `prompt` or `prompt_embeds`")
+        raise ArgumentError("pass `prompt` or `prompt_embeds`")
     if prompt is not None and prompt_embeds is not None:
-        raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+        raise ArgumentError("pass either `prompt` or `prompt_embeds`, not both")
     if prompt is None:
         return prompt_embeds.shape[0]
     if isinstance(prompt, str):
         return 1
     if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
         return len(prompt)
-    raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
+    raise ArgumentError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
 
 
 def check_common_inputs(height, width, num_inference_steps, generator, batch, vae_scale_factor,
@@ -371,17 +374,17 @@ def check_common_inputs(height, width, num_inference_steps, generator, batch, va
     """Errors before any work: sizes, steps, list lengths."""
     for name, v in (("height", height), ("width", width)):
         if v is not None and (not isinstance(v, int) or v <= 0 or v % vae_scale_factor):
-            raise ValueError(f"{name}={v!r} must be a positive multiple of {vae_scale_factor}")
+            raise ArgumentError(f"{name}={v!r} must be a positive multiple of {vae_scale_factor}")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
+        raise ArgumentError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
     if isinstance(generator, list) and len(generator) != batch:
-        raise ValueError(f"{len(generator)} generators were passed for a batch of {batch} images "
+        raise ArgumentError(f"{len(generator)} generators were passed for a batch of {batch} images "
                          f"(prompts x num_images_per_prompt); pass one generator or exactly {batch}")
     if negative_prompt is not None and negative_prompt_embeds is not None:
-        raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+        raise ArgumentError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
     if (prompt_embeds is not None and negative_prompt_embeds is not None
             and prompt_embeds.shape != negative_prompt_embeds.shape):
-        raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+        raise ArgumentError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
                          f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
 
 
@@ -392,6 +395,6 @@ def negative_list(negative_prompt, batch_size):
     if isinstance(negative_prompt, str):
         return [negative_prompt] * batch_size
     if len(negative_prompt) != batch_size:
-        raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}: "
+        raise ArgumentError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}: "
                          "pass one negative prompt per prompt, or a single string")
     return list(negative_prompt)

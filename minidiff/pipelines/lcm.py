@@ -8,6 +8,7 @@ pass on the prompt alone (no negative prompt). Each LCMScheduler step maps the l
 """
 import torch
 
+from ..errors import ArgumentError
 from ..lora import call_scale, scaled
 from ..finite import check_step
 from .arguments import check_arguments
@@ -25,7 +26,7 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
                  callback_on_step_end=None):
         check_arguments(self, locals())  # every argument's type and range, before any work
         if not hasattr(self.scheduler, "boundary_scalings"):
-            raise ValueError(f"LatentConsistencyModelPipeline needs an LCMScheduler (it decodes the scheduler's "
+            raise ArgumentError(f"LatentConsistencyModelPipeline needs an LCMScheduler (it decodes the scheduler's "
                              f"denoised sample), got {type(self.scheduler).__name__}: set pipe.scheduler = "
                              "LCMScheduler.from_config(pipe.scheduler.config)")
         height = height or self.unet.config.sample_size * self.vae_scale_factor

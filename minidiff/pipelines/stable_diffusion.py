@@ -9,6 +9,7 @@ import inspect
 
 import torch
 
+from ..errors import ArgumentError
 from ..finite import check_step
 from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
@@ -36,7 +37,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         """CLIP embeddings of a list of texts: last hidden state, or with clip_skip=k the hidden state k layers
         before the last, through the final layer norm."""
         if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("this pipeline has no text encoder/tokenizer: pass prompt_embeds (and "
+            raise ArgumentError("this pipeline has no text encoder/tokenizer: pass prompt_embeds (and "
                              "negative_prompt_embeds) instead of prompts")
         ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
                              truncation=True, return_tensors="pt").input_ids
@@ -120,13 +121,13 @@ class StableDiffusionPipeline(DiffusionPipeline):
                prompt_embeds, negative_prompt_embeds, output_type):
         batch = prompt_batch(prompt, prompt_embeds)
         if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+            raise ArgumentError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
         check_common_inputs(height, width, num_inference_steps, generator, batch * num_images_per_prompt,
                             self.vae_scale_factor, negative_prompt, negative_prompt_embeds, prompt_embeds)
         if isinstance(negative_prompt, list):
             negative_list(negative_prompt, batch)
         if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
+            raise ArgumentError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
         return batch
 
     def prepare_latents(self, n, height, width, dtype, generator=None, latents=None):
@@ -136,7 +137,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
         elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
+            raise ArgumentError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
         return latents.to(self._execution_device) * self.scheduler.init_noise_sigma
 
     # ---- text-to-image --------------------------------------------------------------------------
@@ -180,7 +181,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             with self._on_device(self.vae) as vae:
                 if isinstance(generator, list):  # one generator per image: encode them one by one
                     if n % image.shape[0]:
-                        raise ValueError(f"cannot repeat {image.shape[0]} images to a batch of {n}")
+                        raise ArgumentError(f"cannot repeat {image.shape[0]} images to a batch of {n}")
                     image = torch.cat([image] * (n // image.shape[0]))
                     init = torch.cat([_image_latents(vae, image[i:i + 1], generator[i]) for i in range(n)])
                 else:
@@ -188,10 +189,10 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
             init = init * self.vae.config.scaling_factor
         if n > init.shape[0]:
             if n % init.shape[0]:
-                raise ValueError(f"cannot repeat {init.shape[0]} images to a batch of {n}")
+                raise ArgumentError(f"cannot repeat {init.shape[0]} images to a batch of {n}")
             init = torch.cat([init] * (n // init.shape[0]))
         elif n < init.shape[0]:
-            raise ValueError(f"{init.shape[0]} images passed for {n} prompts x images per prompt")
+            raise ArgumentError(f"{init.shape[0]} images passed for {n} prompts x images per prompt")
         return init
 
     @torch.no_grad()
@@ -201,9 +202,9 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
                  cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None, callback_on_step_end=None):
         check_arguments(self, locals())  # every argument's type and range, before any work
         if image is None:
-            raise ValueError("image-to-image needs `image`")
+            raise ArgumentError("image-to-image needs `image`")
         if not 0 <= strength <= 1:
-            raise ValueError(f"strength={strength!r} must be in [0, 1]")
+            raise ArgumentError(f"strength={strength!r} must be in [0, 1]")
         batch = self._check(prompt, None, None, num_inference_steps, num_images_per_prompt, generator,
                             negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
         x = preprocess_image(image, self.vae_scale_factor, latent_channels=self.vae.config.latent_channels)
@@ -220,7 +221,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         t_start = max(steps - min(int(steps * strength), steps), 0)
         ts = self.scheduler.timesteps[t_start * self.scheduler.order:]
         if len(ts) == 0:
-            raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
+            raise ArgumentError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
         self.scheduler.set_begin_index(t_start * self.scheduler.order)
 
         n = batch * num_images_per_prompt

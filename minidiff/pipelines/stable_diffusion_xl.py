@@ -7,6 +7,7 @@ The denoising loop is Stable Diffusion's.
 """
 import torch
 
+from ..errors import ArgumentError
 from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from .arguments import check_arguments
@@ -45,7 +46,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
         pairs = [(t, e) for t, e in pairs if e is not None]
         if not pairs or any(t is None for t, _ in pairs):
-            raise ValueError("this pipeline has no text encoders/tokenizers: pass prompt_embeds and "
+            raise ArgumentError("this pipeline has no text encoders/tokenizers: pass prompt_embeds and "
                              "pooled_prompt_embeds (see encode_prompt)")
         return pairs
 
@@ -78,7 +79,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             # zipped with the encoders present: a refiner (second encoder only) reads `prompt`, as in diffusers
             prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip, lora_scale)
         elif pooled_prompt_embeds is None:
-            raise ValueError("prompt_embeds were passed without pooled_prompt_embeds: pass both (encode_prompt "
+            raise ArgumentError("prompt_embeds were passed without pooled_prompt_embeds: pass both (encode_prompt "
                              "returns them)")
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             if negative_prompt is None and self.force_zeros_for_empty_prompt:
@@ -89,10 +90,10 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 negative_prompt_2 = negative_prompt_2 or negative_prompt
                 neg, neg2 = _as_list(negative_prompt, batch), _as_list(negative_prompt_2, batch)
                 if len(neg) != batch or len(neg2) != batch:
-                    raise ValueError(f"negative_prompt has {len(neg)} entries but prompt has {batch}")
+                    raise ArgumentError(f"negative_prompt has {len(neg)} entries but prompt has {batch}")
                 negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed_xl([neg, neg2], lora_scale=lora_scale)
         elif do_classifier_free_guidance and negative_pooled_prompt_embeds is None:
-            raise ValueError("negative_prompt_embeds were passed without negative_pooled_prompt_embeds")
+            raise ArgumentError("negative_prompt_embeds were passed without negative_pooled_prompt_embeds")
         dtype = self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.unet.dtype
 
         def rep(x):
@@ -111,7 +112,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             if abs(expected - passed) == self.unet.config.addition_time_embed_dim:
                 hint = (" (a refiner-style UNet takes an aesthetic score instead of the target size: set "
                         f"requires_aesthetics_score={expected < passed} on the pipeline)")
-            raise ValueError(f"the UNet's add_embedding takes {expected} features but the time ids {list(ids)} and "
+            raise ArgumentError(f"the UNet's add_embedding takes {expected} features but the time ids {list(ids)} and "
                              f"the pooled embedding ({pooled_dim}) make {passed}{hint}")
         return torch.tensor([list(ids)], dtype=dtype)
 
@@ -157,7 +158,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if denoising_end is None:
             return timesteps
         if not (isinstance(denoising_end, float) and 0 < denoising_end < 1):
-            raise ValueError(f"denoising_end={denoising_end!r} must be a float in (0, 1)")
+            raise ArgumentError(f"denoising_end={denoising_end!r} must be a float in (0, 1)")
         cutoff = int(round(num_train_timesteps - denoising_end * num_train_timesteps))
         return timesteps[:int((timesteps >= cutoff).sum())]
 
@@ -244,7 +245,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                     vae.to(torch.float32)
                 if isinstance(generator, list):
                     if n % x.shape[0]:
-                        raise ValueError(f"cannot repeat {x.shape[0]} images to a batch of {n}")
+                        raise ArgumentError(f"cannot repeat {x.shape[0]} images to a batch of {n}")
                     x = torch.cat([x] * (n // x.shape[0]))
                     init = torch.cat([_image_latents(vae, x[i:i + 1], generator[i]) for i in range(n)])
                 else:
@@ -261,7 +262,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                 init = init * self.vae.config.scaling_factor
         if n > init.shape[0]:
             if n % init.shape[0]:
-                raise ValueError(f"cannot repeat {init.shape[0]} images to a batch of {n}")
+                raise ArgumentError(f"cannot repeat {init.shape[0]} images to a batch of {n}")
             init = torch.cat([init] * (n // init.shape[0]))
         return init
 
@@ -277,14 +278,14 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                  callback_on_step_end=None):
         check_arguments(self, locals())  # every argument's type and range, before any work
         if image is None:
-            raise ValueError("image-to-image needs `image` (an image, or the base pipeline's latents)")
+            raise ArgumentError("image-to-image needs `image` (an image, or the base pipeline's latents)")
         if not 0 <= strength <= 1:
-            raise ValueError(f"strength={strength!r} must be in [0, 1]")
+            raise ArgumentError(f"strength={strength!r} must be in [0, 1]")
         for name, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
             if v is not None and not (isinstance(v, float) and 0 < v < 1):
-                raise ValueError(f"{name}={v!r} must be a float in (0, 1)")
+                raise ArgumentError(f"{name}={v!r} must be a float in (0, 1)")
         if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
-            raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+            raise ArgumentError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
         batch = self._check(prompt, None, None, num_inference_steps, num_images_per_prompt, generator,
                             negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
         device = self._execution_device
@@ -301,7 +302,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             num_inference_steps = len(timesteps)
         ts = self._start(num_inference_steps, strength, denoising_start)
         if len(ts) == 0:
-            raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
+            raise ArgumentError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
         n = batch * num_images_per_prompt
         if latents is None:
             latents = self._image_latents(x, n, generator, cond.dtype)

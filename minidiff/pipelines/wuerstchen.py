@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import ArgumentError, FileFormatError
 from ..schedulers.common import randn_tensor
 from ..schedulers.ddpm_wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 from ..weights.config import AttrDict
@@ -41,7 +42,7 @@ def encode_text(pipe, texts, device):
     """CLIP last hidden state of `texts`, padded to the tokenizer's length; the padding is masked out
     (the Würstchen stages were trained with masked text, unlike Stable Diffusion)."""
     if pipe.text_encoder is None or pipe.tokenizer is None:
-        raise ValueError(f"{type(pipe).__name__} has no text encoder/tokenizer: pass prompt_embeds instead of prompts")
+        raise ArgumentError(f"{type(pipe).__name__} has no text encoder/tokenizer: pass prompt_embeds instead of prompts")
     tokens = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                             truncation=True, return_tensors="pt")
     with pipe._on_device(pipe.text_encoder) as te:
@@ -57,24 +58,24 @@ def guide(prediction, scale):
 
 def check_schedule(num_inference_steps, timesteps, steps_name, timesteps_name):
     if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-        raise ValueError(f"{steps_name}={num_inference_steps!r} must be an integer >= 1 "
+        raise ArgumentError(f"{steps_name}={num_inference_steps!r} must be an integer >= 1 "
                          f"(to give explicit times pass {timesteps_name}=[1.0, ..., 0.0])")
     if timesteps is None:
         return
     ts = [float(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps)]
     if len(ts) < 2:
-        raise ValueError(f"{timesteps_name} has {len(ts)} entries; the sampler steps from each time to the next, "
+        raise ArgumentError(f"{timesteps_name} has {len(ts)} entries; the sampler steps from each time to the next, "
                          "so it needs at least 2 (e.g. [1.0, 0.0])")
     if any(not 0 <= t <= 1 for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
-        raise ValueError(f"{timesteps_name}={ts} must be strictly decreasing times in [0, 1] (ending at 0 "
+        raise ArgumentError(f"{timesteps_name}={ts} must be strictly decreasing times in [0, 1] (ending at 0 "
                          "for a clean result, e.g. DEFAULT_STAGE_C_TIMESTEPS)")
 
 
 def check_batch(num_images_per_prompt, generator, n):
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+        raise ArgumentError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
     if isinstance(generator, list) and len(generator) != n:
-        raise ValueError(f"{len(generator)} generators were passed for a batch of {n} images "
+        raise ArgumentError(f"{len(generator)} generators were passed for a batch of {n} images "
                          f"(prompts x num_images_per_prompt); pass one generator or exactly {n}")
 
 
@@ -88,7 +89,7 @@ def set_schedule(scheduler, num_inference_steps, timesteps, device):
 
 def check_latents(latents, shape):
     if latents is not None and tuple(latents.shape) != tuple(shape):
-        raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
+        raise ArgumentError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
 
 
 def initial_latents(shape, generator, device, dtype, latents, scheduler):
@@ -152,19 +153,19 @@ class WuerstchenPriorPipeline(DiffusionPipeline):
         batch = prompt_batch(prompt, prompt_embeds)
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name}={v!r} must be a positive integer (pixels)")
+                raise ArgumentError(f"{name}={v!r} must be a positive integer (pixels)")
         check_schedule(num_inference_steps, timesteps, steps_name, timesteps_name)
         check_batch(num_images_per_prompt, generator, batch * num_images_per_prompt)
         if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+            raise ArgumentError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             negative_list(negative_prompt, batch)
         if (prompt_embeds is not None and negative_prompt_embeds is not None
                 and prompt_embeds.shape != negative_prompt_embeds.shape):
-            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+            raise ArgumentError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
                              f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
         if output_type is not None and output_type not in ("pt", "np", "latent"):
-            raise ValueError(f"output_type={output_type!r}: the prior returns embeddings, use 'pt' or 'np'")
+            raise ArgumentError(f"output_type={output_type!r}: the prior returns embeddings, use 'pt' or 'np'")
         check_latents(latents, self.latent_shape(batch * num_images_per_prompt, height, width))
         return batch
 
@@ -235,7 +236,7 @@ class WuerstchenDecoderPipeline(DiffusionPipeline):
         multiple = cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)
         h, w = self.latent_size(embedding_height, embedding_width)
         if h % multiple or w % multiple or h == 0 or w == 0:
-            raise ValueError(f"an image embedding of {embedding_height}x{embedding_width} gives decoder latents of "
+            raise ArgumentError(f"an image embedding of {embedding_height}x{embedding_width} gives decoder latents of "
                              f"{h}x{w}, but the decoder needs multiples of {multiple} (patch {cfg.patch_size} x "
                              f"{len(cfg.c_hidden) - 1} downsamplings){hint}")
 
@@ -260,20 +261,20 @@ class WuerstchenDecoderPipeline(DiffusionPipeline):
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
             n_prompts = len(prompt)
         else:
-            raise ValueError(f"prompt must be a string or a non-empty list of strings (\"\" for none), got {prompt!r}")
+            raise ArgumentError(f"prompt must be a string or a non-empty list of strings (\"\" for none), got {prompt!r}")
         if len(embeddings_shape) != 4 or embeddings_shape[1] != self.decoder.config.effnet_embd:
-            raise ValueError(f"image_embeddings of shape {tuple(embeddings_shape)}: the decoder takes (batch, "
+            raise ArgumentError(f"image_embeddings of shape {tuple(embeddings_shape)}: the decoder takes (batch, "
                              f"{self.decoder.config.effnet_embd}, h, w), the prior's `.image_embeddings`")
         b = embeddings_shape[0]
         if b % n_prompts:
-            raise ValueError(f"{n_prompts} prompts for {b} image embeddings: pass one prompt, one per embedding, "
+            raise ArgumentError(f"{n_prompts} prompts for {b} image embeddings: pass one prompt, one per embedding, "
                              "or one per group of embeddings (the prior's num_images_per_prompt)")
         check_schedule(num_inference_steps, timesteps, steps_name, timesteps_name)
         check_batch(num_images_per_prompt, generator, b * num_images_per_prompt)
         if negative_prompt is not None and not isinstance(negative_prompt, str):
             negative_list(negative_prompt, n_prompts)
         if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
+            raise ArgumentError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
         self.check_latent_size(embeddings_shape[2], embeddings_shape[3], size_hint)
         check_latents(latents, self.latent_shape(b * num_images_per_prompt, *embeddings_shape[2:]))
         return n_prompts
@@ -292,7 +293,7 @@ class WuerstchenDecoderPipeline(DiffusionPipeline):
         if isinstance(image_embeddings, np.ndarray):
             image_embeddings = torch.from_numpy(image_embeddings)
         if not isinstance(image_embeddings, torch.Tensor):
-            raise ValueError(f"image_embeddings must be a tensor or numpy array (the prior's output), "
+            raise ArgumentError(f"image_embeddings must be a tensor or numpy array (the prior's output), "
                              f"got {type(image_embeddings).__name__}")
         n_prompts = self.check_inputs(prompt, num_inference_steps, timesteps, negative_prompt, num_images_per_prompt,
                                       generator, output_type, tuple(image_embeddings.shape), latents)
@@ -398,7 +399,7 @@ class WuerstchenCombinedPipeline(DiffusionPipeline):
             return super().from_pretrained(repo_or_path, **load, **kwargs)
         prior_repo = prior_repo or prior_repo_from_card(repo_or_path)
         if prior_repo is None:
-            raise ValueError(f"{os.path.join(repo_or_path, 'model_index.json')} has no prior_* components and its "
+            raise FileFormatError(f"{os.path.join(repo_or_path, 'model_index.json')} has no prior_* components and its "
                              "README.md names no `prior` repo: pass prior_repo='warp-ai/wuerstchen-prior' "
                              "(or a local folder)")
         prior_kwargs = {k[len(PRIOR_PREFIX):]: v for k, v in kwargs.items() if k.startswith(PRIOR_PREFIX)}
