@@ -68,6 +68,9 @@ def check_runnable(model, negative):
     if name not in PIPELINES:
         raise ArgumentError(f"--model {model}: {where} names pipeline {name!r}, which minidiff does not implement "
                             f"(known: {', '.join(sorted(PIPELINES))})")
+    if name.endswith("PriorPipeline"):
+        raise ArgumentError(f"--model {model}: the CLI cannot run a {name} (it returns image embeddings, not "
+                            "images); use the combined pipeline's folder or the Python API")
     params = inspect.signature(PIPELINES[name].__call__).parameters
     missing = [p for p in CALL_ARGS + (("negative_prompt",) if negative else ()) if p not in params]
     if missing:

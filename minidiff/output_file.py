@@ -16,10 +16,10 @@ def check_output_path(path, overwrite=False, suffix=None):
     """Errors before any work: `path` is a folder, exists (without overwrite), or its folder is not writable."""
     if not isinstance(path, str) or not path:
         raise OutputFileError(f"output path {path!r} must be a non-empty file name")
-    if suffix and not path.lower().endswith(suffix):
-        raise OutputFileError(f"{path!r} must end in {suffix}")
     if os.path.isdir(path):
         raise OutputFileError(f"{path} is a folder: name a file inside it, e.g. {os.path.join(path, 'out' + (suffix or ''))}")
+    if suffix and not path.lower().endswith(suffix):
+        raise OutputFileError(f"{path!r} must end in {suffix}")
     if os.path.lexists(path) and not overwrite:
         raise OutputFileError(f"{path} exists; pass --overwrite to replace it")
     folder = os.path.dirname(os.path.abspath(path))

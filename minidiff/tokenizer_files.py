@@ -7,7 +7,7 @@ in the encoder's embedding, and its length must fit the encoder's position embed
 """
 import os
 
-from .errors import TokenizerFileError
+from .errors import FileFormatError, TokenizerFileError
 from .weights.safe import read_json_file
 
 MAX_ID = 1 << 24
@@ -15,7 +15,10 @@ MAX_TOKENIZER_FILE = 64 << 20  # the largest tokenizer.json files published are 
 
 
 def read_vocab(path):
-    vocab = read_json_file(path, max_bytes=MAX_TOKENIZER_FILE)
+    try:
+        vocab = read_json_file(path, max_bytes=MAX_TOKENIZER_FILE)
+    except FileFormatError as e:
+        raise TokenizerFileError(str(e)) from e
     return check_vocab(vocab, path)
 
 
@@ -58,7 +61,7 @@ def check_merges(merges, where):
 
 def check_special(value, key, where):
     content = value.get("content") if isinstance(value, dict) else value
-    if content is not None and not isinstance(content, str):
+    if (content is not None or isinstance(value, dict)) and not isinstance(content, str):
         raise TokenizerFileError(f"{where}: {key}={value!r} must be a token string (or an AddedToken with 'content')")
 
 

@@ -100,7 +100,7 @@ def _walk_numbers(where, key, v, depth=0):
             _walk_numbers(where, key, x, depth + 1)
     elif isinstance(v, float) and not math.isfinite(v):
         raise ConfigError(f"{where}: {key}={v!r} must be a finite number")
-    elif isinstance(v, int) and not isinstance(v, bool):
+    elif isinstance(v, (int, float)) and not isinstance(v, bool) and (key in CAPS or isinstance(v, int)):
         cap = CAPS.get(key, MAX_INT)
         low = 1 if key in POSITIVE else 0 if key in CAPS else -MAX_INT
         if not low <= v <= cap:

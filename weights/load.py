@@ -98,7 +98,8 @@ def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=F
         if missing:
             parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+            listed = unexpected if len(files) == 1 else [f"{k} (in {os.path.basename(found[k][0])})" for k in unexpected]
+            parts.append(f"{len(unexpected)} unexpected keys: {_listing(listed)}")
         if wrong:
             parts.append(f"{len(wrong)} wrong shapes: {_listing(wrong, 6)}")
         parts.append("(is the config.json beside the weights the one they were saved with?)")

@@ -18,9 +18,9 @@ from ..errors import ArgumentError, ArgumentTypeError, TooLargeError
 MAX_STEPS = 10_000  # far beyond any schedule in use (1,000 training steps); 1e9 would be hours of UNet calls
 MAX_SIDE = 1 << 17  # pixels; what really bounds a size is the memory estimate below
 MAX_IMAGES = 4096
-# latent positions one attention layer may span: 4096 x 4096 pixels for SD/SDXL, 4x the largest trained size;
+# latent positions one attention layer may span: 2048 x 2048 pixels for SD/SDXL, twice SDXL's trained size;
 # beyond it the UNet's attention costs hours per step and, without a fused kernel, tokens^2 memory
-MAX_TOKENS = 1 << 18
+MAX_TOKENS = 1 << 16
 OUTPUT_TYPES = ("pil", "np", "pt", "latent")
 STEP_ARGS = ("num_inference_steps", "prior_num_inference_steps")
 SIZE_ARGS = ("height", "width")
@@ -206,7 +206,7 @@ def _check_size(pipe, args):
         f = pipe.vae_scale_factor
         tokens = (height // f) * (width // f)
         if tokens > MAX_TOKENS:
-            raise TooLargeError(f"{what}: {tokens} latent positions, more than the {MAX_TOKENS} (4096x4096 pixels) "
-                                f"one attention layer is run on; its attention alone would need {tokens ** 2 * 4 / 2**40:.0f} "
-                                "TiB without a fused kernel")
+            raise TooLargeError(f"{what}: {tokens} latent positions, more than the {MAX_TOKENS} (2048x2048 pixels) "
+                                f"one attention layer is run on; its attention alone would need {tokens ** 2 * 4 / 2**30:.0f} "
+                                "GiB per head without a fused kernel")
     check_memory(what, _pipe_decode_bytes(pipe, n, height, width), getattr(pipe, "_execution_device", "cpu"))
