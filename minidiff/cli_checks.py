@@ -23,7 +23,7 @@ def check_cli_args(a):
             raise ArgumentError(f"--{name} {v} must be a positive multiple of 8 (at most {MAX_SIDE})")
     if a.guidance is not None and not math.isfinite(a.guidance):
         raise ArgumentError(f"--guidance {a.guidance} must be a finite number")
-    if not 0 <= a.seed <= MAX_SEED:
+    if a.seed is not None and not 0 <= a.seed <= MAX_SEED:
         raise ArgumentError(f"--seed {a.seed} must be in [0, 2**64 - 1]")
     check_text("the prompt", a.prompt)
     check_text("--negative", a.negative)
@@ -33,8 +33,8 @@ def check_cli_args(a):
                      decode_bytes(1, a.height, a.width, itemsize=2 if a.dtype != "float32" else 4), a.device)
     if a.lcm and a.model is not None and a.lora is None:
         raise ArgumentError("--lcm with --model needs --lora (e.g. latent-consistency/lcm-lora-sdv1-5)")
-    for name in ("model", "lora"):
-        v = getattr(a, name)
+    for name in ("model", "lora", "vae"):
+        v = getattr(a, name, None)
         if v is not None and not os.path.exists(v) and (v.count("/") != 1 or v.startswith((".", "/"))):
             raise ArgumentError(f"--{name} {v!r} is neither a local path nor a Hub repo id (owner/name)")
     if a.model is not None and os.path.isdir(a.model):

@@ -22,10 +22,10 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import ops
 from .errors import ArgumentError, LoRAFileError
-
+from .weights import lycoris
 from .weights.lora_formats import COMPONENTS, layer_scale, parse_lora, read_lora_file, resolve_lora_file
 # also reachable as minidiff.lora.<name>, as before the file formats moved out
 from .weights.lora_formats import (DEFAULT_WEIGHT_NAME, METADATA_KEY, ModuleLoRA, is_target,  # noqa: F401
@@ -49,6 +49,21 @@ class LoRAAdapter(nn.Module):
         self.rank = down.shape[0]
 
 
+class LyCORISAdapter(nn.Module):
+    """A LyCORIS adapter (LoHa, LoKr, full difference) on one layer: its factors, and the delta weight they
+    make (weights/lycoris.py). Not a down/up pair: the layer adds scale x delta to its weight for the call."""
+
+    def __init__(self, kind, factors, scale):
+        super().__init__()
+        self.kind, self.names, self.scale = kind, [n for n in factors if n != "diff_b"], scale
+        for n in self.names:
+            self.register_buffer(n, factors[n], persistent=False)
+        self.register_buffer("up_bias", factors.get("diff_b"), persistent=False)  # the bias difference
+
+    def delta(self):
+        return lycoris.delta(self.kind, {n: getattr(self, n) for n in self.names})
+
+
 class LoRALayer(nn.Module):
     """What LoRALinear and LoRAConv2d share: the adapters, which are active and with what weight,
     enable/disable, the per-call scale, fusing."""
@@ -69,19 +84,38 @@ class LoRALayer(nn.Module):
         self.fused = []  # adapters added into `weight`
         self.unfused = None  # (weight, bias) as they were before fusing, on the CPU
 
-    def forward(self, x):
-        out = self.base_forward(x)
+    def active_loras(self):
+        """(down, up, up_bias, scale) of each adapter in use, the form the ops seam's lora_* ops take. Adapters
+        fused into W are left out; one loaded after fuse_lora still applies, as in diffusers."""
         if not self.enabled:
-            return out
+            return []
+        loras = []
         for name in self.active:
-            if name in self.fused:  # already inside W; an adapter loaded after fuse_lora still applies, as in diffusers
+            if name in self.fused:  # already inside W
                 continue
             a = self.adapters[name]
-            out = out + self.lora_forward(x, a) * (a.scale * self.adapter_weights[name] * self.call_scale)
-        return out
+            if isinstance(a, LoRAAdapter):
+                loras.append((a.down, a.up, a.up_bias, a.scale * self.adapter_weights[name] * self.call_scale))
+        return loras
+
+    def adapted_weight(self):
+        """(weight, bias) with the active LyCORIS deltas added, scaled: what the layer computes with this call."""
+        weight, bias = self.weight, self.bias
+        if not self.enabled:
+            return weight, bias
+        for name in self.active:
+            a = self.adapters[name]
+            if isinstance(a, LyCORISAdapter) and name not in self.fused:
+                s = a.scale * self.adapter_weights[name] * self.call_scale
+                weight = weight + a.delta().reshape(weight.shape) * s
+                if a.up_bias is not None:
+                    bias = bias + a.up_bias * s
+        return weight, bias
 
     def delta_weight(self, a):
-        """B A as a weight of this layer's shape, in fp32."""
+        """B A (or a LyCORIS delta) as a weight of this layer's shape, in fp32."""
+        if isinstance(a, LyCORISAdapter):
+            return a.delta().float().reshape(self.weight.shape)
         return (a.up.float().flatten(1) @ a.down.float().flatten(1)).reshape(self.weight.shape)
 
     @torch.no_grad()
@@ -121,11 +155,8 @@ class LoRALinear(LoRALayer):
         super().__init__(base)
         self.in_features, self.out_features = base.in_features, base.out_features
 
-    def base_forward(self, x):
-        return F.linear(x, self.weight, self.bias)
-
-    def lora_forward(self, x, a):
-        return F.linear(F.linear(x, a.down), a.up, a.up_bias)
+    def forward(self, x):
+        return ops.lora_linear(x, *self.adapted_weight(), self.active_loras())
 
     def expected_shapes(self, rank):
         return (rank, self.in_features), (self.out_features, rank)
@@ -152,11 +183,9 @@ class LoRAConv2d(LoRALayer):
         self.kernel_size, self.stride, self.padding, self.dilation = (base.kernel_size, base.stride, base.padding,
                                                                       base.dilation)
 
-    def base_forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-
-    def lora_forward(self, x, a):
-        return F.conv2d(F.conv2d(x, a.down, None, self.stride, self.padding, self.dilation), a.up, a.up_bias)
+    def forward(self, x):
+        weight, bias = self.adapted_weight()
+        return ops.lora_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.active_loras())
 
     def expected_shapes(self, rank):
         return (rank, self.in_channels, *self.kernel_size), (self.out_channels, rank, 1, 1)
@@ -256,7 +285,7 @@ def load_lora_weights(target, repo_id_or_file_or_dict, weight_name=None, adapter
     """
     models = lora_components(target)
     if not models:
-        raise ValueError("this pipeline has no unet or text encoder to load a LoRA into")
+        raise ArgumentError("this pipeline has no unet or text encoder to load a LoRA into")
     if isinstance(repo_id_or_file_or_dict, dict):
         state_dict, configs, where = repo_id_or_file_or_dict, {}, "the LoRA state dict"
     else:
@@ -279,12 +308,18 @@ def load_lora_weights(target, repo_id_or_file_or_dict, weight_name=None, adapter
 
     enabled = all(layer.enabled for _, layer in _all_layers(models))
     counts = {c: 0 for c in models}
-    for (component, path), (down, up, up_bias, scale) in adapters.items():
+    for (component, path), tensors in adapters.items():
         layer = _wrap(models[component], path)
         layer.enabled = enabled
         w = layer.weight
-        layer.adapters[adapter_name] = LoRAAdapter(down.to(w.device, w.dtype), up.to(w.device, w.dtype),
-                                                   None if up_bias is None else up_bias.to(w.device, w.dtype), scale)
+        if isinstance(tensors[0], str):
+            kind, factors, scale = tensors
+            layer.adapters[adapter_name] = LyCORISAdapter(kind, {k: v.to(w.device, w.dtype) for k, v in factors.items()},
+                                                          scale)
+        else:
+            down, up, up_bias, scale = tensors
+            layer.adapters[adapter_name] = LoRAAdapter(down.to(w.device, w.dtype), up.to(w.device, w.dtype),
+                                                       None if up_bias is None else up_bias.to(w.device, w.dtype), scale)
         layer.adapter_weights[adapter_name] = 1.0
         counts[component] += 1
     _activate(models, [adapter_name], [1.0])
@@ -297,8 +332,8 @@ def load_lora_weights(target, repo_id_or_file_or_dict, weight_name=None, adapter
 
 
 def _collect(state_dict, configs, models, where, allow_partial):
-    """({(component, path): (down, up, up_bias, scale)}, unmatched keys, format) of a state dict whose every
-    key and shape was checked against `models` (meta tensors check shapes only)."""
+    """({(component, path): (down, up, up_bias, scale) or LyCORIS (kind, factors, scale)}, unmatched keys, format)
+    of a state dict whose every key and shape was checked against `models` (meta tensors: shapes only)."""
     targets, unmatched, form = parse_lora(state_dict, models)
     for config in configs.values():
         if config.get("use_dora"):
@@ -311,6 +346,13 @@ def _collect(state_dict, configs, models, where, allow_partial):
     adapters, wrong = {}, []
     for (component, path), t in targets.items():
         module = models[component].get_submodule(path)
+        if t.kind != "lora":  # LyCORIS: the delta its factors make must reshape onto the weight
+            problem = _lycoris_problem(t, module)
+            if problem:
+                wrong.append(f"{t.keys[0]} (LyCORIS {t.kind}): {problem} for {component}.{path} ({describe(module)})")
+                continue
+            adapters[(component, path)] = (t.kind, t.factors, lycoris.scale(t.kind, t.factors, t.alpha))
+            continue
         for role, x in (("down", t.down), ("up", t.up)):
             if x.ndim not in (2, 4):
                 raise LoRAFileError(f"{where}: {t.keys[0]} (and its pair): the {role} weight has shape "
@@ -333,6 +375,20 @@ def _collect(state_dict, configs, models, where, allow_partial):
     if not adapters:
         raise LoRAFileError(f"{where}: no LoRA layer to load ({len(state_dict)} keys, none matched)")
     return adapters, unmatched, form
+
+
+def _lycoris_problem(t, module):
+    """Why a LyCORIS layer's factors do not fit `module` (None when they do)."""
+    try:
+        d = lycoris.delta(t.kind, {k: v.float() for k, v in t.factors.items()})
+    except RuntimeError as e:  # factors whose shapes do not multiply
+        return f"factors {dict((k, tuple(v.shape)) for k, v in t.factors.items())} do not combine ({e})"
+    if not lycoris.fits(d, module.weight.shape):
+        return f"factors make a delta of shape {tuple(d.shape)}, not the weight's {tuple(module.weight.shape)}"
+    b = t.factors.get("diff_b")
+    if b is not None and (module.bias is None or tuple(b.shape) != tuple(module.bias.shape)):
+        return f"diff_b {tuple(b.shape)} does not fit the bias {None if module.bias is None else tuple(module.bias.shape)}"
+    return None
 
 
 def _wrap(model, path):
@@ -362,22 +418,22 @@ def set_adapters(target, adapter_names, adapter_weights=None):
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
     if len(weights) != len(names):
-        raise ValueError(f"adapter_weights has {len(weights)} entries for {len(names)} adapters {names}")
+        raise ArgumentError(f"adapter_weights has {len(weights)} entries for {len(names)} adapters {names}")
     loaded = {n for ns in get_list_adapters(models).values() for n in ns}
     missing = [n for n in names if n not in loaded]
     if missing:
-        raise ValueError(f"adapters {missing} are not loaded (loaded: {sorted(loaded)})")
+        raise ArgumentError(f"adapters {missing} are not loaded (loaded: {sorted(loaded)})")
     for component, model in models.items():
         per_component = []
         for n, w in zip(names, weights):
             if isinstance(w, dict):
                 unknown = set(w) - set(COMPONENTS)
                 if unknown:
-                    raise ValueError(f"adapter_weights for {n!r}: unknown components {sorted(unknown)} "
+                    raise ArgumentError(f"adapter_weights for {n!r}: unknown components {sorted(unknown)} "
                                      f"(use {list(COMPONENTS)}; block-wise UNet weights are not supported)")
                 w = w.get(component)
             if w is not None and not isinstance(w, (int, float)):
-                raise ValueError(f"adapter weight {w!r} for {n!r}: use a number (block-wise weights are not supported)")
+                raise ArgumentError(f"adapter weight {w!r} for {n!r}: use a number (block-wise weights are not supported)")
             per_component.append(1.0 if w is None else float(w))
         _activate({component: model}, names, per_component)
 
@@ -412,7 +468,7 @@ def delete_adapters(target, adapter_names):
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]:
             fused = [n for n in names if n in layer.fused]
             if fused:
-                raise ValueError(f"adapters {fused} are fused into {component}.{name}: unfuse_lora() first")
+                raise ArgumentError(f"adapters {fused} are fused into {component}.{name}: unfuse_lora() first")
             for n in names:
                 if n in layer.adapters:
                     del layer.adapters[n]

@@ -10,7 +10,8 @@ swapping an implementation reaches every call:
 `ops.use(...)` also works as a context manager (`with ops.use(attention=f): ...`), restoring what was
 there before. A replacement takes the reference's arguments and returns what it returns; the
 references below are the definition (and what the Triton kernels in `minidiff.kernels` are tested
-against).
+against). Models build their norms from the two layers at the bottom, `ops.GroupNorm` and `ops.LayerNorm`:
+torch's classes with the same parameter names (so checkpoint keys do not change) that compute here.
 """
 import contextlib
 
@@ -20,13 +21,17 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------- the references
 
-def ref_attention(q, k, v, heads, mask=None, causal=False, upcast=False):
+def ref_attention(q, k, v, heads, mask=None, causal=False, upcast=False, classic=False):
     """Multi-head scaled dot-product attention on (batch, tokens, channels) tensors.
 
     q: (B, Lq, C), k: (B, Lk, C), v: (B, Lk, Cv) -> (B, Lq, Cv). `mask` is a boolean (True = attend)
     or additive float mask broadcastable to (B, heads, Lq, Lk). `upcast` computes in fp32, as
-    SD 2.x's `upcast_attention` asks, since fp16 scores overflow there.
+    SD 2.x's `upcast_attention` asks, since fp16 scores overflow there. `classic`: the same math as
+    baddbmm -> softmax -> bmm, diffusers' AttnProcessor, which its Würstchen prior sets; SDPA rounds
+    differently, and the prior's output (x - a) / |1 - b| amplifies that over a 30-step loop.
     """
+    if classic:
+        return _classic_attention(q, k, v, heads, mask)
     b, lq, c = q.shape
     cv = v.shape[-1]
     q = q.view(b, lq, heads, c // heads).transpose(1, 2)
@@ -39,6 +44,26 @@ def ref_attention(q, k, v, heads, mask=None, causal=False, upcast=False):
             mask = mask.float()
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
     return out.transpose(1, 2).reshape(b, lq, cv).to(dtype)
+
+
+def _classic_attention(q, k, v, heads, mask=None):
+    """diffusers' AttnProcessor: heads folded into the batch, scores = baddbmm(q, k^T, alpha=1/sqrt(d))."""
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    b, lq, c = q.shape
+    d, dv = c // heads, v.shape[-1] // heads
+
+    def fold(t, width):  # (B, L, heads * width) -> (B * heads, L, width)
+        return t.reshape(b, -1, heads, width).permute(0, 2, 1, 3).reshape(b * heads, -1, width)
+    q, k, v = fold(q, d), fold(k, d), fold(v, dv)
+    if mask is None:
+        scores = torch.baddbmm(torch.empty(q.shape[0], lq, k.shape[1], dtype=q.dtype, device=q.device), q,
+                               k.transpose(-1, -2), beta=0, alpha=d ** -0.5)
+    else:
+        bias = mask.expand(b, heads, lq, k.shape[1]).reshape(b * heads, lq, k.shape[1]).to(q.dtype)
+        scores = torch.baddbmm(bias, q, k.transpose(-1, -2), beta=1, alpha=d ** -0.5)
+    out = torch.bmm(scores.softmax(dim=-1), v)
+    return out.reshape(b, heads, lq, dv).permute(0, 2, 1, 3).reshape(b, lq, heads * dv)
 
 
 def ref_group_norm(x, num_groups, weight, bias, eps, silu=False):
@@ -122,3 +147,27 @@ class _Restore(contextlib.AbstractContextManager):
     def __exit__(self, *exc):
         globals().update(self.before)
         return False
+
+
+# ----------------------------------------------------------------------------- the layers models build with
+
+class GroupNorm(torch.nn.GroupNorm):
+    """nn.GroupNorm (same parameter names, so the same state-dict keys) computing through `group_norm`.
+
+    `norm(x, silu=True)` is the GroupNorm-then-SiLU pair of every resnet block, one op for a kernel to fuse."""
+
+    def forward(self, x, silu=False):
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """nn.LayerNorm (same parameter names; affine or not) computing through `layer_norm`.
+
+    dim=-1 normalises the last dim of (..., C); dim=1 the channels of a (B, C, H, W) map."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, dim=-1):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine)
+        self.dim = dim
+
+    def forward(self, x):
+        return layer_norm(x, self.weight, self.bias, self.eps, dim=self.dim)

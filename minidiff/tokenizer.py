@@ -12,6 +12,11 @@ the path it takes when ftfy is not installed:
   4. <|startoftext|> ... <|endoftext|> around it, truncation, padding.
 
 Steps 1, 2 and 4 are plain Python; the regex and the BPE merges run in the `tokenizers` library.
+
+`CLIPTokenizerFast` (what model_index.json names for the Würstchen repos, which ship `tokenizer.json`)
+gives the ids of transformers' CLIPTokenizerFast instead: steps 1-3 are the `tokenizers` pipeline of
+tokenizer.json (or, without one, the pipeline transformers converts vocab.json + merges.txt into). It
+differs from the slow rules on CJK text (no spacing of ideographs), control characters and accents.
 """
 import json
 import os
@@ -19,7 +24,7 @@ import re
 import unicodedata
 from functools import lru_cache
 
-from tokenizers import Regex, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
 from .errors import MinidiffError, TokenizerFileError
 from .tokenizer_files import (MAX_TOKENIZER_FILE, check_max_length, check_merges, check_special, check_vocab,
@@ -101,13 +106,38 @@ class BatchEncoding(dict):
             raise AttributeError(name) from None
 
 
+def converted_fast(vocab, merges, unk_token, added_tokens):
+    """The `tokenizers` pipeline transformers builds from vocab.json + merges.txt for CLIPTokenizerFast when
+    a repo has no tokenizer.json (its convert_slow_tokenizer.CLIPConverter), without the post-processor:
+    the special tokens around the text are added by CLIPTokenizer.__call__."""
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                               end_of_word_suffix="</w>", fuse_unk=False, unk_token=str(unk_token)))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                             behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.add_special_tokens([AddedToken(t, lstrip=v["lstrip"], rstrip=v["rstrip"], normalized=False, special=True)
+                            for t, v in added_tokens.items() if v.get("special")])
+    tok.add_tokens([AddedToken(t, lstrip=v["lstrip"], rstrip=v["rstrip"]) for t, v in added_tokens.items()
+                    if not v.get("special")])
+    return tok
+
+
 class CLIPTokenizer:
+    use_fast = False  # CLIPTokenizerFast: tokenize with tokenizer.json's pipeline (see the module docstring)
+
     def __init__(self, vocab, merges, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
                  unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77, added_tokens=None,
-                 padding_side="right", clean_up_tokenization_spaces=False):
+                 padding_side="right", clean_up_tokenization_spaces=False, fast=None):
         """vocab: {token: id}; merges: [(left, right)] by rank; added_tokens: {content: {"id", "lstrip",
         "rstrip", "special"}} for tokens cut out of the raw text before cleanup (the special tokens are
-        added to it)."""
+        added to it). `fast`: a `tokenizers.Tokenizer` (tokenizer.json) that then does steps 1-3."""
+        self._fast = fast
+        if fast is not None:  # its own truncation/padding settings would cut the text before ours
+            fast.no_truncation()
+            fast.no_padding()
         self.vocab = dict(vocab)
         self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
         self.model_max_length = model_max_length
@@ -130,23 +160,44 @@ class CLIPTokenizer:
                 entry["id"] = self.vocab.get(tok)
             if entry["id"] is None:
                 entry["id"], next_id = next_id, next_id + 1
+        self._index_added()
+        self._word_ids = lru_cache(maxsize=65536)(self._word_ids_uncached)
+
+    def _index_added(self):
         self.special_tokens = {t for t, v in self.added_tokens.items() if v.get("special")}
         self.id_to_token = {i: t for t, i in self.vocab.items()}
         self.id_to_token.update({v["id"]: t for t, v in self.added_tokens.items()})
         # longest first, so that a token containing another one wins
         names = sorted(self.added_tokens, key=len, reverse=True)
         self._added_split = re.compile("(" + "|".join(re.escape(n) for n in names) + ")") if names else None
-        self._word_ids = lru_cache(maxsize=65536)(self._word_ids_uncached)
+
+    def add_tokens(self, tokens):
+        """Add tokens cut out of the raw text whole (textual inversion), each with the next free id, as
+        transformers' add_tokens; returns how many were new."""
+        new = [t for t in dict.fromkeys(tokens) if t not in self.added_tokens and t not in self.vocab]
+        for t in new:
+            self.added_tokens[t] = {"id": max(self.id_to_token) + 1, "lstrip": False, "rstrip": False, "special": False}
+            self.id_to_token[self.added_tokens[t]["id"]] = t
+        self._index_added()
+        return len(new)
+
+    def remove_tokens(self, tokens):
+        """Remove added (non-special) tokens; the added tokens after them move down to keep the ids dense."""
+        gone = sorted(self.added_tokens.pop(t)["id"] for t in tokens)
+        for v in self.added_tokens.values():
+            v["id"] -= sum(g < v["id"] for g in gone)
+        self._index_added()
 
     # ---- loading ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None):
+    def from_pretrained(cls, repo_or_path, subfolder=None, use_fast=None):
         """Read vocab.json + merges.txt (or tokenizer.json) and tokenizer_config.json /
         special_tokens_map.json from a local folder or a Hub repo (e.g. subfolder="tokenizer_2").
+        use_fast (default: the class's; True for CLIPTokenizerFast) tokenizes as transformers' fast tokenizer.
         Malformed files raise TokenizerFileError naming the file or folder (tokenizer_files.py)."""
         try:
-            return cls._from_files(repo_or_path, subfolder)
+            return cls._from_files(repo_or_path, subfolder, use_fast)
         except (MinidiffError, FileNotFoundError):
             raise
         except Exception as e:  # a malformed entry in the config files, or the BPE library refusing them
@@ -155,10 +206,9 @@ class CLIPTokenizer:
                                      f"({type(e).__name__}: {e})") from e
 
     @classmethod
-    def _from_files(cls, repo_or_path, subfolder=None):
-        """Read vocab.json + merges.txt (or tokenizer.json) and tokenizer_config.json /
-        special_tokens_map.json from a local folder or a Hub repo (e.g. subfolder="tokenizer_2")."""
+    def _from_files(cls, repo_or_path, subfolder=None, use_fast=None):
         repo_or_path = os.fspath(repo_or_path)
+        use_fast = cls.use_fast if use_fast is None else use_fast
 
         def optional_json(name):
             path = resolve_file(repo_or_path, name, subfolder, required=False)
@@ -223,9 +273,14 @@ class CLIPTokenizer:
         # a limit-less tokenizer (transformers' huge default) is CLIP's context length in practice
         where = tokenizer_where(repo_or_path, subfolder)
         max_len = check_max_length(config.get("model_max_length"), where)
+        fast = None
+        if use_fast:
+            path = resolve_file(repo_or_path, "tokenizer.json", subfolder, required=False)
+            fast = Tokenizer.from_file(path) if path else converted_fast(vocab, merges, specials["unk_token"], {
+                **{t: {"lstrip": False, "rstrip": False, "special": True} for t in specials.values() if t}, **added})
         return cls(vocab, merges, **specials, model_max_length=max_len, added_tokens=added,
                    padding_side=config.get("padding_side", "right"),
-                   clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces", False))
+                   clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces", False), fast=fast)
 
     def save_pretrained(self, folder):
         """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json, the files
@@ -247,6 +302,8 @@ class CLIPTokenizer:
             json.dump(config, f, indent=2, ensure_ascii=False)
         with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
             json.dump(specials, f, indent=2, ensure_ascii=False)
+        if self._fast is not None:
+            self._fast.save(os.path.join(folder, "tokenizer.json"))
 
     # ---- ids -------------------------------------------------------------------------------------
 
@@ -308,6 +365,8 @@ class CLIPTokenizer:
 
     def encode_plain(self, text):
         """Ids of `text` without <|startoftext|> / <|endoftext|> around it."""
+        if self._fast is not None:
+            return self._fast.encode(text, add_special_tokens=False).ids
         ids = []
         for piece, is_added in self._split_added(text):
             if is_added:
@@ -431,3 +490,8 @@ class CLIPTokenizer:
         if hasattr(sequences, "tolist"):
             sequences = sequences.tolist()
         return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in sequences]
+
+
+class CLIPTokenizerFast(CLIPTokenizer):
+    """transformers' CLIPTokenizerFast: the ids of tokenizer.json's `tokenizers` pipeline (Würstchen repos)."""
+    use_fast = True

@@ -164,11 +164,11 @@ def test_from_pretrained_errors(tmp_path, sd):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         StableDiffusionPipeline.from_pretrained(str(tmp_path))
     index = json.load(open(os.path.join(folder, "model_index.json")))
-    index["scheduler"] = ["diffusers", "HeunDiscreteScheduler"]
+    index["scheduler"] = ["diffusers", "DPMSolverSDEScheduler"]  # (a scheduler minidiff does not have)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="HeunDiscreteScheduler"):
+    with pytest.raises(ValueError, match="DPMSolverSDEScheduler"):
         StableDiffusionPipeline.from_pretrained(str(bad))
 
 

@@ -188,12 +188,15 @@ def load_model(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None
     return model.eval()
 
 
-def save_model(model, folder, weight_name="diffusion_pytorch_model", class_name=None):
-    """Write config.json and <weight_name>.safetensors into `folder` (the Hub layout diffusers reads)."""
+def save_model(model, folder, weight_name="diffusion_pytorch_model", class_name=None, extra_config=None):
+    """Write config.json (the config's fields, then `extra_config`) and <weight_name>.safetensors into
+    `folder` (the Hub layout diffusers reads)."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
+    config = config_to_dict(model.config, class_name or type(model).__name__)
+    config.update(extra_config or {})
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config_to_dict(model.config, class_name or type(model).__name__), f, indent=2)
+        json.dump(config, f, indent=2)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(sd, os.path.join(folder, weight_name + ".safetensors"), metadata={"format": "pt"})
 

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
+from . import lycoris
 from .hub import is_local, resolve_file
 from .load import read_state_dict
 from ..errors import LoRAFileError
@@ -193,6 +194,8 @@ class ModuleLoRA:
     up_bias: torch.Tensor = None
     alpha: float = None
     keys: list = field(default_factory=list)
+    factors: dict = field(default_factory=dict)  # a LyCORIS layer's tensors by suffix (hada_w1_a, lokr_w1, diff...)
+    kind: str = "lora"  # or LyCORIS' "loha", "lokr", "full"
 
 
 # Key suffixes of the diffusers / PEFT forms and what they hold.
@@ -205,8 +208,7 @@ OLD_PROCESSOR = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lor
 OLD_PROJECTIONS = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
                    "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
 UNSUPPORTED = (("dora_scale", "DoRA (weight-decomposed LoRA) is not supported"),
-               ("lora_magnitude_vector", "DoRA (weight-decomposed LoRA) is not supported"),
-               ("hada_", "LoHa (LyCORIS) is not supported"), ("lokr_", "LoKr (LyCORIS) is not supported"))
+               ("lora_magnitude_vector", "DoRA (weight-decomposed LoRA) is not supported"))
 
 
 def _unsupported(key):
@@ -272,7 +274,7 @@ def parse_lora(state_dict, models):
         if key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
             table = table if table is not None else kohya_table(models)
             name, _, suffix = key.partition(".")
-            role = KOHYA_SUFFIXES.get(suffix)
+            role = KOHYA_SUFFIXES.get(suffix) or ("factor" if suffix in lycoris.KEYS else None)
             if role is None:
                 unmatched[key] = f"unknown kohya suffix {suffix!r}"
                 continue
@@ -292,6 +294,14 @@ def parse_lora(state_dict, models):
             component, path, role, form = found
             forms.add(form)
         t = targets.setdefault((component, path), ModuleLoRA())
+        if role == "factor":  # LyCORIS (weights/lycoris.py)
+            if suffix in t.factors:
+                unmatched[key] = f"a second {suffix} for {component}.{path} (first from {t.keys[0]})"
+                continue
+            t.keys.append(key)
+            t.factors[suffix] = tensor
+            forms.add("LyCORIS")
+            continue
         if (t.alpha if role == "alpha" else getattr(t, role)) is not None:  # e.g. one layer under two names
             unmatched[key] = f"a second {role} for {component}.{path} (first from {t.keys[0]})"
             continue
@@ -301,7 +311,15 @@ def parse_lora(state_dict, models):
         else:
             setattr(t, role, tensor)
     for (component, path), t in list(targets.items()):
-        if t.down is None or t.up is None:
+        if t.factors:
+            t.kind = lycoris.kind_of(t.factors)
+            if t.down is not None or t.up is not None:
+                t.kind = "LyCORIS factors and a LoRA down/up pair on one layer"
+            if t.kind not in ("loha", "lokr", "full"):
+                for key in t.keys:
+                    unmatched[key] = t.kind
+                del targets[(component, path)]
+        elif t.down is None or t.up is None:
             for key in t.keys:
                 unmatched[key] = f"{'down' if t.down is None else 'up'} weight missing for this module"
             del targets[(component, path)]

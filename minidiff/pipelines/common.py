@@ -18,6 +18,7 @@ from PIL import Image
 
 from ..errors import ArgumentError, ArgumentTypeError, FileFormatError
 from ..tokenizer_files import check_tokenizers_fit
+from ..models.base import ModelOutput
 from ..weights.hub import read_json
 
 # model_index.json names classes; this is where each one lives in minidiff. Several Hub names map to one class.
@@ -41,14 +42,17 @@ COMPONENT_MODULES = {
     "PaellaVQModel": "minidiff.models.paella_vq",
     "VQModelPaella": "minidiff.models.paella_vq",
 }
-# Tokenizer class names in model_index.json that are served by minidiff's one CLIPTokenizer.
-CLASS_ALIASES = {"CLIPTokenizerFast": "CLIPTokenizer", "PreTrainedTokenizerFast": "CLIPTokenizer",
+# Hub class names served by another minidiff class (CLIPTokenizer and CLIPTokenizerFast serve the tokenizers).
+CLASS_ALIASES = {"PreTrainedTokenizerFast": "CLIPTokenizerFast",
                  "VQModelPaella": "PaellaVQModel"}
 # Components minidiff does not run; the pipeline holds None for them.
 SKIPPED = {"safety_checker", "feature_extractor", "image_encoder"}
 
 
 def component_class(name, where):
+    schedulers = importlib.import_module("minidiff.schedulers")
+    if name not in COMPONENT_MODULES and name in schedulers.__all__:  # every scheduler lives there
+        return getattr(schedulers, name)
     if name not in COMPONENT_MODULES:
         raise FileFormatError(f"{where}: component class {name!r} is not implemented by minidiff "
                          f"(known: {', '.join(sorted(COMPONENT_MODULES))})")
@@ -57,7 +61,7 @@ def component_class(name, where):
 
 
 @dataclass
-class PipelineOutput:
+class PipelineOutput(ModelOutput):
     """What a pipeline returns: `.images` (PIL list, numpy array, tensor or latents)."""
     images: object
     nsfw_content_detected: object = None
@@ -101,6 +105,7 @@ class DiffusionPipeline:
                                                    device=device, allow_pickle=allow_pickle, **kwargs)
         init_params = inspect.signature(cls.__init__).parameters
         components, options = {}, {}
+        variants = _variants(repo_or_path, index, kwargs, variant, allow_pickle, where)
         for key, value in index.items():
             if key.startswith("_"):
                 continue
@@ -114,7 +119,7 @@ class DiffusionPipeline:
             else:
                 klass = component_class(value[1], f"{where} ({key})")
                 if hasattr(klass, "config_class"):  # a model with weights
-                    components[key] = klass.from_pretrained(repo_or_path, subfolder=key, variant=variant,
+                    components[key] = klass.from_pretrained(repo_or_path, subfolder=key, variant=variants[key],
                                                             torch_dtype=torch_dtype, device=device,
                                                             allow_pickle=allow_pickle)
                 else:  # a scheduler or a tokenizer
@@ -127,6 +132,19 @@ class DiffusionPipeline:
                 raise FileFormatError(f"{where} has no {name!r} component, which {cls.__name__} needs")
         check_tokenizers_fit(components, where)  # ids and lengths every text encoder can embed
         return cls(**components, **options, **kwargs)
+
+    @classmethod
+    def from_single_file(cls, path, config=None, original_config=None, prediction_type=None, torch_dtype=None,
+                         device=None, allow_pickle=False, **kwargs):
+        """Build the pipeline from one A1111 / ComfyUI / civitai checkpoint file (LDM / SGM layout), offline.
+
+        The family (SD 1.x, SD 2.x, SDXL base or refiner) is told from the tensors; `config=` a diffusers folder or
+        repo, `original_config=` the LDM yaml and `prediction_type=` override the guess. Component keyword
+        arguments (`vae=`, `scheduler=`) replace the file's. See weights/single_file.py.
+        """
+        from ..weights.single_file import load_pipeline
+        return load_pipeline(cls, path, config=config, original_config=original_config, prediction_type=prediction_type,
+                             torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle, **kwargs)
 
     def save_pretrained(self, folder):
         """Write the pipeline in the Hub layout (model_index.json + one folder per component)."""
@@ -206,7 +224,9 @@ class DiffusionPipeline:
         self._progress_disable = disable
 
     def progress_bar(self, iterable, desc="denoising"):
-        return progress(iterable, desc, disable=self._progress_disable)
+        # a second-order scheduler (order 2) calls the model twice per step: the bar counts steps, as diffusers'
+        order = getattr(getattr(self, "scheduler", None), "order", 1)
+        return progress(iterable, desc, disable=self._progress_disable, order=order)
 
     # ---- LoRA: thin delegates to minidiff/lora.py, which does the work (begin) --------------------
     def load_lora_weights(self, repo_id_or_file_or_dict, weight_name=None, adapter_name=None, allow_partial=False,
@@ -254,17 +274,34 @@ class DiffusionPipeline:
     # ---- LoRA (end) ---------------------------------------------------------------------------
 
 
-def progress(iterable, desc="", disable=False, stream=None):
-    """A one-line progress bar on stderr: `desc  12/25 [00:01<00:02, 9.1it/s]`."""
+def _variants(repo_or_path, index, given, variant, allow_pickle, where):
+    """{component: variant or None} for the models the pipeline reads from the repo (realfiles.py)."""
+    from .realfiles import component_variants
+    models = {}
+    for key, value in index.items():
+        if (key.startswith("_") or key in given or key in SKIPPED or not isinstance(value, (list, tuple))
+                or len(value) != 2 or value[1] is None):
+            continue
+        klass = component_class(value[1], f"{where} ({key})")
+        if hasattr(klass, "config_class"):
+            models[key] = klass
+    return component_variants(repo_or_path, models, variant, allow_pickle, where)
+
+
+def progress(iterable, desc="", disable=False, stream=None, order=1):
+    """A one-line progress bar on stderr: `desc  12/25 [00:01<00:02, 9.1it/s]`. With `order` model calls per
+    step it advances once per `order` items and on the last, as diffusers' bar does."""
     items = list(iterable)
     if disable or not items:
         yield from items
         return
     stream = stream or sys.stderr
-    n, start = len(items), time.perf_counter()
+    n, start, done = -(-len(items) // order), time.perf_counter(), 0
     for i, item in enumerate(items):
         yield item
-        done = i + 1
+        if (i + 1) % order and i != len(items) - 1:
+            continue
+        done += 1
         elapsed = time.perf_counter() - start
         rate = done / elapsed if elapsed > 0 else 0.0
         left = (n - done) / rate if rate > 0 else 0.0
@@ -350,9 +387,17 @@ def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
 
 
 def guidance_scale_embedding(w, dim, dtype=torch.float32):
-    """LCM's guidance embedding: w (B,) scaled by 1000, sin then cos, frequencies exp(-log(1e4) i / (half - 1))."""
-    from ..nn import timestep_embedding
-    return timestep_embedding(w * 1000.0, dim, flip_sin_to_cos=False, freq_shift=1.0).to(dtype)
+    """LCM's guidance embedding: w (B,) scaled by 1000, sin then cos, frequencies exp(-log(1e4) i / (half - 1)).
+
+    Computed in diffusers' order of float32 operations: at arguments near 1000 w, one rounding step of a
+    frequency moves sin by ~1e-4, which the first LCM step amplifies to ~1e-4 of the latents' scale."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    args = (w.float() * 1000.0)[:, None] * torch.exp(torch.arange(half, dtype=torch.float32) * -step)[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb.to(dtype)
 
 
 def prompt_batch(prompt, prompt_embeds):

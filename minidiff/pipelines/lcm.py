@@ -18,12 +18,13 @@ from .stable_diffusion import StableDiffusionPipeline
 
 class LatentConsistencyModelPipeline(StableDiffusionPipeline):
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
+    rewrites_old_scheduler_configs = False
 
     @torch.no_grad()
     def __call__(self, prompt=None, height=None, width=None, num_inference_steps=4, original_inference_steps=None,
                  timesteps=None, guidance_scale=8.5, num_images_per_prompt=1, generator=None, latents=None,
                  prompt_embeds=None, output_type="pil", return_dict=True, cross_attention_kwargs=None, clip_skip=None,
-                 callback_on_step_end=None):
+                 callback_on_step_end=None, prompt_syntax=None):
         check_arguments(self, locals())  # every argument's type and range, before any work
         if not hasattr(self.scheduler, "boundary_scalings"):
             raise ArgumentError(f"LatentConsistencyModelPipeline needs an LCMScheduler (it decodes the scheduler's "
@@ -38,7 +39,7 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
         lora_scale = call_scale(cross_attention_kwargs)
 
         cond, _ = self.encode_prompt(prompt, device, num_images_per_prompt, False, prompt_embeds=prompt_embeds,
-                                     lora_scale=lora_scale, clip_skip=clip_skip)
+                                     lora_scale=lora_scale, clip_skip=clip_skip, prompt_syntax=prompt_syntax)
 
         if timesteps:
             self.scheduler.set_timesteps(device=device, original_inference_steps=original_inference_steps,

@@ -21,6 +21,7 @@ from ..weights.config import AttrDict
 from ..weights.hub import read_json, resolve_file
 from ..finite import check_output, check_step
 from .arguments import check_arguments
+from ..models.base import ModelOutput
 from .common import DiffusionPipeline, PipelineOutput, negative_list, numpy_to_pil, prompt_batch
 
 __all__ = ["DEFAULT_STAGE_C_TIMESTEPS", "WuerstchenCombinedPipeline", "WuerstchenDecoderPipeline",
@@ -28,12 +29,9 @@ __all__ = ["DEFAULT_STAGE_C_TIMESTEPS", "WuerstchenCombinedPipeline", "Wuerstche
 
 
 @dataclass
-class WuerstchenPriorPipelineOutput:
+class WuerstchenPriorPipelineOutput(ModelOutput):
     """The prior's result: `.image_embeddings` (B, 16, h, w), what the decoder takes."""
     image_embeddings: object
-
-    def __getitem__(self, i):
-        return (self.image_embeddings,)[i]
 
 
 # ---- shared steps -----------------------------------------------------------------------------------
