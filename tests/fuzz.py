@@ -611,6 +611,7 @@ class _Worker:
         if "--out" not in args:
             args += ["--out", os.path.join(folder, "out.png")]
         args += ["--steps", "1"] if "--steps" not in args else []
+        args += ["--prompt-syntax", "plain"]  # A1111 windows are 77 tokens; the tiny text encoder has 16 positions
         argv = ["generate", _decode({"str": case["prompt"].encode("utf-8", "surrogatepass").hex()})] + args
         loads = []
         original = common.DiffusionPipeline.from_pretrained.__func__
