@@ -81,6 +81,10 @@ CASES = {
     # ignores t here, so what is compared is the sampler (sigmas, midpoints, input scaling, steps, noise)
     "DPM2": ("KDPM2DiscreteScheduler", "sample_dpm_2", False, False),
     "DPM2 a": ("KDPM2AncestralDiscreteScheduler", "sample_dpm_2_ancestral", True, False),
+    # DPM-Solver++ works on x_vp = x / sqrt(sigma^2 + 1) (minidiff and diffusers) where k-diffusion has x: both
+    # start from the same state and are compared in k-diffusion's form; its Karras timesteps are rounded too
+    "DPM++ 2M": ("DPMSolverMultistepScheduler", "sample_dpmpp_2m", False, False),
+    "DPM++ 2M SDE": ("DPMSolverMultistepScheduler", "sample_dpmpp_2m_sde", True, False),
 }
 
 
@@ -91,7 +95,8 @@ def test_matches_k_diffusion_on_karras_sigmas(case):
     n = 8
     cls = getattr(schedulers, name)
     if "use_karras_sigmas" in cls.config_dataclass.__dataclass_fields__:
-        sched = cls(**SD, use_karras_sigmas=True)
+        extra = {"algorithm_type": "sde-dpmsolver++"} if case == "DPM++ 2M SDE" else {}
+        sched = cls(**SD, use_karras_sigmas=True, **extra)
         sched.set_timesteps(n)
     else:  # Euler a has no Karras option (as in diffusers): give it the Karras loop directly
         sched = cls(**SD)
@@ -111,7 +116,11 @@ def test_matches_k_diffusion_on_karras_sigmas(case):
     g1 = torch.Generator().manual_seed(7) if stochastic else None
     g2 = torch.Generator().manual_seed(7) if stochastic else None
     ours, ours_out = minidiff_run(sched, model, noise * sched.init_noise_sigma, g1)
-    ref, ref_out = k_run(getattr(sampling, sampler), denoiser, noise * sigmas[0], sigmas, g2)
+    vp = name == "DPMSolverMultistepScheduler"
+    if vp:  # to k-diffusion's x = x_vp sqrt(sigma^2 + 1)
+        ours = [x * (s ** 2 + 1) ** 0.5 for x, s in zip(ours, sched.sigmas)]
+    start = noise * ((sigmas[0] ** 2 + 1) ** 0.5 if vp else sigmas[0])
+    ref, ref_out = k_run(getattr(sampling, sampler), denoiser, start, sigmas, g2)
     assert len(ours) == len(ref) == n
     for i, (a, b) in enumerate(zip(ours, ref)):
         assert_close(a, b, rel=1e-5, name=f"{case} x at step {i}")

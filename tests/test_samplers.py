@@ -86,6 +86,7 @@ def test_sigma_sampler_loops(name, spacing, schedule):
                                      dict(prediction_type="sample", name="LMSDiscreteScheduler"),
                                      dict(beta_schedule="linear", name="KDPM2DiscreteScheduler"),
                                      dict(beta_schedule="squaredcos_cap_v2", name="HeunDiscreteScheduler"),
+                                     dict(beta_schedule="exp", name="HeunDiscreteScheduler"),
                                      dict(beta_schedule="linear", name="KDPM2AncestralDiscreteScheduler")])
 def test_sigma_sampler_variants(variant):
     variant = dict(variant)
@@ -182,6 +183,7 @@ def test_img2img_entry_mid_loop():
     dict(timestep_spacing="linspace", clip_sample=False, prediction_type="sample"),
     dict(variance_type="fixed_large", steps_offset=1, clip_sample=False),
     dict(variance_type="fixed_small_log", beta_schedule="squaredcos_cap_v2"),
+    dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=1.5),
 ])
 def test_ddpm_loop(variant):
     a, b = pair("DDPMScheduler", **{**SD, **variant})
@@ -284,6 +286,20 @@ def test_from_any_other_config_like_diffusers(name, tmp_path):
     for s in (c, d):
         s.set_timesteps(4)
     same_schedule(c, d)
+
+
+@pytest.mark.parametrize("schedule", SIGMA_SCHEDULES[1:], ids=["karras", "exponential", "beta"])
+@pytest.mark.parametrize("name", SIGMA_NAMES)
+def test_sigma_bounds_carried_from_an_euler_config(name, schedule):
+    """diffusers reads sigma_min/sigma_max off the config wherever they came from: an Euler config's bounds
+    set these schedulers' sigma schedules too (but LMS's Karras one)."""
+    euler = dict(diffusers.EulerDiscreteScheduler(**SD, sigma_min=0.1, sigma_max=10.0).config)
+    a = getattr(ours, name).from_config(euler, **schedule)
+    b = getattr(diffusers, name).from_config(euler, **schedule)
+    for s in (a, b):
+        s.set_timesteps(5)
+    same_schedule(a, b)
+    assert (a.sigmas.max().item() == 10.0) == (name != "LMSDiscreteScheduler" or "use_karras_sigmas" not in schedule)
 
 
 @pytest.mark.parametrize("name", NEW)

@@ -1,6 +1,6 @@
 """Issue 15's schedulers inside whole SD and SDXL pipelines: the same image as diffusers (uint8 within 1),
 second-order schedulers calling the UNet twice per step, img2img strength and the SDXL hand-off with them,
-and callbacks and the progress bar counting as diffusers' do."""
+and callbacks and the progress bar counting as diffusers' do (the multistep solvers: test_pipeline_solvers.py)."""
 import diffusers
 import numpy as np
 import pytest
@@ -49,11 +49,10 @@ def counting():
     return calls, callback
 
 
-@pytest.mark.parametrize("name", NEW)
-def test_sd_text_to_image(sd, name):
+@pytest.mark.parametrize("name, keys", [(n, {"use_karras_sigmas": True} if n.startswith("KDPM2") else {}) for n in NEW])
+def test_sd_text_to_image(sd, name, keys):
     folder, ref = sd
-    ours, ref = swapped(StableDiffusionPipeline, diffusers.StableDiffusionPipeline, folder, ref, name,
-                        **({"use_karras_sigmas": True} if name.startswith("KDPM2") else {}))
+    ours, ref = swapped(StableDiffusionPipeline, diffusers.StableDiffusionPipeline, folder, ref, name, **keys)
     kw = dict(prompt="a red fox", negative_prompt="blurry", num_inference_steps=3, guidance_scale=5.0, height=32,
               width=32, output_type="np", eta=0.3 if name == "TCDScheduler" else 0.0)
     (calls_a, cb_a), (calls_b, cb_b) = counting(), counting()
@@ -75,10 +74,10 @@ def test_sd_img2img_strength(sd, name):
     assert_same_image(ours(**kw, generator=gen(5)).images, ref(**kw, generator=gen(5)).images)
 
 
-@pytest.mark.parametrize("name", NEW)
-def test_sdxl_text_to_image(sdxl, name):
+@pytest.mark.parametrize("name, keys", [(n, {}) for n in NEW])
+def test_sdxl_text_to_image(sdxl, name, keys):
     folder, ref = sdxl
-    ours, ref = swapped(StableDiffusionXLPipeline, diffusers.StableDiffusionXLPipeline, folder, ref, name)
+    ours, ref = swapped(StableDiffusionXLPipeline, diffusers.StableDiffusionXLPipeline, folder, ref, name, **keys)
     kw = dict(prompt="a castle", num_inference_steps=3, guidance_scale=5.0, height=32, width=32, output_type="np",
               eta=0.3 if name == "TCDScheduler" else 0.0)
     assert_same_image(ours(**kw, generator=gen(2)).images, ref(**kw, generator=gen(2)).images)

@@ -19,6 +19,7 @@ from PIL import Image
 from ..errors import ArgumentError, ArgumentTypeError, FileFormatError
 from ..tokenizer_files import check_tokenizers_fit
 from ..models.base import ModelOutput
+from ..schedulers.common import randn_tensor
 from ..weights.hub import read_json
 
 # model_index.json names classes; this is where each one lives in minidiff. Several Hub names map to one class.
@@ -414,19 +415,30 @@ def prompt_batch(prompt, prompt_embeds):
     raise ArgumentError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
 
 
-def check_common_inputs(height, width, num_inference_steps, generator, batch, vae_scale_factor,
-                        negative_prompt=None, negative_prompt_embeds=None, prompt_embeds=None):
-    """Errors before any work: sizes, steps, list lengths."""
+def check_size_and_steps(height, width, num_inference_steps, vae_scale_factor):
     for name, v in (("height", height), ("width", width)):
         if v is not None and (not isinstance(v, int) or v <= 0 or v % vae_scale_factor):
             raise ArgumentError(f"{name}={v!r} must be a positive multiple of {vae_scale_factor}")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ArgumentError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
-    if isinstance(generator, list) and len(generator) != batch:
-        raise ArgumentError(f"{len(generator)} generators were passed for a batch of {batch} images "
-                         f"(prompts x num_images_per_prompt); pass one generator or exactly {batch}")
+
+
+def check_batch(num_images_per_prompt, generator, n):
+    """num_images_per_prompt, and one generator or exactly one per image of the batch of `n`."""
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ArgumentError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+    if isinstance(generator, list) and len(generator) != n:
+        raise ArgumentError(f"{len(generator)} generators were passed for a batch of {n} images "
+                         f"(prompts x num_images_per_prompt); pass one generator or exactly {n}")
+
+
+def check_negative(batch, negative_prompt, negative_prompt_embeds=None, prompt_embeds=None):
+    """A negative prompt or negative embeddings (not both); one negative prompt, or one per prompt of the
+    `batch`; negative embeddings shaped as the prompt's."""
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ArgumentError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        negative_list(negative_prompt, batch)
     if (prompt_embeds is not None and negative_prompt_embeds is not None
             and prompt_embeds.shape != negative_prompt_embeds.shape):
         raise ArgumentError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
@@ -443,3 +455,35 @@ def negative_list(negative_prompt, batch_size):
         raise ArgumentError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}: "
                          "pass one negative prompt per prompt, or a single string")
     return list(negative_prompt)
+
+
+# ---- latents and the loop -------------------------------------------------------------------------
+def check_latents(latents, shape):
+    if latents is not None and tuple(latents.shape) != tuple(shape):
+        raise ArgumentError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
+
+
+def initial_latents(shape, generator, device, dtype, latents, scheduler):
+    """Gaussian latents drawn as diffusers draws them (CPU generator, same shape), scaled to the scheduler's
+    first noise level; given `latents` are checked and scaled the same way."""
+    check_latents(latents, shape)
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    return latents.to(device) * scheduler.init_noise_sigma
+
+
+def repeat_to(x, n):
+    """A batch of images or latents repeated to `n` (a multiple of its size), as img2img batches its input."""
+    if n < x.shape[0]:
+        raise ArgumentError(f"{x.shape[0]} images passed for {n} prompts x images per prompt")
+    if n % x.shape[0]:
+        raise ArgumentError(f"cannot repeat {x.shape[0]} images to a batch of {n}")
+    return torch.cat([x] * (n // x.shape[0])) if n > x.shape[0] else x
+
+
+def step_callback(callback, pipe, i, t, latents):
+    """diffusers' callback_on_step_end(pipe, step, timestep, {"latents": ...}); what it returns replaces them."""
+    if callback is None:
+        return latents
+    out = callback(pipe, i, t, {"latents": latents}) or {}
+    return out.get("latents", latents)

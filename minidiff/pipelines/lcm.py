@@ -30,8 +30,7 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
             raise ArgumentError(f"LatentConsistencyModelPipeline needs an LCMScheduler (it decodes the scheduler's "
                              f"denoised sample), got {type(self.scheduler).__name__}: set pipe.scheduler = "
                              "LCMScheduler.from_config(pipe.scheduler.config)")
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height, width = self.default_size(height, width)
         steps = len(timesteps) if timesteps else num_inference_steps
         batch = self._check(prompt, height, width, steps, num_images_per_prompt, generator, None, prompt_embeds,
                             None, output_type)

@@ -7,13 +7,14 @@ beta = 1 - alpha over the (possibly skipped) interval t -> t'. The variance is t
 interpolation of the two logs). Noise is drawn on every step but the one at t = 0.
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
 from .base import KARRAS_SCHEDULERS, Scheduler, step_output
-from .common import check_choice, check_schedule, make_betas, predict_x0, randn_tensor, spaced_timesteps
+from .common import (check_choice, check_schedule, make_betas, predict_x0, randn_tensor, spaced_timesteps,
+                     threshold_sample)
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
@@ -28,14 +29,13 @@ class DDPMConfig:
     variance_type: str = "fixed_small"
     clip_sample: bool = True
     prediction_type: str = "epsilon"
-    dynamic_thresholding_ratio: float = 0.995  # used only with thresholding, which is not implemented
+    thresholding: bool = False  # Imagen's dynamic thresholding of x_0 (pixel-space models; it replaces clipping)
+    dynamic_thresholding_ratio: float = 0.995
     clip_sample_range: float = 1.0
-    sample_max_value: float = 1.0  # used only with thresholding
+    sample_max_value: float = 1.0
     timestep_spacing: str = "leading"
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
-
-    NEUTRAL: ClassVar = {"thresholding": False}
 
     def validate(self, where):
         check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
@@ -111,7 +111,9 @@ class DDPMScheduler(Scheduler):
         a_t, a_prev, alpha = self._alphas(t)
         beta = 1 - alpha
         x0 = predict_x0(c.prediction_type, model_output, sample, a_t)
-        if c.clip_sample:
+        if c.thresholding:
+            x0 = threshold_sample(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        elif c.clip_sample:
             x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
         # the posterior mean (eq. 7)
         x0_coeff = (a_prev ** 0.5 * beta) / (1 - a_t)

@@ -6,6 +6,7 @@ lists every step's timestep twice after the first, one entry per model call; the
 a plain Euler step (one call).
 """
 import dataclasses
+import math
 from typing import Optional
 
 import numpy as np
@@ -14,7 +15,7 @@ import torch
 from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
 from .common import (check_float_timestep, check_schedule, check_sigma_schedule, make_betas,
                      predict_x0_sigma)
-from .sigma_loop import doubled, loop_sigmas
+from .sigma_loop import config_bounds, doubled, loop_sigmas
 
 
 @dataclasses.dataclass
@@ -34,8 +35,16 @@ class HeunDiscreteConfig:
     steps_offset: int = 0
 
     def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
+        # (Heun alone has the "exp" beta schedule in diffusers)
+        plain = dataclasses.replace(self, beta_schedule="linear") if self.beta_schedule == "exp" else self
+        check_schedule(plain, where, ("epsilon", "v_prediction", "sample"))
         check_sigma_schedule(self, where)
+
+
+def exp_betas(n, max_beta=0.999):
+    """diffusers' betas_for_alpha_bar(alpha_transform_type="exp"): alpha_bar(t) = exp(-12 t), betas capped."""
+    return torch.tensor([min(1 - math.exp(-12.0 * (i + 1) / n) / math.exp(-12.0 * i / n), max_beta)
+                         for i in range(n)], dtype=torch.float32)
 
 
 class HeunDiscreteScheduler(SigmaScheduler):
@@ -45,7 +54,8 @@ class HeunDiscreteScheduler(SigmaScheduler):
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.betas = make_betas(self.cfg)
+        exp = self.cfg.beta_schedule == "exp" and self.cfg.trained_betas is None
+        self.betas = exp_betas(self.cfg.num_train_timesteps) if exp else make_betas(self.cfg)
         self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
         self.set_timesteps(self.cfg.num_train_timesteps)  # as diffusers: a full-length loop until set_timesteps
 
@@ -58,7 +68,8 @@ class HeunDiscreteScheduler(SigmaScheduler):
             raise ValueError("HeunDiscreteScheduler.set_timesteps: custom `timesteps` cannot be used with "
                              "use_karras_sigmas, use_exponential_sigmas or use_beta_sigmas")
         self.num_inference_steps = num_inference_steps or len(timesteps)
-        t, sigmas, _ = loop_sigmas(c, self.alphas_cumprod, self.num_inference_steps, timesteps)
+        t, sigmas, _ = loop_sigmas(c, self.alphas_cumprod, self.num_inference_steps, timesteps,
+                                   bounds=config_bounds(self))
         self.sigmas = doubled(sigmas)[:-1]  # stays on the CPU: indexed once per call
         self.timesteps = doubled(torch.from_numpy(np.asarray(t))).to(device=device, dtype=torch.float32)
         self.prev_derivative = self.dt = self.sample = None  # the first call's slope, step and sample

@@ -13,7 +13,7 @@ import torch
 
 from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
 from .common import check_float_timestep, check_schedule, check_sigma_schedule, make_betas, predict_x0_sigma
-from .sigma_loop import doubled, interleaved, loop_sigmas, sigma_to_t_float32
+from .sigma_loop import config_bounds, doubled, interleaved, loop_sigmas, sigma_to_t_float32
 
 
 @dataclasses.dataclass
@@ -54,7 +54,8 @@ class KDPM2DiscreteScheduler(SigmaScheduler):
     def set_timesteps(self, num_inference_steps, device=None):
         self.num_inference_steps = num_inference_steps
         # (diffusers rounds DPM2's Karras timesteps, not the midpoints')
-        t, sigmas, log_sigmas = loop_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps, round_converted=True)
+        t, sigmas, log_sigmas = loop_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps, round_converted=True,
+                                            bounds=config_bounds(self))
         mid = midpoint_sigmas(sigmas, sigmas.roll(1))  # mid[i]: between sigma_{i-1} and sigma_i
         t_mid = sigma_to_t_float32(mid.numpy(), log_sigmas)
         self.sigmas = torch.cat([doubled(sigmas), sigmas[-1:]])  # CPU: indexed once per call

@@ -12,7 +12,7 @@ import torch
 from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
 from .common import check_float_timestep, make_betas, predict_x0_sigma, randn_tensor
 from .kdpm2 import KDPM2DiscreteConfig, midpoint_sigmas
-from .sigma_loop import doubled, interleaved, loop_sigmas, sigma_to_t_float32
+from .sigma_loop import config_bounds, doubled, interleaved, loop_sigmas, sigma_to_t_float32
 
 
 @dataclasses.dataclass
@@ -34,7 +34,8 @@ class KDPM2AncestralDiscreteScheduler(SigmaScheduler):
     def set_timesteps(self, num_inference_steps, device=None):
         self.num_inference_steps = num_inference_steps
         # (diffusers rounds DPM2's Karras timesteps, not the midpoints')
-        t, sigmas, log_sigmas = loop_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps, round_converted=True)
+        t, sigmas, log_sigmas = loop_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps, round_converted=True,
+                                            bounds=config_bounds(self))
         to = torch.cat([sigmas[1:], sigmas[:1] * 0])
         up = (to ** 2 * (sigmas ** 2 - to ** 2) / sigmas ** 2) ** 0.5  # DDPM's ancestral noise (eta = 1)
         down = (to ** 2 - up ** 2) ** 0.5

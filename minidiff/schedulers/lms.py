@@ -14,7 +14,7 @@ import torch
 
 from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
 from .common import check_float_timestep, check_schedule, check_sigma_schedule, make_betas, predict_x0_sigma
-from .sigma_loop import loop_sigmas
+from .sigma_loop import config_bounds, loop_sigmas
 
 
 @dataclasses.dataclass
@@ -62,7 +62,9 @@ class LMSDiscreteScheduler(SigmaScheduler):
 
     def set_timesteps(self, num_inference_steps, device=None):
         self.num_inference_steps = num_inference_steps
-        t, sigmas, _ = loop_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps)
+        # (as diffusers, LMS's Karras schedule alone ignores carried sigma bounds)
+        bounds = (None, None) if self.cfg.use_karras_sigmas else config_bounds(self)
+        t, sigmas, _ = loop_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps, bounds=bounds)
         self.sigmas = sigmas  # stays on the CPU: indexed once per step
         self.timesteps = torch.from_numpy(np.asarray(t)).to(device=device, dtype=torch.float32)
         self.derivatives = []  # the last `order` slopes, oldest first

@@ -11,18 +11,25 @@ import torch
 from .common import convert_sigmas, sigma_to_t, spaced_sigmas, train_sigmas
 
 
-def loop_sigmas(cfg, alphas_cumprod, num_inference_steps, timesteps=None, round_converted=False):
+def loop_sigmas(cfg, alphas_cumprod, num_inference_steps, timesteps=None, round_converted=False, bounds=(None, None)):
     """(timesteps, sigmas, log_sigmas): sigmas a float32 tensor ending in 0; timesteps numpy, float32, or
     float64 where a sigma schedule replaced the spacing (rounded if `round_converted`), as diffusers has them;
-    log_sigmas the training schedule's (float32 numpy)."""
+    log_sigmas the training schedule's (float32 numpy). `bounds`: (sigma_min, sigma_max) of the sigma
+    schedule, None for the training schedule's ends."""
     timesteps, sigmas = spaced_sigmas(cfg, alphas_cumprod, num_inference_steps, timesteps)
     log_sigmas = np.log(train_sigmas(alphas_cumprod).numpy())
-    converted = convert_sigmas(cfg, sigmas, num_inference_steps)
+    converted = convert_sigmas(cfg, sigmas, num_inference_steps, *bounds)
     if converted is not None:
         sigmas, timesteps = converted, sigma_to_t(converted, log_sigmas)
         if round_converted and cfg.use_karras_sigmas:
             timesteps = timesteps.round()
     return timesteps, torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32)), log_sigmas
+
+
+def config_bounds(scheduler):
+    """(sigma_min, sigma_max) from the scheduler's config: none of these schedulers has the keys, but diffusers
+    reads them where a config made for another scheduler (Euler's) carried them along."""
+    return scheduler.config.get("sigma_min"), scheduler.config.get("sigma_max")
 
 
 def doubled(x):

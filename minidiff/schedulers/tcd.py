@@ -7,7 +7,7 @@ stochastic sampling). gamma, the step's `eta`, sets the mix: 0 is deterministic 
 jump to x_0 and re-noise. The last step returns the estimate at s (no noise).
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Optional
 
 import numpy as np
 import torch
@@ -35,13 +35,12 @@ class TCDConfig:
     set_alpha_to_one: bool = True
     steps_offset: int = 0  # unused by TCD's schedule (as in diffusers)
     prediction_type: str = "epsilon"
-    dynamic_thresholding_ratio: float = 0.995  # used only with thresholding, which is not implemented
+    thresholding: bool = False  # (unused by TCD's step, as in diffusers)
+    dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0
     timestep_spacing: str = "leading"  # unused by TCD's schedule (as in diffusers)
     timestep_scaling: float = 10.0
     rescale_betas_zero_snr: bool = False
-
-    NEUTRAL: ClassVar = {"thresholding": False}
 
     def validate(self, where):
         check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
