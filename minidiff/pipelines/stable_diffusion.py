@@ -188,6 +188,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
                  latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
                  cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None, callback_on_step_end=None,
                  prompt_syntax=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         height, width = self.default_size(height, width)
         batch = self._check(prompt, height, width, num_inference_steps, num_images_per_prompt, generator,
                             negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)

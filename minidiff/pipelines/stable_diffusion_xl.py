@@ -168,6 +168,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None,
                  callback_on_step_end=None, prompt_syntax=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         height, width = self.default_size(height, width)
         batch = self._check(prompt, height, width, num_inference_steps, num_images_per_prompt, generator,
                             negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
