@@ -13,7 +13,6 @@ and anything else (a raw exception, a late error, a hang, a crash, an overwritte
 tests/test_hostile.py runs a few hundred cases; the command line runs as many as asked.
 """
 import argparse
-import copy
 import json
 import math
 import os

@@ -14,12 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import ArgumentError, FileFormatError
+from ..finite import check_output, check_step
+from ..models.base import ModelOutput
 from ..schedulers.ddpm_wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 from ..weights.config import AttrDict
 from ..weights.hub import read_json, resolve_file
-from ..finite import check_output, check_step
 from .arguments import check_arguments
-from ..models.base import ModelOutput
 from .common import (DiffusionPipeline, PipelineOutput, check_batch, check_latents, check_negative, initial_latents,
                      negative_list, numpy_to_pil, prompt_batch, step_callback)
 
