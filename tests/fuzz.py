@@ -10,7 +10,7 @@ subprocesses with a memory limit (RLIMIT_DATA: safetensors maps whole files) and
          exit or argparse's usage error), whose message names the file, key or argument, raised before any
          denoising step (for a non-finite run: at the step, as promised);
 and anything else (a raw exception, a late error, a hang, a crash, an overwritten file) is a failure.
-tests/test_hostile.py runs a few hundred cases; the command line runs as many as asked.
+tests/test_hostile.py runs 180 cases (MINIDIFF_FUZZ_CASES=N for more); the command line runs as many as asked.
 """
 import argparse
 import json

@@ -34,7 +34,7 @@ LONG_LISTS = ("trained_betas",)  # a schedule given value by value
 def _kind(field):
     """('int'|'float'|'bool'|'str'|'list'|'any', may be None, may be per block) for a dataclass field."""
     t, default = field.type, field.default
-    optional = default is None
+    optional = default is None  # (null itself is always let through: see check_values)
     origin = typing.get_origin(t)
     if origin is typing.Union:
         args = [a for a in typing.get_args(t) if a is not type(None)]
@@ -120,9 +120,7 @@ def check_values(config_cls, values, where):
             out[key] = v
             continue
         kind, optional, per_block = _kind(f)
-        if v is None:
-            if not optional:
-                raise ConfigError(f"{where}: {key}=null, but a value is needed")
+        if v is None:  # real files write null for "the default" (SDXL's upcast_attention): the model decides
             out[key] = v
         elif kind == "list":
             if not isinstance(v, (list, tuple)):
