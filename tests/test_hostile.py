@@ -374,6 +374,7 @@ def _set(path, **values):
 @pytest.mark.parametrize("component,values,match", [
     ("unet", dict(layers_per_block=1000000), "layers_per_block=1000000 is out of range"),
     ("unet", dict(upcast_attention="false"), "upcast_attention='false' must be true or false"),
+    ("scheduler", dict(beta_end=float("inf")), "beta_end=inf must be a finite number"),
     ("unet", dict(norm_num_groups=0), "norm_num_groups"),
     ("unet", dict(block_out_channels="32"), "block_out_channels='32' must be a list"),
     ("scheduler", dict(num_train_timesteps=1e10), "num_train_timesteps"),

@@ -86,7 +86,7 @@ def _check_scalar(where, key, v, kind):
     return v
 
 
-def _walk_numbers(where, key, v, depth=0):
+def _walk_numbers(where, key, v, depth=0, infinite_ok=False):
     """Every number inside `v` finite and bounded, every list short, nesting shallow."""
     if depth > 4:
         raise ConfigError(f"{where}: {key} is nested too deep")
@@ -99,6 +99,8 @@ def _walk_numbers(where, key, v, depth=0):
         for x in v.values():
             _walk_numbers(where, key, x, depth + 1)
     elif isinstance(v, float) and not math.isfinite(v):
+        if infinite_ok and not math.isnan(v):
+            return
         raise ConfigError(f"{where}: {key}={v!r} must be a finite number")
     elif isinstance(v, (int, float)) and not isinstance(v, bool) and (key in CAPS or isinstance(v, int)):
         cap = CAPS.get(key, MAX_INT)
@@ -114,8 +116,10 @@ def check_values(config_cls, values, where):
     fields = {f.name: f for f in dataclasses.fields(config_cls)}
     out = {}
     for key, v in values.items():
-        _walk_numbers(where, key, v)
         f = fields.get(key)
+        # a field whose own default is +-inf (DPM's lambda_min_clipped) takes +-inf
+        infinite_ok = f is not None and isinstance(f.default, float) and math.isinf(f.default)
+        _walk_numbers(where, key, v, infinite_ok=infinite_ok)
         if f is None:
             out[key] = v
             continue
