@@ -54,6 +54,8 @@ def parse_args(argv):
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g.add_argument("--allow-pickle", action="store_true", help="read pickle checkpoints/LoRAs (.bin, .ckpt; with "
                    "torch.load(weights_only=True)); refused by default")
+    from .compress import add_cli as add_compress
+    add_compress(sub)
     return p.parse_args(argv)
 
 
@@ -232,6 +234,9 @@ def main(argv=None):
             generate(a)
         except (MinidiffError, FileNotFoundError) as e:  # documented errors: their message, without a traceback
             raise SystemExit(f"minidiff: {e}") from None
+    elif a.command == "compress":
+        from .compress import run_cli
+        run_cli(a)
 
 
 if __name__ == "__main__":

@@ -181,9 +181,13 @@ def load_model(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None
         config = config_from_dict(cls.config_class, raw, where=os.path.join(repo_or_path, subfolder or "", "config.json"))
     files = resolve_weights(repo_or_path, cls.weight_names, subfolder, variant, allow_pickle)
     shapes = _shapes(files, allow_pickle)  # headers only: checked before anything is built
+    from minidiff.compress import build_palettised, palettised_layers
+    palettised = palettised_layers(files)  # a file minidiff.compress wrote: its layers say so in the metadata
     with _no_gc():
         with torch.device("meta"), _no_init(), _bounded_build(cls, len(shapes), files):
             model = cls(config)
+            if palettised:
+                build_palettised(model, palettised, files[0])
         load_into(model, files, torch_dtype, device, getattr(cls, "rename_key", None), allow_pickle, shapes)
     return model.eval()
 
