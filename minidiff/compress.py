@@ -245,8 +245,8 @@ def dequantise(model):
 
 def palettised_layers(files):
     """{name: {"nbits", "groups"}} from a weights file's metadata ({} for an ordinary file)."""
-    from minidiff.weights.safe import read_safetensors_header
-    if len(files) != 1 or not files[0].endswith(".safetensors"):
+    from minidiff.weights.safe import file_kind, read_safetensors_header
+    if len(files) != 1 or file_kind(files[0]) != "safetensors":  # by content: a pickle may be named .safetensors
         return {}
     meta = read_safetensors_header(files[0]).metadata
     if METADATA_KEY not in meta:
