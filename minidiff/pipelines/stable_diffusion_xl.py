@@ -9,8 +9,9 @@ import torch
 
 from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
-from .common import PipelineOutput, postprocess, preprocess_image, prompt_batch
-from .stable_diffusion import StableDiffusionPipeline, _image_latents
+from .common import (PipelineOutput, callback_inputs, postprocess, preprocess_image, prompt_batch, retrieve_timesteps,
+                     steps_of)
+from .stable_diffusion import StableDiffusionPipeline, _image_latents, refuse_unsupported
 
 
 def _as_list(p, batch):
@@ -22,11 +23,16 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                        "image_encoder", "feature_extractor")
     optional_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "image_encoder",
                            "feature_extractor")
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
                  image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt=True,
                  requires_aesthetics_score=False, add_watermarker=None):
         # No invisible watermark: diffusers adds one only when its optional package is installed.
+        refuse_unsupported(type(self).__name__, image_encoder=image_encoder, feature_extractor=feature_extractor)
+        if add_watermarker:
+            raise ValueError(f"{type(self).__name__}: add_watermarker=True is not supported by minidiff (no "
+                             "invisible watermark): pass add_watermarker=False or leave it out")
         self.vae, self.text_encoder, self.text_encoder_2 = vae, text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2, self.unet, self.scheduler = tokenizer, tokenizer_2, unet, scheduler
         self.image_encoder = self.feature_extractor = None
@@ -169,11 +175,14 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  output_type="pil", return_dict=True, cross_attention_kwargs=None, guidance_rescale=0.0,
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None,
-                 callback_on_step_end=None):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, sigmas=None):
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
-        batch = self._check(prompt, height, width, num_inference_steps, num_images_per_prompt, generator,
-                            negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        batch = self._check(prompt, height, width, steps_of(num_inference_steps, timesteps, sigmas),
+                            num_images_per_prompt, generator, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                            output_type)
+        tensor_inputs = callback_inputs(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._clip_skip = clip_skip
         device = self._execution_device
         guided = self._guided(guidance_scale)
         original_size = tuple(original_size or (height, width))
@@ -184,7 +193,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs))
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
+        retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         n = batch * num_images_per_prompt
         latents = self.prepare_latents(n, height, width, cond.dtype, generator, latents)
 
@@ -199,7 +208,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         ts = self._cut_end(self.scheduler.timesteps, denoising_end, self.scheduler.config.num_train_timesteps)
         self.scheduler.set_begin_index(0)
         latents = self._denoise(latents, ts, embeds, guidance_scale, guidance_rescale, generator, eta,
-                                cross_attention_kwargs, added, callback_on_step_end)
+                                cross_attention_kwargs, added, callback_on_step_end, tensor_inputs, uncond)
         images = self._decode(latents, output_type, generator)
         return PipelineOutput(images) if return_dict else (images,)
 
@@ -272,7 +281,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                  cross_attention_kwargs=None, guidance_rescale=0.0, original_size=None, crops_coords_top_left=(0, 0),
                  target_size=None, negative_original_size=None, negative_crops_coords_top_left=(0, 0),
                  negative_target_size=None, aesthetic_score=6.0, negative_aesthetic_score=2.5, clip_skip=None,
-                 callback_on_step_end=None):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, sigmas=None):
         if image is None:
             raise ValueError("image-to-image needs `image` (an image, or the base pipeline's latents)")
         if not 0 <= strength <= 1:
@@ -282,8 +291,11 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                 raise ValueError(f"{name}={v!r} must be a float in (0, 1)")
         if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
             raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
-        batch = self._check(prompt, None, None, num_inference_steps, num_images_per_prompt, generator,
-                            negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        batch = self._check(prompt, None, None, steps_of(num_inference_steps, timesteps, sigmas),
+                            num_images_per_prompt, generator, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                            output_type)
+        tensor_inputs = callback_inputs(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._clip_skip = clip_skip
         device = self._execution_device
         guided = self._guided(guidance_scale)
 
@@ -293,9 +305,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs))
         x = preprocess_image(image, self.vae_scale_factor, latent_channels=self.vae.config.latent_channels)
 
-        self.scheduler.set_timesteps(num_inference_steps, device=device, **({"timesteps": timesteps} if timesteps else {}))
-        if timesteps:
-            num_inference_steps = len(timesteps)
+        _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         ts = self._start(num_inference_steps, strength, denoising_start)
         if len(ts) == 0:
             raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
@@ -325,6 +335,6 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
 
         ts = self._cut_end(ts, denoising_end, self.scheduler.config.num_train_timesteps)
         latents = self._denoise(latents, ts, embeds, guidance_scale, guidance_rescale, generator, eta,
-                                cross_attention_kwargs, added, callback_on_step_end)
+                                cross_attention_kwargs, added, callback_on_step_end, tensor_inputs, uncond)
         images = self._decode(latents, output_type, generator)
         return PipelineOutput(images) if return_dict else (images,)
