@@ -10,7 +10,7 @@ from .models.vae import AutoencoderKL
 from .models.paella_vq import PaellaVQModel
 from .models.wuerstchen_diffnext import WuerstchenDiffNeXt
 from .models.wuerstchen_prior import WuerstchenPrior
-from .pipelines import (DiffusionPipeline, LatentConsistencyModelPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
+from .pipelines import (AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline, LatentConsistencyModelPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
                         StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, WuerstchenCombinedPipeline,
                         WuerstchenDecoderPipeline, WuerstchenPriorPipeline)
 from .schedulers import (DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler,

@@ -29,6 +29,7 @@ def parse_args(argv):
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--device", default="cpu")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g.add_argument("--verbose", action="store_true", help="on an error, show the whole traceback")
     return p.parse_args(argv)
 
 
@@ -45,6 +46,10 @@ def check_args(a):
             raise SystemExit(f"minidiff: --{name} {v} must be a positive multiple of 8")
     if a.model is not None and not os.path.exists(a.model) and a.model.count("/") != 1:
         raise SystemExit(f"minidiff: --model {a.model!r} is neither a local folder nor a Hub repo id (owner/name)")
+    if a.lora is not None and not os.path.exists(a.lora):
+        from .weights.hub import looks_like_path
+        if looks_like_path(a.lora) or a.lora.lower().endswith((".safetensors", ".bin", ".pt", ".ckpt")):
+            raise SystemExit(f"minidiff: --lora {a.lora}: no such file")
 
 
 def png_parameters(a, steps, guidance, width, height, sampler, model):
@@ -99,7 +104,14 @@ def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
     if a.command == "generate":
         check_args(a)
-        generate(a)
+        try:
+            generate(a)
+        except (ValueError, OSError, TypeError, RuntimeError, KeyError) as e:
+            if a.verbose:
+                raise
+            # the library's messages say what is wrong and what to pass: one line, the traceback on --verbose
+            message = " ".join(str(e).split()) or type(e).__name__
+            raise SystemExit(f"minidiff: {message} (--verbose shows the traceback)") from None
 
 
 if __name__ == "__main__":

@@ -97,13 +97,31 @@ class BatchEncoding(dict):
             raise AttributeError(name) from None
 
 
+def _read_vocab_file(path):
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def _read_merges_file(path):
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().strip().split("\n")
+    # the first line is the "#version" header, skipped whatever it holds (as transformers does)
+    return [tuple(line.split()) for line in lines[1:]]
+
+
 class CLIPTokenizer:
-    def __init__(self, vocab, merges, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                 unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77, added_tokens=None,
-                 padding_side="right", clean_up_tokenization_spaces=False):
-        """vocab: {token: id}; merges: [(left, right)] by rank; added_tokens: {content: {"id", "lstrip",
-        "rstrip", "special"}} for tokens cut out of the raw text before cleanup (the special tokens are
-        added to it)."""
+    def __init__(self, vocab_file, merges_file, errors="replace", unk_token="<|endoftext|>",
+                 bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                 model_max_length=77, added_tokens=None, padding_side="right", clean_up_tokenization_spaces=False):
+        """vocab_file, merges_file: the paths of vocab.json and merges.txt, as transformers'
+        CLIPTokenizer(vocab_file, merges_file, ...) takes them, or already read: {token: id} and
+        [(left, right)] by rank. added_tokens: {content: {"id", "lstrip", "rstrip", "special"}} for tokens cut
+        out of the raw text before cleanup (the special tokens are added to it). Bytes that are not UTF-8
+        decode as U+FFFD (transformers' errors="replace", the only mode)."""
+        if errors != "replace":
+            raise ValueError(f"CLIPTokenizer: errors={errors!r} is not supported (only 'replace')")
+        vocab = _read_vocab_file(vocab_file) if isinstance(vocab_file, (str, os.PathLike)) else vocab_file
+        merges = _read_merges_file(merges_file) if isinstance(merges_file, (str, os.PathLike)) else merges_file
         self.vocab = dict(vocab)
         self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
         self.model_max_length = model_max_length
@@ -157,12 +175,7 @@ class CLIPTokenizer:
         merges_path = resolve_file(repo_or_path, "merges.txt", subfolder, required=False)
         added = {}
         if vocab_path and merges_path:
-            with open(vocab_path, encoding="utf-8") as f:
-                vocab = json.load(f)
-            with open(merges_path, encoding="utf-8") as f:
-                # the first line is the "#version" header
-                lines = f.read().strip().split("\n")[1:]
-            merges = [tuple(line.split()) for line in lines]
+            vocab, merges = _read_vocab_file(vocab_path), _read_merges_file(merges_path)
         else:
             fast = optional_json("tokenizer.json")
             if fast is None:

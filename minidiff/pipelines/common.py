@@ -6,6 +6,7 @@ A pipeline is a plain object holding its components; its __call__ is the whole a
 import importlib
 import inspect
 import json
+import logging
 import os
 import sys
 import time
@@ -19,6 +20,8 @@ from PIL import Image
 from .. import loading
 from ..weights.config import AttrDict
 from ..weights.hub import hub_options, read_json
+
+logger = logging.getLogger("minidiff")
 
 # model_index.json names classes; this is where each one lives in minidiff. Several Hub names map to one class.
 COMPONENT_MODULES = {
@@ -365,6 +368,15 @@ class DiffusionPipeline:
     def get_list_adapters(self):
         from .. import lora
         return lora.get_list_adapters(self)
+
+    @property
+    def fused_loras(self):
+        from .. import lora
+        return lora.fused_adapters(self)
+
+    @property
+    def num_fused_loras(self):
+        return len(self.fused_loras)
     # ---- LoRA (end) ---------------------------------------------------------------------------
 
 
@@ -516,6 +528,19 @@ def callback_inputs(pipe, callback, names):
     if not callable(callback):
         raise ValueError(f"callback_on_step_end={callback!r} is not callable")
     return names
+
+
+def warn_truncated(tokenizer, texts):
+    """diffusers' warning for prompts longer than the text encoder's context: it names the dropped words."""
+    limit = tokenizer.model_max_length
+    removed = []
+    for text in texts:
+        ids = tokenizer(text, truncation=False).input_ids
+        if len(ids) > limit:
+            removed.append(tokenizer.decode(ids[limit - 1:-1]))
+    if removed:
+        logger.warning("The following part of your input was truncated because CLIP can only handle sequences up "
+                       f"to {limit} tokens: {removed}")
 
 
 def prompt_batch(prompt, prompt_embeds):

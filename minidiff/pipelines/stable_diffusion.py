@@ -13,7 +13,7 @@ from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from .common import (DiffusionPipeline, PipelineOutput, callback_inputs, check_common_inputs,
                      guidance_scale_embedding, negative_list, postprocess, preprocess_image, prompt_batch,
-                     rescale_noise_cfg, retrieve_timesteps, steps_of)
+                     rescale_noise_cfg, retrieve_timesteps, steps_of, warn_truncated)
 
 
 class StableDiffusionPipeline(DiffusionPipeline):
@@ -96,7 +96,10 @@ class StableDiffusionPipeline(DiffusionPipeline):
         device = device or self._execution_device
         batch = prompt_batch(prompt, prompt_embeds)
         if prompt_embeds is None:
-            prompt_embeds = self._embed([prompt] if isinstance(prompt, str) else prompt, clip_skip, lora_scale)
+            texts = [prompt] if isinstance(prompt, str) else prompt
+            if self.tokenizer is not None:
+                warn_truncated(self.tokenizer, texts)
+            prompt_embeds = self._embed(texts, clip_skip, lora_scale)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
         if do_classifier_free_guidance:

@@ -10,7 +10,7 @@ import torch
 from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from .common import (PipelineOutput, callback_inputs, postprocess, preprocess_image, prompt_batch, retrieve_timesteps,
-                     steps_of)
+                     steps_of, warn_truncated)
 from .stable_diffusion import StableDiffusionPipeline, _image_latents, refuse_unsupported
 
 
@@ -54,11 +54,13 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                              "pooled_prompt_embeds (see encode_prompt)")
         return pairs
 
-    def _embed_xl(self, texts_per_encoder, clip_skip=None, lora_scale=None):
+    def _embed_xl(self, texts_per_encoder, clip_skip=None, lora_scale=None, warn=False):
         """Penultimate (or clip_skip-deeper) hidden states of each encoder, concatenated; pooled from the last."""
         device = self._execution_device
         hidden, pooled = [], None
         for texts, (tok, enc) in zip(texts_per_encoder, self._encoders()):
+            if warn:
+                warn_truncated(tok, texts)
             ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
                       return_tensors="pt").input_ids
             with self._on_device(enc), scaled(enc, lora_scale):
@@ -81,7 +83,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             prompt = _as_list(prompt, batch)
             prompt_2 = _as_list(prompt_2 or prompt, batch)
             # zipped with the encoders present: a refiner (second encoder only) reads `prompt`, as in diffusers
-            prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip, lora_scale)
+            prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip, lora_scale, warn=True)
         elif pooled_prompt_embeds is None:
             raise ValueError("prompt_embeds were passed without pooled_prompt_embeds: pass both (encode_prompt "
                              "returns them)")
