@@ -15,6 +15,7 @@ from .pipelines import (AutoPipelineForImage2Image, AutoPipelineForText2Image, D
                         WuerstchenDecoderPipeline, WuerstchenPriorPipeline)
 from .schedulers import (DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler,
                          PNDMScheduler)
+from .schedulers import DPMSolverMultistepScheduler
 from .schedulers.ddpm_wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, DDPMWuerstchenScheduler
 from .tokenizer import CLIPTokenizer
 

@@ -14,7 +14,10 @@ def parse_args(argv):
     sub = p.add_subparsers(dest="command", required=True)
     g = sub.add_parser("generate", help="turn a prompt into a PNG")
     g.add_argument("prompt")
-    g.add_argument("--model", default=None, help="Hub repo id or local folder (default: the bundled shapes model)")
+    g.add_argument("--model", default=None, help="Hub repo id, local folder, or one checkpoint file "
+                                                 "(.safetensors, A1111/ComfyUI layout) (default: the bundled shapes model)")
+    g.add_argument("--vae", default=None, help="replace the model's VAE: a VAE-only file (e.g. "
+                                               "vae-ft-mse-840000-ema-pruned.safetensors), a VAE folder or repo")
     g.add_argument("--out", default="out.png", help="PNG file to write (default: out.png)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25, or 4 with --lcm)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 7.5 / bundled 5.0 / 1.0 with --lcm)")
@@ -50,6 +53,8 @@ def check_args(a):
         from .weights.hub import looks_like_path
         if looks_like_path(a.lora) or a.lora.lower().endswith((".safetensors", ".bin", ".pt", ".ckpt")):
             raise SystemExit(f"minidiff: --lora {a.lora}: no such file")
+    if a.vae is not None and not os.path.exists(a.vae) and a.vae.count("/") != 1:
+        raise SystemExit(f"minidiff: --vae {a.vae!r} is neither a local file or folder nor a Hub repo id (owner/name)")
 
 
 def png_parameters(a, steps, guidance, width, height, sampler, model):
@@ -60,6 +65,18 @@ def png_parameters(a, steps, guidance, width, height, sampler, model):
     lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance}, Seed: {a.seed}, "
                  f"Size: {width}x{height}, Model: {model}" + (", LoRA: LCM" if a.lcm else ""))
     return "\n".join(lines)
+
+
+def load_vae(path, current, dtype, device):
+    """--vae: a single file (LDM or VAE-only layout) or a VAE folder / repo (or a pipeline folder's vae/)."""
+    from .models.vae import AutoencoderKL
+    if os.path.isfile(path):
+        vae = AutoencoderKL.from_single_file(path, torch_dtype=dtype, device=device)
+        # a single file carries no scaling factor: keep the model family's (SD 0.18215, SDXL 0.13025)
+        vae.config.scaling_factor = current.config.scaling_factor
+        return vae
+    sub = "vae" if os.path.isfile(os.path.join(path, "vae", "config.json")) else None
+    return AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=dtype, device=device)
 
 
 def generate(a):
@@ -75,7 +92,12 @@ def generate(a):
     if bundled and not os.path.isdir(BUNDLED):
         raise SystemExit(f"minidiff: the bundled model is missing from {BUNDLED}; pass --model")
     dtype = getattr(torch, a.dtype)
-    pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=a.variant, device=a.device)
+    if os.path.isfile(model):
+        pipe = DiffusionPipeline.from_single_file(model, torch_dtype=dtype, device=a.device)
+    else:
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=a.variant, device=a.device)
+    if a.vae:
+        pipe.vae = load_vae(a.vae, pipe.vae, dtype, a.device)
     if a.lcm:
         lora = a.lora or (BUNDLED_LCM_LORA if bundled else None)
         if lora is None:

@@ -22,8 +22,9 @@ from typing import NamedTuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from . import ops
+from .weights import lycoris
 from .weights.lora_formats import COMPONENTS, layer_scale, parse_lora, read_lora_file, resolve_lora_file
 # also reachable as minidiff.lora.<name>, as before the file formats moved out
 from .weights.lora_formats import (DEFAULT_WEIGHT_NAME, METADATA_KEY, ModuleLoRA, is_target,  # noqa: F401
@@ -47,6 +48,21 @@ class LoRAAdapter(nn.Module):
         self.rank = down.shape[0]
 
 
+class LyCORISAdapter(nn.Module):
+    """A LyCORIS adapter (LoHa, LoKr, full difference) on one layer: its factors, and the delta weight they
+    make (weights/lycoris.py). Not a down/up pair: the layer adds scale x delta to its weight for the call."""
+
+    def __init__(self, kind, factors, scale):
+        super().__init__()
+        self.kind, self.names, self.scale = kind, [n for n in factors if n != "diff_b"], scale
+        for n in self.names:
+            self.register_buffer(n, factors[n], persistent=False)
+        self.register_buffer("up_bias", factors.get("diff_b"), persistent=False)  # the bias difference
+
+    def delta(self):
+        return lycoris.delta(self.kind, {n: getattr(self, n) for n in self.names})
+
+
 class LoRALayer(nn.Module):
     """What LoRALinear and LoRAConv2d share: the adapters, which are active and with what weight,
     enable/disable, the per-call scale, fusing."""
@@ -67,17 +83,35 @@ class LoRALayer(nn.Module):
         self.fused = []  # adapters added into `weight`
         self.unfused = None  # (weight, bias) as they were before fusing, on the CPU
 
-    def forward(self, x):
-        out = self.base_forward(x)
+    def active_loras(self):
+        """(down, up, up_bias, scale) of each adapter in use, the form the ops seam's lora_* ops take."""
         if self.fused or not self.enabled:  # a fused layer computes with W + deltas alone, as PEFT does
-            return out
+            return []
+        loras = []
         for name in self.active:
             a = self.adapters[name]
-            out = out + self.lora_forward(x, a) * (a.scale * self.adapter_weights[name] * self.call_scale)
-        return out
+            if isinstance(a, LoRAAdapter):
+                loras.append((a.down, a.up, a.up_bias, a.scale * self.adapter_weights[name] * self.call_scale))
+        return loras
+
+    def adapted_weight(self):
+        """(weight, bias) with the active LyCORIS deltas added, scaled: what the layer computes with this call."""
+        weight, bias = self.weight, self.bias
+        if self.fused or not self.enabled:
+            return weight, bias
+        for name in self.active:
+            a = self.adapters[name]
+            if isinstance(a, LyCORISAdapter):
+                s = a.scale * self.adapter_weights[name] * self.call_scale
+                weight = weight + a.delta().reshape(weight.shape) * s
+                if a.up_bias is not None:
+                    bias = bias + a.up_bias * s
+        return weight, bias
 
     def delta_weight(self, a):
-        """B A as a weight of this layer's shape, in fp32."""
+        """B A (or a LyCORIS delta) as a weight of this layer's shape, in fp32."""
+        if isinstance(a, LyCORISAdapter):
+            return a.delta().float().reshape(self.weight.shape)
         return (a.up.float().flatten(1) @ a.down.float().flatten(1)).reshape(self.weight.shape)
 
     @torch.no_grad()
@@ -117,11 +151,8 @@ class LoRALinear(LoRALayer):
         super().__init__(base)
         self.in_features, self.out_features = base.in_features, base.out_features
 
-    def base_forward(self, x):
-        return F.linear(x, self.weight, self.bias)
-
-    def lora_forward(self, x, a):
-        return F.linear(F.linear(x, a.down), a.up, a.up_bias)
+    def forward(self, x):
+        return ops.lora_linear(x, *self.adapted_weight(), self.active_loras())
 
     def expected_shapes(self, rank):
         return (rank, self.in_features), (self.out_features, rank)
@@ -148,11 +179,9 @@ class LoRAConv2d(LoRALayer):
         self.kernel_size, self.stride, self.padding, self.dilation = (base.kernel_size, base.stride, base.padding,
                                                                       base.dilation)
 
-    def base_forward(self, x):
-        return F.conv2d(x, self.weight, self.bias, self.stride, self.padding, self.dilation)
-
-    def lora_forward(self, x, a):
-        return F.conv2d(F.conv2d(x, a.down, None, self.stride, self.padding, self.dilation), a.up, a.up_bias)
+    def forward(self, x):
+        weight, bias = self.adapted_weight()
+        return ops.lora_conv2d(x, weight, bias, self.stride, self.padding, self.dilation, self.active_loras())
 
     def expected_shapes(self, rank):
         return (rank, self.in_channels, *self.kernel_size), (self.out_channels, rank, 1, 1)
@@ -279,6 +308,13 @@ def load_lora_weights(target, repo_id_or_file_or_dict, weight_name=None, adapter
     adapters, wrong = {}, []
     for (component, path), t in targets.items():
         module = models[component].get_submodule(path)
+        if t.kind != "lora":  # LyCORIS: the delta its factors make must reshape onto the weight
+            problem = _lycoris_problem(t, module)
+            if problem:
+                wrong.append(f"{t.keys[0]} (LyCORIS {t.kind}): {problem} for {component}.{path} ({describe(module)})")
+                continue
+            adapters[(component, path)] = (t.kind, t.factors, lycoris.scale(t.kind, t.factors, t.alpha))
+            continue
         down, up = _fit(t.down, module, "down"), _fit(t.up, module, "up")
         want_down, want_up = expected_shapes(module, down.shape[0])
         bias_ok = t.up_bias is None or (tuple(t.up_bias.shape) == (want_up[0],) and module.bias is not None)
@@ -296,12 +332,18 @@ def load_lora_weights(target, repo_id_or_file_or_dict, weight_name=None, adapter
 
     enabled = all(layer.enabled for _, layer in _all_layers(models))
     counts = {c: 0 for c in models}
-    for (component, path), (down, up, up_bias, scale) in adapters.items():
+    for (component, path), tensors in adapters.items():
         layer = _wrap(models[component], path)
         layer.enabled = enabled
         w = layer.weight
-        layer.adapters[adapter_name] = LoRAAdapter(down.to(w.device, w.dtype), up.to(w.device, w.dtype),
-                                                   None if up_bias is None else up_bias.to(w.device, w.dtype), scale)
+        if isinstance(tensors[0], str):
+            kind, factors, scale = tensors
+            layer.adapters[adapter_name] = LyCORISAdapter(kind, {k: v.to(w.device, w.dtype) for k, v in factors.items()},
+                                                          scale)
+        else:
+            down, up, up_bias, scale = tensors
+            layer.adapters[adapter_name] = LoRAAdapter(down.to(w.device, w.dtype), up.to(w.device, w.dtype),
+                                                       None if up_bias is None else up_bias.to(w.device, w.dtype), scale)
         layer.adapter_weights[adapter_name] = 1.0
         counts[component] += 1
     _activate(models, [adapter_name], [1.0])
@@ -311,6 +353,20 @@ def load_lora_weights(target, repo_id_or_file_or_dict, weight_name=None, adapter
         print(f"LoRA {adapter_name!r} ({form}): " + ", ".join(f"{c} {n} layers" for c, n in counts.items())
               + skipped, file=sys.stderr)
     return report
+
+
+def _lycoris_problem(t, module):
+    """Why a LyCORIS layer's factors do not fit `module` (None when they do)."""
+    try:
+        d = lycoris.delta(t.kind, {k: v.float() for k, v in t.factors.items()})
+    except RuntimeError as e:  # factors whose shapes do not multiply
+        return f"factors {dict((k, tuple(v.shape)) for k, v in t.factors.items())} do not combine ({e})"
+    if not lycoris.fits(d, module.weight.shape):
+        return f"factors make a delta of shape {tuple(d.shape)}, not the weight's {tuple(module.weight.shape)}"
+    b = t.factors.get("diff_b")
+    if b is not None and (module.bias is None or tuple(b.shape) != tuple(module.bias.shape)):
+        return f"diff_b {tuple(b.shape)} does not fit the bias {None if module.bias is None else tuple(module.bias.shape)}"
+    return None
 
 
 def _wrap(model, path):

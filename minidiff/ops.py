@@ -10,7 +10,8 @@ swapping an implementation reaches every call:
 `ops.use(...)` also works as a context manager (`with ops.use(attention=f): ...`), restoring what was
 there before. A replacement takes the reference's arguments and returns what it returns; the
 references below are the definition (and what the Triton kernels in `minidiff.kernels` are tested
-against).
+against). Models build their norms from the two layers at the bottom, `ops.GroupNorm` and `ops.LayerNorm`:
+torch's classes with the same parameter names (so checkpoint keys do not change) that compute here.
 """
 import contextlib
 
@@ -122,3 +123,27 @@ class _Restore(contextlib.AbstractContextManager):
     def __exit__(self, *exc):
         globals().update(self.before)
         return False
+
+
+# ----------------------------------------------------------------------------- the layers models build with
+
+class GroupNorm(torch.nn.GroupNorm):
+    """nn.GroupNorm (same parameter names, so the same state-dict keys) computing through `group_norm`.
+
+    `norm(x, silu=True)` is the GroupNorm-then-SiLU pair of every resnet block, one op for a kernel to fuse."""
+
+    def forward(self, x, silu=False):
+        return group_norm(x, self.num_groups, self.weight, self.bias, self.eps, silu=silu)
+
+
+class LayerNorm(torch.nn.LayerNorm):
+    """nn.LayerNorm (same parameter names; affine or not) computing through `layer_norm`.
+
+    dim=-1 normalises the last dim of (..., C); dim=1 the channels of a (B, C, H, W) map."""
+
+    def __init__(self, normalized_shape, eps=1e-5, elementwise_affine=True, dim=-1):
+        super().__init__(normalized_shape, eps=eps, elementwise_affine=elementwise_affine)
+        self.dim = dim
+
+    def forward(self, x):
+        return layer_norm(x, self.weight, self.bias, self.eps, dim=self.dim)

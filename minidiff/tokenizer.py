@@ -144,13 +144,33 @@ class CLIPTokenizer:
                 entry["id"] = self.vocab.get(tok)
             if entry["id"] is None:
                 entry["id"], next_id = next_id, next_id + 1
+        self._index_added()
+        self._word_ids = lru_cache(maxsize=65536)(self._word_ids_uncached)
+
+    def _index_added(self):
         self.special_tokens = {t for t, v in self.added_tokens.items() if v.get("special")}
         self.id_to_token = {i: t for t, i in self.vocab.items()}
         self.id_to_token.update({v["id"]: t for t, v in self.added_tokens.items()})
         # longest first, so that a token containing another one wins
         names = sorted(self.added_tokens, key=len, reverse=True)
         self._added_split = re.compile("(" + "|".join(re.escape(n) for n in names) + ")") if names else None
-        self._word_ids = lru_cache(maxsize=65536)(self._word_ids_uncached)
+
+    def add_tokens(self, tokens):
+        """Add tokens cut out of the raw text whole (textual inversion), each with the next free id, as
+        transformers' add_tokens; returns how many were new."""
+        new = [t for t in dict.fromkeys(tokens) if t not in self.added_tokens and t not in self.vocab]
+        for t in new:
+            self.added_tokens[t] = {"id": max(self.id_to_token) + 1, "lstrip": False, "rstrip": False, "special": False}
+            self.id_to_token[self.added_tokens[t]["id"]] = t
+        self._index_added()
+        return len(new)
+
+    def remove_tokens(self, tokens):
+        """Remove added (non-special) tokens; the added tokens after them move down to keep the ids dense."""
+        gone = sorted(self.added_tokens.pop(t)["id"] for t in tokens)
+        for v in self.added_tokens.values():
+            v["id"] -= sum(g < v["id"] for g in gone)
+        self._index_added()
 
     # ---- loading ---------------------------------------------------------------------------------
 

@@ -9,7 +9,7 @@ from diffusers.utils.torch_utils import randn_tensor as ref_randn_tensor
 
 from minidiff import schedulers as ours
 from minidiff.schedulers.common import randn_tensor
-from tests.utils import assert_close
+from tests.utils import assert_close, compare_loop, fake_unet, run_loop, start_sample
 
 NAMES = ["EulerDiscreteScheduler", "EulerAncestralDiscreteScheduler", "DDIMScheduler", "PNDMScheduler", "LCMScheduler"]
 SD = dict(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear")
@@ -22,46 +22,6 @@ SD15_PNDM = {"_class_name": "PNDMScheduler", "_diffusers_version": "0.6.0", "bet
 
 def pair(name, **config):
     return getattr(ours, name)(**config), getattr(diffusers, name)(**config)
-
-
-def fake_unet(x, t):
-    """A deterministic stand-in for the UNet: a smooth function of the sample and the timestep."""
-    return torch.sin(1.3 * x + float(t) / 250.0) * 0.8 + 0.1 * x
-
-
-def start_sample(seed=0, dtype=torch.float32):
-    return torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(seed)).to(dtype)
-
-
-def run(sched, x, timesteps=None, seed=None, **step_kwargs):
-    """A pipeline's loop (a generator goes to schedulers whose step takes one); returns the step outputs."""
-    takes_generator = "generator" in inspect.signature(sched.step).parameters
-    g = torch.Generator().manual_seed(seed) if seed is not None and takes_generator else None
-    outs = []
-    for t in (sched.timesteps if timesteps is None else timesteps):
-        eps = fake_unet(sched.scale_model_input(x, t), t)
-        kw = dict(step_kwargs, **({"generator": g} if g is not None else {}))
-        out = sched.step(eps, t, x, **kw)
-        outs.append(out)
-        x = out.prev_sample
-    return outs
-
-
-def compare_loop(a, b, x, fields=("prev_sample", "pred_original_sample"), rel=0.0, **kw):
-    """Same timesteps (values and dtype) and the same output at every step: bit-exact by default, since the
-    schedulers do the same float operations as diffusers."""
-    assert a.timesteps.dtype == b.timesteps.dtype, (a.timesteps.dtype, b.timesteps.dtype)
-    assert torch.equal(a.timesteps, b.timesteps), (a.timesteps, b.timesteps)
-    if hasattr(b, "sigmas"):
-        assert torch.equal(a.sigmas, b.sigmas), (a.sigmas, b.sigmas)
-    assert_close(torch.as_tensor(a.init_noise_sigma), torch.as_tensor(b.init_noise_sigma), name="init_noise_sigma")
-    x = x * b.init_noise_sigma
-    outs_a, outs_b = run(a, x, **kw), run(b, x, **kw)
-    assert len(outs_a) == len(outs_b) > 0
-    for i, (oa, ob) in enumerate(zip(outs_a, outs_b)):
-        for f in fields:
-            assert_close(getattr(oa, f), getattr(ob, f), rel=rel, name=f"step {i} {f}")
-    return outs_a
 
 
 # ---------------------------------------------------------------------------------------------
@@ -121,7 +81,7 @@ def test_euler_ancestral_loop(spacing, prediction, offset):
     outs = compare_loop(a, b, start_sample(), seed=7)
     # the noise really comes from the generator: another seed changes the result
     a.set_timesteps(8)
-    other = run(a, start_sample() * a.init_noise_sigma, seed=8)
+    other = run_loop(a, start_sample() * a.init_noise_sigma, seed=8)
     assert not torch.allclose(other[-1].prev_sample, outs[-1].prev_sample)
 
 
@@ -259,7 +219,7 @@ def test_fp16_steps():
         for s in (a, b):
             s.set_timesteps(5)
         x = start_sample(dtype=torch.float16)
-        outs_a, outs_b = run(a, x, seed=1), run(b, x, seed=1)
+        outs_a, outs_b = run_loop(a, x, seed=1), run_loop(b, x, seed=1)
         for oa, ob in zip(outs_a, outs_b):
             assert oa.prev_sample.dtype == ob.prev_sample.dtype == torch.float16
             assert torch.equal(oa.prev_sample, ob.prev_sample), name
@@ -281,7 +241,7 @@ def test_img2img_strength(name):
         if hasattr(s, "set_begin_index"):
             s.set_begin_index(t_start * s.order)
         x = s.add_noise(image, noise, ts[:1].repeat(2))
-        results.append((x, run(s, x, timesteps=ts, seed=0)))
+        results.append((x, run_loop(s, x, timesteps=ts, seed=0)))
     assert_close(results[0][0], results[1][0], rel=0.0, name="add_noise")
     for oa, ob in zip(results[0][1], results[1][1]):
         assert_close(oa.prev_sample, ob.prev_sample, rel=0.0)
@@ -298,7 +258,7 @@ def test_refiner_denoising_start(name):
         s.set_begin_index(t_start)
         ts = s.timesteps[t_start:]
         x = s.add_noise(start_sample(1), start_sample(2), ts[:1].repeat(2))
-        results.append(run(s, x, timesteps=ts, seed=0))
+        results.append(run_loop(s, x, timesteps=ts, seed=0))
     assert len(results[0]) == 4
     for oa, ob in zip(*results):
         assert_close(oa.prev_sample, ob.prev_sample, rel=0.0)
@@ -368,18 +328,16 @@ def test_save_pretrained_round_trip(tmp_path):
 
 
 def test_config_errors(tmp_path):
-    with pytest.raises(ValueError, match="interpolation_type='log_linear' is not supported"):
-        ours.EulerDiscreteScheduler(interpolation_type="log_linear")
-    with pytest.raises(ValueError, match="use_exponential_sigmas=True is not supported"):
-        ours.EulerDiscreteScheduler.from_config({"use_exponential_sigmas": True})
+    with pytest.raises(ValueError, match="interpolation_type='cubic' is not supported"):
+        ours.EulerDiscreteScheduler(interpolation_type="cubic")
+    with pytest.raises(ValueError, match="use_karras_sigmas=True and use_exponential_sigmas=True: choose at most one"):
+        ours.EulerDiscreteScheduler.from_config({"use_exponential_sigmas": True, "use_karras_sigmas": True})
     with pytest.raises(ValueError, match="prediction_type='sample' is not supported"):
         ours.EulerAncestralDiscreteScheduler(prediction_type="sample")
     with pytest.raises(ValueError, match="timestep_spacing='even'"):
         ours.DDIMScheduler(timestep_spacing="even")
     with pytest.raises(ValueError, match="beta_schedule='cosine'"):
         ours.PNDMScheduler(beta_schedule="cosine")
-    with pytest.raises(ValueError, match="thresholding=True is not supported"):
-        ours.LCMScheduler(thresholding=True)
     with pytest.raises(ValueError, match=r"unknown config keys \['use_karras_sigmas'\]"):
         ours.DDIMScheduler(use_karras_sigmas=True)
     with pytest.raises(ValueError, match=r"unknown arguments \['timestep_spacin'\]"):

@@ -5,10 +5,11 @@ Only the files a model needs are fetched: its config and the weights of the chos
 """
 import contextlib
 import contextvars
-import json
 import os
 import re
 import socket
+
+from .safe import check_pickle, contained, read_json_file, safe_name
 
 WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
@@ -74,8 +75,13 @@ def _offline_error(repo, where, reason):
 def resolve_file(repo_or_path, filename, subfolder=None, required=True):
     """Path of `subfolder/filename` in a local folder or a Hub repo; None if absent and not required."""
     repo_or_path = os.fspath(repo_or_path)
+    if subfolder:
+        safe_name(subfolder, repo_or_path, "subfolder")
+    safe_name(filename, os.path.join(repo_or_path, subfolder or ""), "file name")
     if is_local(repo_or_path):
         path = os.path.join(repo_or_path, subfolder or "", filename)
+        if os.path.lexists(path):
+            contained(repo_or_path, path, os.path.join(repo_or_path, subfolder or ""), "file")
         if os.path.isfile(path):
             return path
         if required:
@@ -120,12 +126,27 @@ def resolve_file(repo_or_path, filename, subfolder=None, required=True):
 
 
 def read_json(repo_or_path, filename, subfolder=None):
+    """A JSON file of a repo, parsed strictly (bounded size and depth, UTF-8, finite numbers); a dict."""
     path = resolve_file(repo_or_path, filename, subfolder)
-    try:
-        with open(path, encoding="utf-8") as f:
-            return json.load(f)
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from e
+    obj = read_json_file(path)
+    if not isinstance(obj, dict):
+        from ..errors import FileFormatError
+        raise FileFormatError(f"{path}: a JSON object {{...}} is needed, found a {type(obj).__name__}")
+    return obj
+
+
+def read_index(path):
+    """The shard file names of a `.index.json` (its weight_map values), each a safe relative name."""
+    from ..errors import FileFormatError
+    index = read_json_file(path)
+    weight_map = index.get("weight_map") if isinstance(index, dict) else None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise FileFormatError(f"{path}: a shard index needs a non-empty \"weight_map\" object {{key: shard file}}")
+    for key, shard in weight_map.items():
+        if not isinstance(shard, str):
+            raise FileFormatError(f"{path}: weight_map[{key!r}] = {shard!r} is not a file name")
+        safe_name(shard, path, f"shard of {key!r}")
+    return sorted(set(weight_map.values()))
 
 
 def _variant_name(name, variant):
@@ -162,9 +183,7 @@ def resolve_weights(repo_or_path, weight_names, subfolder=None, variant=None, al
                 if path is None:
                     continue
                 if name.endswith(".json"):
-                    with open(path, encoding="utf-8") as f:
-                        shards = sorted(set(json.load(f)["weight_map"].values()))
-                    return [resolve_file(repo_or_path, s, subfolder) for s in shards]
+                    return [resolve_file(repo_or_path, s, subfolder) for s in read_index(path)]
                 return [path]
     where = os.path.join(repo_or_path, subfolder or "")
     hint = ""
@@ -180,6 +199,5 @@ def resolve_weights(repo_or_path, weight_names, subfolder=None, variant=None, al
 
 
 def _check_pickle(path, allow_pickle):
-    if path.endswith(PICKLE_SUFFIXES) and not allow_pickle:
-        raise ValueError(f"{path} is a pickle checkpoint, which can run code when loaded; pass allow_pickle=True "
-                         "to read it anyway (it is then read with torch.load(weights_only=True))")
+    # decided by the file's first bytes, not its name (weights/safe.py)
+    return check_pickle(path, allow_pickle)

@@ -13,64 +13,57 @@ from contextlib import contextmanager
 import torch
 
 from .config import config_from_dict, config_to_dict
-from .hub import _check_pickle, read_json, resolve_weights
+from ..errors import FileFormatError
+from .hub import read_json, resolve_weights
+from .safe import check_pickle, read_safetensors_header, torch_load
 
 
 def read_header(path):
-    """{key: (shape, dtype_name)} of a safetensors file, read from its header only."""
-    from safetensors import safe_open
-    try:
-        with safe_open(path, framework="pt", device="cpu") as f:
-            out = {}
-            for k in f.keys():
-                sl = f.get_slice(k)
-                out[k] = (tuple(sl.get_shape()), sl.get_dtype())
-            return out
-    except Exception as e:  # safetensors raises its own error types for truncated and corrupt files
-        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
+    """{key: (shape, dtype_name)} of a safetensors file, from its header only (checked: weights/safe.py)."""
+    return read_safetensors_header(path).tensors
 
 
 def read_state_dict(files, allow_pickle=False):
     """Whole state dict of one or more files (safetensors, or pickle when allowed) on the CPU."""
-    sd = {}
-    for path in files:
-        if path.endswith(".safetensors"):
-            from safetensors.torch import load_file
-            read_header(path)  # clear error for a bad file
-            sd.update(load_file(path, device="cpu"))
-        else:
-            _check_pickle(path, allow_pickle)
-            sd.update(torch.load(path, map_location="cpu", weights_only=True))
-    return sd
+    return {k: t for _, k, t in _iter_tensors(files, allow_pickle)}
 
 
-def _iter_tensors(files, allow_pickle):
-    """(file, key, tensor) one at a time, so that only one tensor is in flight."""
+def _iter_tensors(files, allow_pickle, keys=None):
+    """(file, key, tensor) one at a time, so that only one tensor is in flight; the kind of each file is
+    told by its content (a pickle is read only with allow_pickle). `keys`: only these."""
     for path in files:
-        if path.endswith(".safetensors"):
+        if check_pickle(path, allow_pickle) == "safetensors":
             from safetensors import safe_open
-            with safe_open(path, framework="pt", device="cpu") as f:
-                for k in f.keys():
-                    try:
-                        t = f.get_tensor(k)
-                    except Exception as e:
-                        raise ValueError(f"{path}: could not read tensor {k!r} (truncated or corrupt file?): {e}") from e
-                    yield path, k, t
+            names = list(read_header(path))  # checked before safetensors maps the file
+            try:
+                with safe_open(path, framework="pt", device="cpu") as f:
+                    for k in names:
+                        if keys is not None and k not in keys:
+                            continue
+                        try:
+                            t = f.get_tensor(k)
+                        except Exception as e:
+                            raise FileFormatError(f"{path}: could not read tensor {k!r} (truncated or corrupt file?): "
+                                                  f"{e}") from e
+                        yield path, k, t
+            except FileFormatError:
+                raise
+            except Exception as e:  # safetensors' own error types for what the header check let through
+                raise FileFormatError(f"{path}: not a readable safetensors file (truncated or corrupt?): {e}") from e
         else:
-            _check_pickle(path, allow_pickle)
-            for k, t in torch.load(path, map_location="cpu", weights_only=True).items():
-                yield path, k, t
+            for k, t in torch_load(path).items():
+                if keys is None or k in keys:
+                    yield path, k, t
 
 
 def _shapes(files, allow_pickle):
     shapes = {}
     for path in files:
-        if path.endswith(".safetensors"):
+        if check_pickle(path, allow_pickle) == "safetensors":
             for k, (shape, _) in read_header(path).items():
                 shapes[k] = (path, shape)
         else:
-            _check_pickle(path, allow_pickle)
-            for k, t in torch.load(path, map_location="cpu", weights_only=True, mmap=True).items():
+            for k, t in torch_load(path, mmap=True).items():
                 shapes[k] = (path, tuple(t.shape))
     return shapes
 
@@ -172,12 +165,15 @@ def load_model(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None
     return model.eval()
 
 
-def save_model(model, folder, weight_name="diffusion_pytorch_model", class_name=None):
-    """Write config.json and <weight_name>.safetensors into `folder` (the Hub layout diffusers reads)."""
+def save_model(model, folder, weight_name="diffusion_pytorch_model", class_name=None, extra_config=None):
+    """Write config.json (the config's fields, then `extra_config`) and <weight_name>.safetensors into
+    `folder` (the Hub layout diffusers reads)."""
     from safetensors.torch import save_file
     os.makedirs(folder, exist_ok=True)
+    config = config_to_dict(model.config, class_name or type(model).__name__)
+    config.update(extra_config or {})
     with open(os.path.join(folder, "config.json"), "w", encoding="utf-8") as f:
-        json.dump(config_to_dict(model.config, class_name or type(model).__name__), f, indent=2)
+        json.dump(config, f, indent=2)
     sd = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
     save_file(sd, os.path.join(folder, weight_name + ".safetensors"), metadata={"format": "pt"})
 

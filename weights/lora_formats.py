@@ -29,8 +29,10 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn as nn
 
-from .hub import PICKLE_SUFFIXES, is_local, resolve_file
+from . import lycoris
+from .hub import is_local, resolve_file
 from .load import read_state_dict
+from .safe import check_pickle, read_safetensors_header
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Pipeline components a LoRA file can adapt, with their kohya key prefixes.
@@ -145,15 +147,11 @@ def resolve_lora_file(source, weight_name=None, subfolder=None):
 
 def read_lora_file(path, allow_pickle=False):
     """(state dict, {component: PEFT config dict} or {}) of a LoRA file."""
-    if path.endswith(PICKLE_SUFFIXES) and not allow_pickle:
-        raise ValueError(f"{path} is a pickle file, which can run code when loaded; pass allow_pickle=True to read "
-                         "it anyway (with torch.load(weights_only=True)), or use the .safetensors version")
+    kind = check_pickle(path, allow_pickle)  # by content, not by name
     state_dict = read_state_dict([path], allow_pickle=allow_pickle)
     configs = {}
-    if path.endswith(".safetensors"):
-        from safetensors import safe_open
-        with safe_open(path, framework="pt") as f:
-            raw = (f.metadata() or {}).get(METADATA_KEY)
+    if kind == "safetensors":
+        raw = read_safetensors_header(path).metadata.get(METADATA_KEY)
         if raw:
             try:
                 flat = json.loads(raw)
@@ -179,6 +177,8 @@ class ModuleLoRA:
     up_bias: torch.Tensor = None
     alpha: float = None
     keys: list = field(default_factory=list)
+    factors: dict = field(default_factory=dict)  # a LyCORIS layer's tensors by suffix (hada_w1_a, lokr_w1, diff...)
+    kind: str = "lora"  # or LyCORIS' "loha", "lokr", "full"
 
 
 # Key suffixes of the diffusers / PEFT forms and what they hold.
@@ -191,8 +191,7 @@ OLD_PROCESSOR = re.compile(r"^(.*?)(?:\.processor)?\.(to_q|to_k|to_v|to_out)_lor
 OLD_PROJECTIONS = {"unet": {"to_q": "to_q", "to_k": "to_k", "to_v": "to_v", "to_out": "to_out.0"},
                    "text": {"to_q": "q_proj", "to_k": "k_proj", "to_v": "v_proj", "to_out": "out_proj"}}
 UNSUPPORTED = (("dora_scale", "DoRA (weight-decomposed LoRA) is not supported"),
-               ("lora_magnitude_vector", "DoRA (weight-decomposed LoRA) is not supported"),
-               ("hada_", "LoHa (LyCORIS) is not supported"), ("lokr_", "LoKr (LyCORIS) is not supported"))
+               ("lora_magnitude_vector", "DoRA (weight-decomposed LoRA) is not supported"))
 
 
 def _unsupported(key):
@@ -258,7 +257,7 @@ def parse_lora(state_dict, models):
         if key.startswith(("lora_unet_", "lora_te_", "lora_te1_", "lora_te2_")):
             table = table if table is not None else kohya_table(models)
             name, _, suffix = key.partition(".")
-            role = KOHYA_SUFFIXES.get(suffix)
+            role = KOHYA_SUFFIXES.get(suffix) or ("factor" if suffix in lycoris.KEYS else None)
             if role is None:
                 unmatched[key] = f"unknown kohya suffix {suffix!r}"
                 continue
@@ -278,6 +277,14 @@ def parse_lora(state_dict, models):
             component, path, role, form = found
             forms.add(form)
         t = targets.setdefault((component, path), ModuleLoRA())
+        if role == "factor":  # LyCORIS (weights/lycoris.py)
+            if suffix in t.factors:
+                unmatched[key] = f"a second {suffix} for {component}.{path} (first from {t.keys[0]})"
+                continue
+            t.keys.append(key)
+            t.factors[suffix] = tensor
+            forms.add("LyCORIS")
+            continue
         if (t.alpha if role == "alpha" else getattr(t, role)) is not None:  # e.g. one layer under two names
             unmatched[key] = f"a second {role} for {component}.{path} (first from {t.keys[0]})"
             continue
@@ -287,7 +294,15 @@ def parse_lora(state_dict, models):
         else:
             setattr(t, role, tensor)
     for (component, path), t in list(targets.items()):
-        if t.down is None or t.up is None:
+        if t.factors:
+            t.kind = lycoris.kind_of(t.factors)
+            if t.down is not None or t.up is not None:
+                t.kind = "LyCORIS factors and a LoRA down/up pair on one layer"
+            if t.kind not in ("loha", "lokr", "full"):
+                for key in t.keys:
+                    unmatched[key] = t.kind
+                del targets[(component, path)]
+        elif t.down is None or t.up is None:
             for key in t.keys:
                 unmatched[key] = f"{'up' if t.down is None else 'down'} weight missing for this module"
             del targets[(component, path)]

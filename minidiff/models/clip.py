@@ -8,9 +8,6 @@ CLIPTextModelWithProjection (SDXL's second encoder) maps it through a bias-less 
 Outputs equal transformers' CLIPTextModel / CLIPTextModelWithProjection; module names equal the Hub
 keys (`text_model.encoder.layers.0.self_attn.q_proj.weight`, ...) so the file loads as it is.
 """
-import dataclasses
-import json
-import os
 from dataclasses import dataclass
 from typing import ClassVar, Optional
 
@@ -18,8 +15,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidiff.nn import attention
-from ..weights.load import load_model, save_model
+from minidiff import ops
+from .base import Model, ModelOutput
 
 
 @dataclass
@@ -79,16 +76,7 @@ def quick_gelu(x):
 ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
 
 
-# ---- outputs: attribute access like transformers' ModelOutput, and out[0], out[1], ... over the fields set
-
-
-@dataclass
-class ModelOutput:
-    def to_tuple(self):
-        return tuple(v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None)
-
-    def __getitem__(self, i):
-        return getattr(self, i) if isinstance(i, str) else self.to_tuple()[i]
+# ---- outputs (minidiff.models.base.ModelOutput: by attribute, and out[0], out[1], ... over the fields set)
 
 
 @dataclass
@@ -134,7 +122,7 @@ class CLIPAttention(nn.Module):
 
     def forward(self, x, mask=None):
         # no padding mask: SDPA's own causal masking, which lets it pick its fastest kernel
-        out = attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask=mask, causal=mask is None)
+        out = ops.attention(self.q_proj(x), self.k_proj(x), self.v_proj(x), self.heads, mask=mask, causal=mask is None)
         return self.out_proj(out)
 
 
@@ -152,9 +140,9 @@ class CLIPMLP(nn.Module):
 class CLIPEncoderLayer(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        self.layer_norm1 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm1 = ops.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.self_attn = CLIPAttention(cfg)
-        self.layer_norm2 = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.layer_norm2 = ops.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
         self.mlp = CLIPMLP(cfg)
 
     def forward(self, x, mask=None):
@@ -196,7 +184,7 @@ class CLIPTextTransformer(nn.Module):
         self.config = cfg
         self.embeddings = CLIPTextEmbeddings(cfg)
         self.encoder = CLIPEncoder(cfg)
-        self.final_layer_norm = nn.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
+        self.final_layer_norm = ops.LayerNorm(cfg.hidden_size, eps=cfg.layer_norm_eps)
 
     def forward(self, input_ids, attention_mask=None, output_hidden_states=False):
         input_ids = input_ids.view(-1, input_ids.shape[-1])
@@ -217,7 +205,7 @@ class CLIPTextTransformer(nn.Module):
 # ---- the two Hub classes
 
 
-class _CLIPTextBase(nn.Module):
+class _CLIPTextBase(Model):
     config_class = CLIPTextConfig
     weight_names = ("model",)
 
@@ -231,34 +219,15 @@ class _CLIPTextBase(nn.Module):
             return key
         return "text_model." + key
 
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
-                        allow_pickle=False):
-        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-
-    def save_pretrained(self, folder):
-        save_model(self, folder, weight_name="model")
+    def extra_config(self):
         # transformers reads the config too when it names its model type and class
-        path = os.path.join(folder, "config.json")
-        with open(path, encoding="utf-8") as f:
-            cfg = json.load(f)
-        cfg.update(architectures=[type(self).__name__], model_type="clip_text_model")
-        with open(path, "w", encoding="utf-8") as f:
-            json.dump(cfg, f, indent=2)
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
+        return {"architectures": [type(self).__name__], "model_type": "clip_text_model"}
 
 
 class CLIPTextModel(_CLIPTextBase):
+    single_file_part = "text_encoder"
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.text_model = CLIPTextTransformer(config)
 
     def forward(self, input_ids, attention_mask=None, output_hidden_states=False, return_dict=True):
@@ -267,9 +236,9 @@ class CLIPTextModel(_CLIPTextBase):
 
 
 class CLIPTextModelWithProjection(_CLIPTextBase):
+    single_file_part = "text_encoder_2"
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.text_model = CLIPTextTransformer(config)
         self.text_projection = nn.Linear(config.hidden_size, config.projection_dim, bias=False)
 

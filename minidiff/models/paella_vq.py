@@ -10,12 +10,14 @@ Attribute names equal the diffusers checkpoint keys (warp-ai/wuerstchen, vqgan/)
 name the class VQModelPaella, which does not matter here.
 """
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from ..weights import load_model, save_model
+from .. import ops
+from .base import Model, ModelOutput
+from .vae import DecoderOutput
 
 
 @dataclass
@@ -39,12 +41,9 @@ class PaellaVQModelConfig:
                              f"(levels={self.levels!r}): level widths are embed_dim / 2**k")
 
 
-class VQEncoderOutput(NamedTuple):
+@dataclass
+class VQEncoderOutput(ModelOutput):
     latents: torch.Tensor
-
-
-class DecoderOutput(NamedTuple):
-    sample: torch.Tensor
 
 
 class MixingResidualBlock(nn.Module):
@@ -53,15 +52,15 @@ class MixingResidualBlock(nn.Module):
 
     def __init__(self, c, c_hidden):
         super().__init__()
-        self.norm1 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.norm1 = ops.LayerNorm(c, elementwise_affine=False, eps=1e-6, dim=1)
         self.depthwise = nn.Sequential(nn.ReplicationPad2d(1), nn.Conv2d(c, c, kernel_size=3, groups=c))
-        self.norm2 = nn.LayerNorm(c, elementwise_affine=False, eps=1e-6)
+        self.norm2 = ops.LayerNorm(c, elementwise_affine=False, eps=1e-6)  # on channels-last x
         self.channelwise = nn.Sequential(nn.Linear(c, c_hidden), nn.GELU(), nn.Linear(c_hidden, c))
         self.gammas = nn.Parameter(torch.zeros(6))
 
     def forward(self, x):
         g = self.gammas
-        h = self.norm1(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2) * (1 + g[0]) + g[1]
+        h = self.norm1(x) * (1 + g[0]) + g[1]
         x = x + self.depthwise(h) * g[2]
         h = self.norm2(x.permute(0, 2, 3, 1)) * (1 + g[3]) + g[4]  # channels-last for the MLP
         return x + self.channelwise(h).permute(0, 3, 1, 2) * g[5]
@@ -84,13 +83,12 @@ class VectorQuantizer(nn.Module):
         return z_q.permute(0, 3, 1, 2).contiguous(), indices
 
 
-class PaellaVQModel(nn.Module):
+class PaellaVQModel(Model):
     config_class = PaellaVQModelConfig
-    weight_names = ("diffusion_pytorch_model",)
 
     def __init__(self, config):
-        super().__init__()
-        self.config = cfg = config
+        super().__init__(config)
+        cfg = config
         f, levels = cfg.up_down_scale_factor, cfg.levels
         widths = [cfg.embed_dim // 2 ** k for k in reversed(range(levels))]  # shallow to deep
 
@@ -116,21 +114,6 @@ class PaellaVQModel(nn.Module):
         self.up_blocks = nn.Sequential(*up)
         self.out_block = nn.Sequential(nn.Conv2d(widths[0], cfg.out_channels * f * f, kernel_size=1),
                                        nn.PixelShuffle(f))
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None, allow_pickle=False):
-        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-
-    def save_pretrained(self, folder):
-        save_model(self, folder)
-
-    @property
-    def dtype(self):
-        return self.vquantizer.embedding.weight.dtype
-
-    @property
-    def device(self):
-        return self.vquantizer.embedding.weight.device
 
     def encode(self, x, return_dict=True):
         """Image (B, in_channels, H, W) in [0, 1] -> unquantised latents `.latents`

@@ -11,12 +11,12 @@ and the decoder returns 2y - 1. The decoder also soft-clamps its input to (-3, 3
 Module names equal diffusers' keys (`encoder.layers.N...`, `decoder.layers.N...`).
 """
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 
-from ..weights.load import load_model, save_model
+from .base import Model, ModelOutput
 from .vae import ACTIVATIONS, DecoderOutput, activation, encoder_output_to_latents, latents_to_decoder_input
 
 UPSAMPLE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic")
@@ -123,7 +123,8 @@ class DecoderTiny(nn.Module):
         return self.layers(z).mul(2).sub(1)
 
 
-class AutoencoderTinyOutput(NamedTuple):
+@dataclass
+class AutoencoderTinyOutput(ModelOutput):
     latents: torch.Tensor
 
 
@@ -132,15 +133,13 @@ def _ramp(n, blend):
     return (torch.arange(n) / (blend - 1)).clamp(0, 1)
 
 
-class AutoencoderTiny(nn.Module):
+class AutoencoderTiny(Model):
     """TAESD. `encode(x)` -> `.latents` (diffusion latents, deterministic); `decode(latents)` -> `.sample` in [-1, 1]."""
 
     config_class = AutoencoderTinyConfig
-    weight_names = ("diffusion_pytorch_model",)
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.encoder = EncoderTiny(config)
         self.decoder = DecoderTiny(config)
         self.use_slicing = False
@@ -150,22 +149,6 @@ class AutoencoderTiny(nn.Module):
         self.tile_overlap_factor = 0.125
         self.tile_sample_min_size = 512
         self.tile_latent_min_size = self.tile_sample_min_size // self.spatial_scale_factor
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
-                        allow_pickle=False):
-        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-
-    def save_pretrained(self, folder):
-        save_model(self, folder)
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
     def enable_slicing(self):
         self.use_slicing = True

@@ -6,7 +6,7 @@ Module names equal diffusers' UNet2DConditionModel checkpoint keys, so Hub weigh
 
 Layout, for block_out_channels (c0, c1, ..., cN):
     conv_in -> down blocks (each: resnets [+ transformers], then a stride-2 conv but the last)
-            -> mid block (resnet, transformer, resnet) -> up blocks (mirror, each resnet taking a
+            -> mid block (resnet, transformer, resnet; SSD-1B/Vega: one resnet) -> up blocks (mirror, each resnet taking a
             skip connection from the down path, then nearest x2 upsample + conv) -> norm, SiLU, conv_out.
 The timestep (and for SDXL the pooled text embedding + image size "time ids") becomes one vector
 that every resnet adds to its features.
@@ -14,16 +14,18 @@ that every resnet adds to its features.
 from dataclasses import dataclass
 from typing import ClassVar
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidiff.nn import GroupNorm, attention, timestep_embedding
-from ..weights.load import load_model, save_model
+from minidiff import ops
+from .base import Model, ModelOutput
 
 DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
 UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
-MID_BLOCKS = ("UNetMidBlock2DCrossAttn", None)
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
 
 
 @dataclass
@@ -132,11 +134,27 @@ class UNet2DConditionConfig:
 
 
 @dataclass
-class UNet2DConditionOutput:
+class UNet2DConditionOutput(ModelOutput):
     sample: torch.Tensor
 
 
 # ----------------------------------------------------------------------------- building blocks
+
+def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=1.0, max_period=10000, scale=1.0):
+    """Sinusoidal embedding of (fractional) timesteps t: (B,) -> (B, dim), as in DDPM / Stable Diffusion.
+
+    Frequencies exp(-log(max_period) * i / (half - freq_shift)); `flip_sin_to_cos` puts cos first.
+    """
+    half = dim // 2
+    exponent = -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - freq_shift)
+    args = t[:, None].float() * torch.exp(exponent)[None, :] * scale
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=-1)
+    if flip_sin_to_cos:
+        emb = torch.cat([emb[:, half:], emb[:, :half]], dim=-1)
+    if dim % 2 == 1:
+        emb = F.pad(emb, (0, 1))
+    return emb
+
 
 class TimestepEmbedding(nn.Module):
     """MLP lifting a sinusoidal timestep embedding (or any vector) to the width the resnets add."""
@@ -159,19 +177,19 @@ class ResnetBlock2D(nn.Module):
 
     def __init__(self, in_channels, out_channels, temb_channels, groups, eps, output_scale_factor=1.0):
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_channels, eps=eps)
+        self.norm1 = ops.GroupNorm(groups, in_channels, eps=eps)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
         self.time_emb_proj = nn.Linear(temb_channels, out_channels)
-        self.norm2 = GroupNorm(groups, out_channels, eps=eps)
+        self.norm2 = ops.GroupNorm(groups, out_channels, eps=eps)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
         # 1x1 conv to match widths on the skip path
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
         self.output_scale_factor = output_scale_factor
 
     def forward(self, x, temb):
-        h = self.conv1(F.silu(self.norm1(x)))
+        h = self.conv1(self.norm1(x, silu=True))
         h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(F.silu(self.norm2(h)))
+        h = self.conv2(self.norm2(h, silu=True))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         out = x + h
@@ -193,7 +211,7 @@ class Attention(nn.Module):
 
     def forward(self, x, context=None, mask=None):
         context = x if context is None else context
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask=mask,
+        out = ops.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask=mask,
                         upcast=self.upcast)
         return self.to_out[0](out)
 
@@ -206,8 +224,7 @@ class GEGLU(nn.Module):
         self.proj = nn.Linear(dim_in, dim_out * 2)
 
     def forward(self, x):
-        value, gate = self.proj(x).chunk(2, dim=-1)
-        return value * F.gelu(gate)
+        return ops.geglu(self.proj(x))
 
 
 class FeedForward(nn.Module):
@@ -228,11 +245,11 @@ class BasicTransformerBlock(nn.Module):
     def __init__(self, dim, heads, head_dim, context_dim, only_cross_attention=False, upcast=False):
         super().__init__()
         self.only_cross_attention = only_cross_attention
-        self.norm1 = nn.LayerNorm(dim)
+        self.norm1 = ops.LayerNorm(dim)
         self.attn1 = Attention(dim, heads, head_dim, context_dim if only_cross_attention else None, upcast)
-        self.norm2 = nn.LayerNorm(dim)
+        self.norm2 = ops.LayerNorm(dim)
         self.attn2 = Attention(dim, heads, head_dim, context_dim, upcast)
-        self.norm3 = nn.LayerNorm(dim)
+        self.norm3 = ops.LayerNorm(dim)
         self.ff = FeedForward(dim)
 
     def forward(self, x, context, mask=None, context_mask=None):
@@ -249,7 +266,7 @@ class Transformer2DModel(nn.Module):
         head_dim = channels // heads
         inner = heads * head_dim
         self.linear_projection = linear_projection
-        self.norm = GroupNorm(groups, channels, eps=1e-6)
+        self.norm = ops.GroupNorm(groups, channels, eps=1e-6)
         # SD 1.x projects with 1x1 convolutions, SD 2.x / SDXL with Linear layers: same map, different keys
         self.proj_in = nn.Linear(channels, inner) if linear_projection else nn.Conv2d(channels, inner, 1)
         self.transformer_blocks = nn.ModuleList(
@@ -340,20 +357,24 @@ class DownBlock(nn.Module):
 
 
 class UNetMidBlock2DCrossAttn(nn.Module):
-    """At the lowest resolution: resnet, transformer, resnet."""
+    """At the lowest resolution: resnet, transformer, resnet. Without `context_dim` it is diffusers'
+    UNetMidBlock2D as UNet2DConditionModel builds it (num_layers=0, no attention): one resnet (SSD-1B, Vega)."""
 
-    def __init__(self, channels, temb_channels, cfg, context_dim, heads, transformer_layers_per_layer):
+    def __init__(self, channels, temb_channels, cfg, context_dim=None, heads=None, transformer_layers_per_layer=1):
         super().__init__()
         groups, eps, scale = cfg.norm_num_groups, cfg.norm_eps, cfg.mid_block_scale_factor
-        self.has_cross_attention = True
-        layers = transformer_layers(transformer_layers_per_layer, 1)[0]
-        self.attentions = nn.ModuleList([Transformer2DModel(channels, heads, layers, context_dim, groups,
-                                                            cfg.use_linear_projection, False, cfg.upcast_attention)])
+        self.has_cross_attention = context_dim is not None
+        if self.has_cross_attention:
+            layers = transformer_layers(transformer_layers_per_layer, 1)[0]
+            self.attentions = nn.ModuleList([Transformer2DModel(channels, heads, layers, context_dim, groups,
+                                                                cfg.use_linear_projection, False, cfg.upcast_attention)])
         self.resnets = nn.ModuleList([ResnetBlock2D(channels, channels, temb_channels, groups, eps, scale)
-                                      for _ in range(2)])
+                                      for _ in range(2 if self.has_cross_attention else 1)])
 
     def forward(self, x, temb, context=None, mask=None, context_mask=None):
         x = self.resnets[0](x, temb)
+        if not self.has_cross_attention:
+            return x
         x = self.attentions[0](x, context, mask, context_mask)
         return self.resnets[1](x, temb)
 
@@ -392,15 +413,15 @@ class UpBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- the UNet
 
-class UNet2DConditionModel(nn.Module):
+class UNet2DConditionModel(Model):
     """diffusers' UNet2DConditionModel for the SD 1.x/2.x/XL families: `unet(sample, t, text).sample`."""
 
     config_class = UNet2DConditionConfig
-    weight_names = ("diffusion_pytorch_model",)
+    single_file_part = "unet"
 
     def __init__(self, config):
-        super().__init__()
-        self.config = cfg = config
+        super().__init__(config)
+        cfg = config
         n = len(cfg.down_block_types)
         channels = list(cfg.block_out_channels)
         heads = cfg.heads_per_block()
@@ -434,6 +455,8 @@ class UNet2DConditionModel(nn.Module):
         self.mid_block = None
         if cfg.mid_block_type == "UNetMidBlock2DCrossAttn":
             self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], temb, cfg, context_dims[-1], heads[-1], tlpb[-1])
+        elif cfg.mid_block_type == "UNetMidBlock2D":
+            self.mid_block = UNetMidBlock2DCrossAttn(channels[-1], temb, cfg)
 
         # the up path mirrors the down path, with one more resnet per block (it also eats the downsampler's skip)
         reverse_tlpb = cfg.reverse_transformer_layers_per_block or tlpb[::-1]
@@ -447,25 +470,9 @@ class UNet2DConditionModel(nn.Module):
                 context_dim=context_dims[j] if attn else None, heads=heads[j],
                 transformer_layers_per_layer=reverse_tlpb[i], only_cross_attention=only_cross[j]))
 
-        self.conv_norm_out = GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
+        self.conv_norm_out = ops.GroupNorm(cfg.norm_num_groups, channels[0], eps=cfg.norm_eps)
         self.conv_out = nn.Conv2d(channels[0], cfg.out_channels, cfg.conv_out_kernel,
                                   padding=(cfg.conv_out_kernel - 1) // 2)
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
-                        allow_pickle=False):
-        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-
-    def save_pretrained(self, folder):
-        save_model(self, folder)
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
     def time_embed(self, sample, timestep, timestep_cond, class_labels, added_cond_kwargs):
         """The vector every resnet adds: embedded timestep [+ class/guidance] [+ SDXL text/size ids]."""
@@ -531,5 +538,5 @@ class UNet2DConditionModel(nn.Module):
             size = tuple(skips[-1].shape[-2:]) if skips else None
             x = block(x, block_skips, emb, context, mask, context_mask, upsample_size=size)
 
-        x = self.conv_out(F.silu(self.conv_norm_out(x)))
+        x = self.conv_out(self.conv_norm_out(x, silu=True))
         return UNet2DConditionOutput(sample=x) if return_dict else (x,)

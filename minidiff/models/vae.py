@@ -14,15 +14,15 @@ For pipelines, this file also provides `retrieve_latents` (the latents of an `en
 or of AutoencoderTiny) and `check_finite` (a clear error when an fp16 decode overflowed).
 """
 from dataclasses import dataclass
-from typing import ClassVar, NamedTuple
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn import GroupNorm, attention
+from .. import ops
 from ..schedulers.common import randn_tensor
-from ..weights.load import load_model, save_model
+from .base import Model, ModelOutput
 
 ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "mish": nn.Mish}
 
@@ -91,16 +91,20 @@ class ResnetBlock2D(nn.Module):
 
     def __init__(self, in_channels, out_channels, groups, act_fn):
         super().__init__()
-        self.norm1 = GroupNorm(groups, in_channels, eps=1e-6)
+        self.norm1 = ops.GroupNorm(groups, in_channels, eps=1e-6)
         self.conv1 = nn.Conv2d(in_channels, out_channels, 3, padding=1)
-        self.norm2 = GroupNorm(groups, out_channels, eps=1e-6)
+        self.norm2 = ops.GroupNorm(groups, out_channels, eps=1e-6)
         self.conv2 = nn.Conv2d(out_channels, out_channels, 3, padding=1)
-        self.nonlinearity = activation(act_fn)
+        # SiLU (every real VAE) runs fused with the norm through the ops seam; another act_fn runs after it
+        self.nonlinearity = None if act_fn in ("silu", "swish") else activation(act_fn)
         self.conv_shortcut = nn.Conv2d(in_channels, out_channels, 1) if in_channels != out_channels else None
 
+    def norm_act(self, norm, x):
+        return norm(x, silu=True) if self.nonlinearity is None else self.nonlinearity(norm(x))
+
     def forward(self, x):
-        h = self.conv1(self.nonlinearity(self.norm1(x)))
-        h = self.conv2(self.nonlinearity(self.norm2(h)))
+        h = self.conv1(self.norm_act(self.norm1, x))
+        h = self.conv2(self.norm_act(self.norm2, h))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
         return x + h
@@ -111,7 +115,7 @@ class SpatialSelfAttention(nn.Module):
 
     def __init__(self, channels, groups):
         super().__init__()
-        self.group_norm = GroupNorm(groups, channels, eps=1e-6)
+        self.group_norm = ops.GroupNorm(groups, channels, eps=1e-6)
         self.to_q = nn.Linear(channels, channels)
         self.to_k = nn.Linear(channels, channels)
         self.to_v = nn.Linear(channels, channels)
@@ -120,7 +124,7 @@ class SpatialSelfAttention(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
-        out = attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), heads=1)
+        out = ops.attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), heads=1)
         out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
         return x + out
 
@@ -204,8 +208,7 @@ class Encoder(nn.Module):
                                add_downsample=i < len(ch) - 1)
             for i in range(len(ch))])
         self.mid_block = MidBlock(ch[-1], groups, cfg.act_fn, cfg.mid_block_add_attention)
-        self.conv_norm_out = GroupNorm(groups, ch[-1], eps=1e-6)
-        self.conv_act = nn.SiLU()  # SiLU here whatever act_fn says, as in the original LDM code
+        self.conv_norm_out = ops.GroupNorm(groups, ch[-1], eps=1e-6)  # then SiLU whatever act_fn says, as in LDM
         self.conv_out = nn.Conv2d(ch[-1], 2 * cfg.latent_channels, 3, padding=1)
 
     def forward(self, x):
@@ -213,7 +216,7 @@ class Encoder(nn.Module):
         for block in self.down_blocks:
             x = block(x)
         x = self.mid_block(x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 class Decoder(nn.Module):
@@ -228,15 +231,14 @@ class Decoder(nn.Module):
             UpDecoderBlock2D(ch[max(i - 1, 0)], ch[i], cfg.layers_per_block + 1, groups, cfg.act_fn,
                              add_upsample=i < len(ch) - 1)
             for i in range(len(ch))])
-        self.conv_norm_out = GroupNorm(groups, ch[-1], eps=1e-6)
-        self.conv_act = nn.SiLU()
+        self.conv_norm_out = ops.GroupNorm(groups, ch[-1], eps=1e-6)
         self.conv_out = nn.Conv2d(ch[-1], cfg.out_channels, 3, padding=1)
 
     def forward(self, z):
         x = self.mid_block(self.conv_in(z))
         for block in self.up_blocks:
             x = block(x)
-        return self.conv_out(self.conv_act(self.conv_norm_out(x)))
+        return self.conv_out(self.conv_norm_out(x, silu=True))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -262,11 +264,13 @@ class DiagonalGaussianDistribution:
         return self.mean
 
 
-class AutoencoderKLOutput(NamedTuple):
+@dataclass
+class AutoencoderKLOutput(ModelOutput):
     latent_dist: DiagonalGaussianDistribution
 
 
-class DecoderOutput(NamedTuple):
+@dataclass
+class DecoderOutput(ModelOutput):
     sample: torch.Tensor
 
 
@@ -357,7 +361,7 @@ def _tiled(x, fn, tile_in, tile_out, overlap_factor):
 # The model
 
 
-class AutoencoderKL(nn.Module):
+class AutoencoderKL(Model):
     """The VAE. `encode(x)` -> `.latent_dist`; `decode(z)` -> `.sample` (images in [-1, 1]).
 
     `decode` takes the decoder's latent space: convert diffusion latents first with
@@ -366,11 +370,23 @@ class AutoencoderKL(nn.Module):
     """
 
     config_class = AutoencoderKLConfig
-    weight_names = ("diffusion_pytorch_model",)
+    single_file_part = "vae"
+
+    # The one legacy key form: the fp32 VAE files of SD 1.x / 2.x (and sd-vae-ft-mse/-ema), written by
+    # diffusers < 0.14, name the mid-block attention `query`, `key`, `value`, `proj_attn`; their fp16
+    # variants and today's files say `to_q`, `to_k`, `to_v`, `to_out.0`. Same tensors, same shapes.
+    LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+
+    @classmethod
+    def rename_key(cls, key):
+        """`…attentions.0.query.weight` -> `…attentions.0.to_q.weight`; every other key is kept."""
+        parts = key.split(".")
+        if ".attentions." in key and parts[-2] in cls.LEGACY_ATTENTION:
+            return ".".join(parts[:-2] + [cls.LEGACY_ATTENTION[parts[-2]], parts[-1]])
+        return key
 
     def __init__(self, config):
-        super().__init__()
-        self.config = config
+        super().__init__(config)
         self.encoder = Encoder(config)
         self.decoder = Decoder(config)
         latent = config.latent_channels
@@ -383,22 +399,6 @@ class AutoencoderKL(nn.Module):
         self.tile_sample_min_size = size
         self.tile_latent_min_size = int(size / 2 ** (len(config.block_out_channels) - 1))
         self.tile_overlap_factor = 0.25
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
-                        allow_pickle=False):
-        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-
-    def save_pretrained(self, folder):
-        save_model(self, folder)
-
-    @property
-    def dtype(self):
-        return next(self.parameters()).dtype
-
-    @property
-    def device(self):
-        return next(self.parameters()).device
 
     def enable_slicing(self):
         self.use_slicing = True

@@ -11,13 +11,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..nn import attention
+from .. import ops
 
 
 def r_embedding(r, c_r, max_positions=10000):
     """Sinusoidal embedding of the continuous noise level r in [0, 1]: (B,) -> (B, c_r), sin first.
 
-    Same formula as minidiff.nn.timestep_embedding(r * 1e4, c_r, flip_sin_to_cos=False), but the
+    Same formula as minidiff.models.unet.timestep_embedding(r * 1e4, c_r, flip_sin_to_cos=False), but the
     frequencies are rounded as the checkpoints were trained with: arguments reach 1e4, so one ulp
     in a frequency moves sin/cos by ~1e-3.
     """
@@ -32,11 +32,9 @@ def r_embedding(r, c_r, max_positions=10000):
     return emb.to(r.dtype)
 
 
-class LayerNorm2d(nn.LayerNorm):
-    """LayerNorm over the channels of a (B, C, H, W) map."""
-
-    def forward(self, x):
-        return super().forward(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)
+def channel_norm(c):
+    """Affine-free LayerNorm over the channels of a (B, C, H, W) map, as every Würstchen block uses it."""
+    return ops.LayerNorm(c, eps=1e-6, elementwise_affine=False, dim=1)
 
 
 class GlobalResponseNorm(nn.Module):
@@ -66,7 +64,7 @@ class ResBlock(nn.Module):
     def __init__(self, c, c_skip=0, kernel_size=3, dropout=0.0):
         super().__init__()
         self.depthwise = nn.Conv2d(c + c_skip, c, kernel_size=kernel_size, padding=kernel_size // 2, groups=c)
-        self.norm = LayerNorm2d(c, elementwise_affine=False, eps=1e-6)
+        self.norm = channel_norm(c)
         self.channelwise = channel_mlp(c, c, dropout)
 
     def forward(self, x, x_skip=None):
@@ -82,7 +80,7 @@ class ResBlockStageB(nn.Module):
     def __init__(self, c, c_skip=0, kernel_size=3, dropout=0.0):
         super().__init__()
         self.depthwise = nn.Conv2d(c, c, kernel_size=kernel_size, padding=kernel_size // 2, groups=c)
-        self.norm = LayerNorm2d(c, elementwise_affine=False, eps=1e-6)
+        self.norm = channel_norm(c)
         self.channelwise = channel_mlp(c + c_skip, c, dropout)
 
     def forward(self, x, x_skip=None):
@@ -116,7 +114,7 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(c, c), nn.Dropout(dropout)])
 
     def forward(self, x, context):
-        out = attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        out = ops.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
         return self.to_out[1](self.to_out[0](out))
 
 
@@ -126,7 +124,7 @@ class AttnBlock(nn.Module):
     def __init__(self, c, c_cond, nhead, self_attn=True, dropout=0.0):
         super().__init__()
         self.self_attn = self_attn
-        self.norm = LayerNorm2d(c, elementwise_affine=False, eps=1e-6)
+        self.norm = channel_norm(c)
         self.attention = Attention(c, nhead, dropout)
         self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
 

@@ -17,8 +17,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..weights import load_model, save_model
-from .wuerstchen_common import AttnBlock, LayerNorm2d, ResBlockStageB, TimestepBlock, r_embedding
+from .. import ops
+from .base import Model
+from .wuerstchen_common import AttnBlock, channel_norm, ResBlockStageB, TimestepBlock, r_embedding
 
 
 @dataclass
@@ -61,13 +62,12 @@ class WuerstchenDiffNeXtConfig:
             raise ValueError(f"{where}: c_r={self.c_r!r} is too small for a sinusoidal embedding (need >= 4)")
 
 
-class WuerstchenDiffNeXt(nn.Module):
+class WuerstchenDiffNeXt(Model):
     config_class = WuerstchenDiffNeXtConfig
-    weight_names = ("diffusion_pytorch_model",)
 
     def __init__(self, config):
-        super().__init__()
-        self.config = cfg = config
+        super().__init__(config)
+        cfg = config
         c_hidden, levels = cfg.c_hidden, len(cfg.c_hidden)
         dropout = cfg.dropout if isinstance(cfg.dropout, list) else [cfg.dropout] * levels
 
@@ -77,11 +77,11 @@ class WuerstchenDiffNeXt(nn.Module):
         inject = list(cfg.inject_effnet) + list(reversed(cfg.inject_effnet))
         self.effnet_mappers = nn.ModuleList(
             [nn.Conv2d(cfg.effnet_embd, cfg.c_cond, kernel_size=1) if on else None for on in inject])
-        self.seq_norm = nn.LayerNorm(cfg.c_cond, elementwise_affine=False, eps=1e-6)
+        self.seq_norm = ops.LayerNorm(cfg.c_cond, elementwise_affine=False, eps=1e-6)
 
         p = cfg.patch_size
         self.embedding = nn.Sequential(nn.PixelUnshuffle(p), nn.Conv2d(cfg.c_in * p * p, c_hidden[0], kernel_size=1),
-                                       LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6))
+                                       channel_norm(c_hidden[0]))
 
         def make(kind, i, c_skip):
             if kind == "C":
@@ -95,7 +95,7 @@ class WuerstchenDiffNeXt(nn.Module):
         for i in range(levels):
             level = nn.ModuleList()
             if i > 0:
-                level.append(nn.Sequential(LayerNorm2d(c_hidden[i - 1], elementwise_affine=False, eps=1e-6),
+                level.append(nn.Sequential(channel_norm(c_hidden[i - 1]),
                                            nn.Conv2d(c_hidden[i - 1], c_hidden[i], kernel_size=2, stride=2)))
             for _ in range(cfg.blocks[i]):
                 for kind in cfg.level_config[i]:
@@ -111,28 +111,13 @@ class WuerstchenDiffNeXt(nn.Module):
                     unet_skip = c_hidden[i] if i < levels - 1 and j == 0 and k == 0 else 0
                     level.append(make(kind, i, unet_skip + effnet_skip[i]))
             if i > 0:
-                level.append(nn.Sequential(LayerNorm2d(c_hidden[i], elementwise_affine=False, eps=1e-6),
+                level.append(nn.Sequential(channel_norm(c_hidden[i]),
                                            nn.ConvTranspose2d(c_hidden[i], c_hidden[i - 1], kernel_size=2, stride=2)))
             self.up_blocks.append(level)
 
-        self.clf = nn.Sequential(LayerNorm2d(c_hidden[0], elementwise_affine=False, eps=1e-6),
+        self.clf = nn.Sequential(channel_norm(c_hidden[0]),
                                  nn.Conv2d(c_hidden[0], 2 * cfg.c_out * p * p, kernel_size=1),
                                  nn.PixelShuffle(p))
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None, allow_pickle=False):
-        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-
-    def save_pretrained(self, folder):
-        save_model(self, folder)
-
-    @property
-    def dtype(self):
-        return self.clip_mapper.weight.dtype
-
-    @property
-    def device(self):
-        return self.clip_mapper.weight.device
 
     def effnet_features(self, mapper_index, effnet, size):
         """Stage C embedding at one level's resolution, mapped to c_cond channels (None if not injected)."""

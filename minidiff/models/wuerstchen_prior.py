@@ -11,9 +11,9 @@ from typing import ClassVar
 
 import torch.nn as nn
 
-from ..weights import load_model, save_model
+from .base import Model
 
-from .wuerstchen_common import AttnBlock, LayerNorm2d, ResBlock, TimestepBlock, r_embedding
+from .wuerstchen_common import AttnBlock, channel_norm, ResBlock, TimestepBlock, r_embedding
 
 
 @dataclass
@@ -36,13 +36,12 @@ class WuerstchenPriorConfig:
             raise ValueError(f"{where}: c_r={self.c_r!r} is too small for a sinusoidal embedding (need >= 4)")
 
 
-class WuerstchenPrior(nn.Module):
+class WuerstchenPrior(Model):
     config_class = WuerstchenPriorConfig
-    weight_names = ("diffusion_pytorch_model",)
 
     def __init__(self, config):
-        super().__init__()
-        self.config = cfg = config
+        super().__init__(config)
+        cfg = config
         c = cfg.c
         self.projection = nn.Conv2d(cfg.c_in, c, kernel_size=1)
         self.cond_mapper = nn.Sequential(nn.Linear(cfg.c_cond, c), nn.LeakyReLU(0.2), nn.Linear(c, c))
@@ -52,23 +51,8 @@ class WuerstchenPrior(nn.Module):
             blocks += [ResBlock(c, dropout=cfg.dropout), TimestepBlock(c, cfg.c_r),
                        AttnBlock(c, c, cfg.nhead, self_attn=True, dropout=cfg.dropout)]
         self.blocks = nn.ModuleList(blocks)
-        self.out = nn.Sequential(LayerNorm2d(c, elementwise_affine=False, eps=1e-6),
+        self.out = nn.Sequential(channel_norm(c),
                                  nn.Conv2d(c, cfg.c_in * 2, kernel_size=1))
-
-    @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None, allow_pickle=False):
-        return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-
-    def save_pretrained(self, folder):
-        save_model(self, folder)
-
-    @property
-    def dtype(self):
-        return self.projection.weight.dtype
-
-    @property
-    def device(self):
-        return self.projection.weight.device
 
     def forward(self, x, r, c):
         """x: (B, c_in, H, W) noisy embedding, r: (B,) noise level in [0, 1], c: (B, L, c_cond) text

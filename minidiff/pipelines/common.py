@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from .. import loading
+from ..models.base import ModelOutput
 from ..weights.config import AttrDict
 from ..weights.hub import hub_options, read_json
 
@@ -52,6 +53,9 @@ SKIPPED = {"safety_checker", "feature_extractor", "image_encoder"}
 
 
 def component_class(name, where):
+    schedulers = importlib.import_module("minidiff.schedulers")
+    if name not in COMPONENT_MODULES and name in schedulers.__all__:  # every scheduler lives there
+        return getattr(schedulers, name)
     if name not in COMPONENT_MODULES:
         raise ValueError(f"{where}: component class {name!r} is not implemented by minidiff "
                          f"(known: {', '.join(sorted(COMPONENT_MODULES))})")
@@ -60,27 +64,10 @@ def component_class(name, where):
 
 
 @dataclass
-class PipelineOutput:
-    """What a pipeline returns: `.images` (PIL list, numpy array, tensor or latents). As diffusers' outputs,
-    it also indexes: `out[0]` is the first field that is not None, `out["images"]` a field by name."""
+class PipelineOutput(ModelOutput):
+    """What a pipeline returns: `.images` (PIL list, numpy array, tensor or latents)."""
     images: object
     nsfw_content_detected: object = None
-
-    def to_tuple(self):
-        return tuple(v for v in (self.images, self.nsfw_content_detected) if v is not None)
-
-    def keys(self):
-        return [k for k in ("images", "nsfw_content_detected") if getattr(self, k) is not None]
-
-    def __getitem__(self, key):
-        if isinstance(key, str):
-            if key not in self.keys():
-                raise KeyError(key)
-            return getattr(self, key)
-        return self.to_tuple()[key]
-
-    def __len__(self):
-        return len(self.to_tuple())
 
 
 StableDiffusionPipelineOutput = PipelineOutput
@@ -143,6 +130,7 @@ class DiffusionPipeline:
         names = [k for k in index if not k.startswith("_")]
         init_params = inspect.signature(cls.__init__).parameters
         components, options = {}, {}
+        variants = _variants(repo_or_path, index, kwargs, variant, allow_pickle, where)
         for key, value in index.items():
             if key.startswith("_"):
                 continue
@@ -157,7 +145,7 @@ class DiffusionPipeline:
                 klass = component_class(value[1], f"{where} ({key})")
                 if hasattr(klass, "config_class"):  # a model with weights
                     dtype = loading.dtype_for(torch_dtype, key, names, f"{cls.__name__}.from_pretrained")
-                    components[key] = klass.from_pretrained(repo_or_path, subfolder=key, variant=variant,
+                    components[key] = klass.from_pretrained(repo_or_path, subfolder=key, variant=variants[key],
                                                             torch_dtype=dtype, device=device,
                                                             allow_pickle=allow_pickle)
                 else:  # a scheduler or a tokenizer
@@ -170,6 +158,19 @@ class DiffusionPipeline:
             if name not in components and name not in kwargs and name not in cls.optional_components:
                 raise ValueError(f"{where} has no {name!r} component, which {cls.__name__} needs")
         return cls(**components, **options, **kwargs)
+
+    @classmethod
+    def from_single_file(cls, path, config=None, original_config=None, prediction_type=None, torch_dtype=None,
+                         device=None, allow_pickle=False, **kwargs):
+        """Build the pipeline from one A1111 / ComfyUI / civitai checkpoint file (LDM / SGM layout), offline.
+
+        The family (SD 1.x, SD 2.x, SDXL base or refiner) is told from the tensors; `config=` a diffusers folder or
+        repo, `original_config=` the LDM yaml and `prediction_type=` override the guess. Component keyword
+        arguments (`vae=`, `scheduler=`) replace the file's. See weights/single_file.py.
+        """
+        from ..weights.single_file import load_pipeline
+        return load_pipeline(cls, path, config=config, original_config=original_config, prediction_type=prediction_type,
+                             torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle, **kwargs)
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
@@ -386,6 +387,20 @@ def _library_and_class(comp):
     return ("transformers" if name.startswith("CLIP") else "diffusers", name)
 
 
+def _variants(repo_or_path, index, given, variant, allow_pickle, where):
+    """{component: variant or None} for the models the pipeline reads from the repo (realfiles.py)."""
+    from .realfiles import component_variants
+    models = {}
+    for key, value in index.items():
+        if (key.startswith("_") or key in given or key in SKIPPED or not isinstance(value, (list, tuple))
+                or len(value) != 2 or value[1] is None):
+            continue
+        klass = component_class(value[1], f"{where} ({key})")
+        if hasattr(klass, "config_class"):
+            models[key] = klass
+    return component_variants(repo_or_path, models, variant, allow_pickle, where)
+
+
 def progress(iterable, desc="", disable=False, stream=None):
     """A one-line progress bar on stderr: `desc  12/25 [00:01<00:02, 9.1it/s]`."""
     items = list(iterable)
@@ -482,9 +497,17 @@ def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
 
 
 def guidance_scale_embedding(w, dim, dtype=torch.float32):
-    """LCM's guidance embedding: w (B,) scaled by 1000, sin then cos, frequencies exp(-log(1e4) i / (half - 1))."""
-    from ..nn import timestep_embedding
-    return timestep_embedding(w * 1000.0, dim, flip_sin_to_cos=False, freq_shift=1.0).to(dtype)
+    """LCM's guidance embedding: w (B,) scaled by 1000, sin then cos, frequencies exp(-log(1e4) i / (half - 1)).
+
+    Computed in diffusers' order of float32 operations: at arguments near 1000 w, one rounding step of a
+    frequency moves sin by ~1e-4, which the first LCM step amplifies to ~1e-4 of the latents' scale."""
+    half = dim // 2
+    step = torch.log(torch.tensor(10000.0)) / (half - 1)
+    args = (w.float() * 1000.0)[:, None] * torch.exp(torch.arange(half, dtype=torch.float32) * -step)[None, :]
+    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
+    if dim % 2 == 1:
+        emb = torch.nn.functional.pad(emb, (0, 1))
+    return emb.to(dtype)
 
 
 def retrieve_timesteps(scheduler, num_inference_steps=None, device=None, timesteps=None, sigmas=None):

@@ -15,6 +15,7 @@ from .stable_diffusion import StableDiffusionPipeline
 
 class LatentConsistencyModelPipeline(StableDiffusionPipeline):
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
+    rewrites_old_scheduler_configs = False
     _callback_tensor_inputs = ["latents", "denoised", "prompt_embeds", "w_embedding"]
 
     @property

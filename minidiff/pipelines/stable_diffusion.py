@@ -11,14 +11,19 @@ import torch
 
 from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
+from ..prompts import (check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids,
+                       prompt_windows)
+from ..textual_inversion import expand_prompt
 from .common import (DiffusionPipeline, PipelineOutput, callback_inputs, check_common_inputs,
                      guidance_scale_embedding, negative_list, postprocess, preprocess_image, prompt_batch,
                      rescale_noise_cfg, retrieve_timesteps, steps_of, warn_truncated)
+from .realfiles import rewrite_old_scheduler_config
 
 
 class StableDiffusionPipeline(DiffusionPipeline):
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
     optional_components = ("text_encoder", "tokenizer", "safety_checker", "feature_extractor")
+    rewrites_old_scheduler_configs = True  # diffusers' LCM pipeline does not (see realfiles.py)
     # what a step-end callback may ask for (callback_on_step_end_tensor_inputs), as in diffusers
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _interrupt = False
@@ -29,6 +34,8 @@ class StableDiffusionPipeline(DiffusionPipeline):
                  requires_safety_checker=False, image_encoder=None):
         refuse_unsupported(type(self).__name__, safety_checker=safety_checker, feature_extractor=feature_extractor,
                            image_encoder=image_encoder)
+        if self.rewrites_old_scheduler_configs:  # steps_offset 0 / clip_sample true, as diffusers' SD pipelines
+            scheduler = rewrite_old_scheduler_config(scheduler)
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                          safety_checker=None, feature_extractor=None)
         self.requires_safety_checker = requires_safety_checker
@@ -70,14 +77,21 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
 
     # ---- prompt ---------------------------------------------------------------------------------
-    def _embed(self, texts, clip_skip=None, lora_scale=None):
+    def _embed(self, texts, clip_skip=None, lora_scale=None, prompt_syntax=None):
         """CLIP embeddings of a list of texts: last hidden state, or with clip_skip=k the hidden state k layers
-        before the last, through the final layer norm."""
+        before the last, through the final layer norm. prompt_syntax="a1111": long, weighted prompts
+        (minidiff/prompts.py)."""
         if self.text_encoder is None or self.tokenizer is None:
             raise ValueError("this pipeline has no text encoder/tokenizer: pass prompt_embeds (and "
                              "negative_prompt_embeds) instead of prompts")
-        ids = self.tokenizer(texts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids
+        texts = [expand_prompt(t, self.tokenizer) for t in texts]  # multi-vector textual inversion tokens
+        if check_syntax(prompt_syntax) == "plain":
+            return self._encode_ids(plain_ids(self.tokenizer, texts), clip_skip, lora_scale)
+        windows = [prompt_windows(self.tokenizer, t) for t in texts]
+        windows = pad_windows(windows, self.tokenizer, max(map(len, windows)))
+        return encode_windows(lambda ids: (self._encode_ids(ids, clip_skip, lora_scale), None), windows)[0]
+
+    def _encode_ids(self, ids, clip_skip=None, lora_scale=None):
         device = self._execution_device
         with self._on_device(self.text_encoder) as te, scaled(te, lora_scale):
             if clip_skip is None:
@@ -88,26 +102,44 @@ class StableDiffusionPipeline(DiffusionPipeline):
     @torch.no_grad()
     def encode_prompt(self, prompt, device=None, num_images_per_prompt=1, do_classifier_free_guidance=True,
                       negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None, lora_scale=None,
-                      clip_skip=None):
+                      clip_skip=None, prompt_syntax=None):
         """(prompt_embeds, negative_prompt_embeds), each repeated for num_images_per_prompt.
 
         The negative side is None without guidance. As in diffusers, clip_skip applies to the prompt only.
+        prompt_syntax="a1111" reads A1111's long and weighted prompts (minidiff/prompts.py).
         """
         device = device or self._execution_device
         batch = prompt_batch(prompt, prompt_embeds)
         if prompt_embeds is None:
             texts = [prompt] if isinstance(prompt, str) else prompt
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and check_syntax(prompt_syntax) != "a1111":
                 warn_truncated(self.tokenizer, texts)
-            prompt_embeds = self._embed(texts, clip_skip, lora_scale)
+            prompt_embeds = self._embed(texts, clip_skip, lora_scale, prompt_syntax)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
         if do_classifier_free_guidance:
             if negative_prompt_embeds is None:
-                negative_prompt_embeds = self._embed(negative_list(negative_prompt, batch), lora_scale=lora_scale)
+                negative_prompt_embeds = self._embed(negative_list(negative_prompt, batch), lora_scale=lora_scale,
+                                                     prompt_syntax=prompt_syntax)
+            if negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:  # long prompts: pad with empty windows
+                cond_short = prompt_embeds.shape[1] < negative_prompt_embeds.shape[1]
+                empty = self._embed([""], clip_skip if cond_short else None, lora_scale)
+                prompt_embeds, negative_prompt_embeds = pad_to_same_length(prompt_embeds, negative_prompt_embeds, empty)
             negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=dtype)
             negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_images_per_prompt, dim=0)
         return prompt_embeds, negative_prompt_embeds
+
+    # ---- textual inversion: minidiff/textual_inversion.py does the work ---------------------------
+    def load_textual_inversion(self, pretrained_model_name_or_path, token=None, weight_name=None, allow_pickle=False,
+                               subfolder=None, tokenizer=None, text_encoder=None):
+        """Add textual inversion embedding(s): diffusers', A1111's or SDXL's (clip_l + clip_g) files."""
+        from .. import textual_inversion
+        return textual_inversion.load_textual_inversion(self, pretrained_model_name_or_path, token, weight_name,
+                                                        allow_pickle, subfolder, tokenizer, text_encoder)
+
+    def unload_textual_inversion(self, tokens=None, tokenizer=None, text_encoder=None):
+        from .. import textual_inversion
+        textual_inversion.unload_textual_inversion(self, tokens, tokenizer, text_encoder)
 
     # ---- denoising ------------------------------------------------------------------------------
     def _guided(self, guidance_scale):
@@ -204,7 +236,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
                  guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
                  latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
                  cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=None):
+                 callback_on_step_end_tensor_inputs=None, prompt_syntax=None):
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         batch = self._check(prompt, height, width, steps_of(num_inference_steps, timesteps, sigmas),
@@ -217,7 +249,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
         cond, uncond = self.encode_prompt(prompt, device, num_images_per_prompt, guided, negative_prompt,
                                           prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
-                                          lora_scale=call_scale(cross_attention_kwargs))
+                                          lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
         embeds = torch.cat([uncond, cond]) if guided else cond  # diffusers' batch order: [uncond, cond]
 
         ts, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
@@ -262,7 +294,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
                  guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
                  prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
                  cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None, callback_on_step_end=None,
-                 callback_on_step_end_tensor_inputs=None):
+                 callback_on_step_end_tensor_inputs=None, prompt_syntax=None):
         if image is None:
             raise ValueError("image-to-image needs `image`")
         if not 0 <= strength <= 1:
@@ -278,7 +310,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
 
         cond, uncond = self.encode_prompt(prompt, device, num_images_per_prompt, guided, negative_prompt,
                                           prompt_embeds, negative_prompt_embeds, clip_skip=clip_skip,
-                                          lora_scale=call_scale(cross_attention_kwargs))
+                                          lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
         embeds = torch.cat([uncond, cond]) if guided else cond
 
         _, steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)

@@ -9,6 +9,8 @@ import torch
 
 from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
+from ..prompts import check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids, prompt_windows
+from ..textual_inversion import expand_prompt
 from .common import (PipelineOutput, callback_inputs, postprocess, preprocess_image, prompt_batch, retrieve_timesteps,
                      steps_of, warn_truncated)
 from .stable_diffusion import StableDiffusionPipeline, _image_latents, refuse_unsupported
@@ -54,36 +56,49 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                              "pooled_prompt_embeds (see encode_prompt)")
         return pairs
 
-    def _embed_xl(self, texts_per_encoder, clip_skip=None, lora_scale=None, warn=False):
-        """Penultimate (or clip_skip-deeper) hidden states of each encoder, concatenated; pooled from the last."""
+    def _embed_xl(self, texts_per_encoder, clip_skip=None, lora_scale=None, prompt_syntax=None, warn=False):
+        """Penultimate (or clip_skip-deeper) hidden states of each encoder, concatenated; pooled from the last.
+        prompt_syntax="a1111": long, weighted prompts, the same number of windows for both encoders."""
         device = self._execution_device
+        pairs = self._encoders()
+        # zipped with the encoders present: a refiner (second encoder only) reads `prompt`, as in diffusers
+        texts_per_encoder = [[expand_prompt(t, tok) for t in texts] for texts, (tok, _) in zip(texts_per_encoder, pairs)]
+        a1111 = check_syntax(prompt_syntax) == "a1111"
+        if a1111:
+            windows = [[prompt_windows(tok, t) for t in texts] for texts, (tok, _) in zip(texts_per_encoder, pairs)]
+            n = max(len(w) for per_encoder in windows for w in per_encoder)
+            windows = [pad_windows(w, tok, n) for w, (tok, _) in zip(windows, pairs)]
         hidden, pooled = [], None
-        for texts, (tok, enc) in zip(texts_per_encoder, self._encoders()):
-            if warn:
+        for i, (texts, (tok, enc)) in enumerate(zip(texts_per_encoder, pairs)):
+            if warn and not a1111:
                 warn_truncated(tok, texts)
-            ids = tok(texts, padding="max_length", max_length=tok.model_max_length, truncation=True,
-                      return_tensors="pt").input_ids
-            with self._on_device(enc), scaled(enc, lora_scale):
-                out = enc(ids.to(device), output_hidden_states=True)
-            if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
-                pooled = out[0]
-            hidden.append(out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)])
+
+            def encode(ids):
+                with self._on_device(enc), scaled(enc, lora_scale):
+                    out = enc(ids.to(device), output_hidden_states=True)
+                # CLIPTextModelWithProjection gives text_embeds first
+                return out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)], out[0] if out[0].ndim == 2 else None
+            h, p = encode_windows(encode, windows[i]) if a1111 else encode(plain_ids(tok, texts))
+            hidden.append(h)
+            pooled = p if p is not None else pooled
         return torch.cat(hidden, dim=-1), pooled
 
     @torch.no_grad()
     def encode_prompt(self, prompt, prompt_2=None, device=None, num_images_per_prompt=1,
                       do_classifier_free_guidance=True, negative_prompt=None, negative_prompt_2=None,
                       prompt_embeds=None, negative_prompt_embeds=None, pooled_prompt_embeds=None,
-                      negative_pooled_prompt_embeds=None, lora_scale=None, clip_skip=None):
+                      negative_pooled_prompt_embeds=None, lora_scale=None, clip_skip=None, prompt_syntax=None):
         """(prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds),
-        repeated for num_images_per_prompt; the negatives are None without guidance."""
+        repeated for num_images_per_prompt; the negatives are None without guidance. prompt_syntax="a1111"
+        reads A1111's long and weighted prompts (minidiff/prompts.py)."""
         device = device or self._execution_device
         batch = prompt_batch(prompt, prompt_embeds)
         if prompt_embeds is None:
             prompt = _as_list(prompt, batch)
             prompt_2 = _as_list(prompt_2 or prompt, batch)
             # zipped with the encoders present: a refiner (second encoder only) reads `prompt`, as in diffusers
-            prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip, lora_scale, warn=True)
+            prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip, lora_scale, prompt_syntax,
+                                                                 warn=True)
         elif pooled_prompt_embeds is None:
             raise ValueError("prompt_embeds were passed without pooled_prompt_embeds: pass both (encode_prompt "
                              "returns them)")
@@ -97,9 +112,14 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 neg, neg2 = _as_list(negative_prompt, batch), _as_list(negative_prompt_2, batch)
                 if len(neg) != batch or len(neg2) != batch:
                     raise ValueError(f"negative_prompt has {len(neg)} entries but prompt has {batch}")
-                negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed_xl([neg, neg2], lora_scale=lora_scale)
+                negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed_xl([neg, neg2], lora_scale=lora_scale,
+                                                                                       prompt_syntax=prompt_syntax)
         elif do_classifier_free_guidance and negative_pooled_prompt_embeds is None:
             raise ValueError("negative_prompt_embeds were passed without negative_pooled_prompt_embeds")
+        if do_classifier_free_guidance and negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
+            cond_short = prompt_embeds.shape[1] < negative_prompt_embeds.shape[1]  # long prompts: empty windows
+            empty = self._embed_xl([[""], [""]], clip_skip if cond_short else None, lora_scale)[0]
+            prompt_embeds, negative_prompt_embeds = pad_to_same_length(prompt_embeds, negative_prompt_embeds, empty)
         dtype = self.text_encoder_2.dtype if self.text_encoder_2 is not None else self.unet.dtype
 
         def rep(x):
@@ -177,7 +197,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  output_type="pil", return_dict=True, cross_attention_kwargs=None, guidance_rescale=0.0,
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, sigmas=None):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, sigmas=None, prompt_syntax=None):
         height = height or self.unet.config.sample_size * self.vae_scale_factor
         width = width or self.unet.config.sample_size * self.vae_scale_factor
         batch = self._check(prompt, height, width, steps_of(num_inference_steps, timesteps, sigmas),
@@ -193,7 +213,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         cond, uncond, pooled, neg_pooled = self.encode_prompt(
             prompt, prompt_2, device, num_images_per_prompt, guided, negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-            clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs))
+            clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
 
         retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         n = batch * num_images_per_prompt
@@ -283,7 +303,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                  cross_attention_kwargs=None, guidance_rescale=0.0, original_size=None, crops_coords_top_left=(0, 0),
                  target_size=None, negative_original_size=None, negative_crops_coords_top_left=(0, 0),
                  negative_target_size=None, aesthetic_score=6.0, negative_aesthetic_score=2.5, clip_skip=None,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, sigmas=None):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, sigmas=None, prompt_syntax=None):
         if image is None:
             raise ValueError("image-to-image needs `image` (an image, or the base pipeline's latents)")
         if not 0 <= strength <= 1:
@@ -304,7 +324,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         cond, uncond, pooled, neg_pooled = self.encode_prompt(
             prompt, prompt_2, device, num_images_per_prompt, guided, negative_prompt, negative_prompt_2,
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
-            clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs))
+            clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
         x = preprocess_image(image, self.vae_scale_factor, latent_channels=self.vae.config.latent_channels)
 
         _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)

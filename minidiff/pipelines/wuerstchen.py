@@ -18,6 +18,7 @@ from ..schedulers.common import randn_tensor
 from ..schedulers.ddpm_wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 from ..weights.config import AttrDict
 from ..weights.hub import read_json, resolve_file
+from ..models.base import ModelOutput
 from .common import DiffusionPipeline, PipelineOutput, negative_list, numpy_to_pil, prompt_batch
 
 __all__ = ["DEFAULT_STAGE_C_TIMESTEPS", "WuerstchenCombinedPipeline", "WuerstchenDecoderPipeline",
@@ -25,12 +26,9 @@ __all__ = ["DEFAULT_STAGE_C_TIMESTEPS", "WuerstchenCombinedPipeline", "Wuerstche
 
 
 @dataclass
-class WuerstchenPriorPipelineOutput:
+class WuerstchenPriorPipelineOutput(ModelOutput):
     """The prior's result: `.image_embeddings` (B, 16, h, w), what the decoder takes."""
     image_embeddings: object
-
-    def __getitem__(self, i):
-        return (self.image_embeddings,)[i]
 
 
 # ---- shared steps -----------------------------------------------------------------------------------

@@ -1,10 +1,25 @@
 """Samplers, each a small file of plain math matching the diffusers scheduler of the same name."""
-from .common import LCMSchedulerOutput, SchedulerOutput, randn_tensor
+from .base import LCMSchedulerOutput, Scheduler, SchedulerOutput, SigmaScheduler
+from .common import randn_tensor
 from .ddim import DDIMScheduler
+from .ddpm_wuerstchen import DDPMWuerstchenScheduler
+from .dpmsolver_multistep import DPMSolverMultistepScheduler
 from .euler import EulerDiscreteScheduler
 from .euler_ancestral import EulerAncestralDiscreteScheduler
 from .lcm import LCMScheduler
 from .pndm import PNDMScheduler
 
-__all__ = ["DDIMScheduler", "EulerAncestralDiscreteScheduler", "EulerDiscreteScheduler", "LCMScheduler",
-           "LCMSchedulerOutput", "PNDMScheduler", "SchedulerOutput", "randn_tensor"]
+__all__ = [
+    "DDIMScheduler",
+    "DDPMWuerstchenScheduler",
+    "DPMSolverMultistepScheduler",
+    "EulerAncestralDiscreteScheduler",
+    "EulerDiscreteScheduler",
+    "LCMScheduler",
+    "LCMSchedulerOutput",
+    "PNDMScheduler",
+    "Scheduler",
+    "SchedulerOutput",
+    "SigmaScheduler",
+    "randn_tensor",
+]

@@ -1,38 +1,19 @@
-"""What the schedulers share, as plain functions each scheduler calls (or takes as a method): the training
-noise schedule (betas -> alphas_cumprod -> sigmas), the evenly spaced inference timesteps, the model's
-x_0 / noise predictions, the loop position (step and begin index), the forward process (add_noise),
-diffusers-compatible noise drawing, and the config plumbing (diffusers' rules for scheduler_config.json and
-`from_config`).
+"""The schedulers' shared math, as plain functions: the training noise schedule (betas -> alphas_cumprod ->
+sigmas), the inference timesteps and sigma schedules (evenly spaced, Karras, exponential, beta), the model's
+x_0 / noise predictions, thresholding, diffusers-compatible noise drawing and the config checks.
+(The base class, config files and loop position are in base.py.)
 
 Noise levels are written two ways. DDPM-style schedulers (DDIM, PNDM, LCM) use alphas_cumprod:
 x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps. k-diffusion-style ones (Euler) use sigma_t = sqrt((1 - a_t) / a_t):
 x_t / sqrt(a_t) = x_0 + sigma_t eps.
 """
-import dataclasses
-import json
 import math
-import os
-from typing import NamedTuple, Optional
 
 import numpy as np
 import torch
 
-from ..weights.config import AttrDict, config_from_dict
-from ..weights.hub import read_json
-
-CONFIG_NAME = "scheduler_config.json"
 BETA_SCHEDULES = ("linear", "scaled_linear", "squaredcos_cap_v2")
 SPACINGS = ("leading", "trailing", "linspace")
-
-
-class SchedulerOutput(NamedTuple):
-    prev_sample: torch.Tensor
-    pred_original_sample: Optional[torch.Tensor] = None
-
-
-class LCMSchedulerOutput(NamedTuple):
-    prev_sample: torch.Tensor
-    denoised: torch.Tensor
 
 
 # ---------------------------------------------------------------------------------------------
@@ -70,7 +51,7 @@ def make_betas(config):
         betas = torch.linspace(c.beta_start ** 0.5, c.beta_end ** 0.5, c.num_train_timesteps, dtype=torch.float32) ** 2
     else:
         betas = cosine_betas(c.num_train_timesteps)
-    if c.get("rescale_betas_zero_snr", False):
+    if getattr(c, "rescale_betas_zero_snr", False):  # a key some schedulers do not have (PNDM)
         betas = rescale_zero_terminal_snr(betas)
     return betas
 
@@ -99,7 +80,7 @@ def sigma_schedule(config):
     noisiest first, then sigma 0."""
     betas = make_betas(config)
     alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
-    if config.rescale_betas_zero_snr:
+    if getattr(config, "rescale_betas_zero_snr", False):
         alphas_cumprod[-1] = 2 ** -24  # zero terminal SNR would make the last sigma infinite
     sigmas = torch.cat([train_sigmas(alphas_cumprod).flip(0), torch.zeros(1)])
     return betas, alphas_cumprod, sigmas
@@ -130,6 +111,93 @@ def spaced_sigmas(config, alphas_cumprod, num_inference_steps, timesteps=None):
     timesteps = np.array(timesteps).astype(np.float32)
     sigmas = train_sigmas(alphas_cumprod).numpy()
     return timesteps, np.interp(timesteps, np.arange(len(sigmas)), sigmas)
+
+
+def sigma_to_t(sigmas, log_sigmas):
+    """Fractional training timestep of each sigma: linear interpolation in log sigma over the training
+    schedule (`log_sigmas` ascending with t), clamped to its ends (diffusers' `_sigma_to_t`)."""
+    sigmas = np.asarray(sigmas)
+    log_sigma = np.log(np.maximum(sigmas, 1e-10))
+    low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
+    lo, hi = log_sigmas[low], log_sigmas[low + 1]
+    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
+    return (1 - w) * low + w * (low + 1)
+
+
+def _bounds(in_sigmas, sigma_min, sigma_max):
+    lo = sigma_min if sigma_min is not None else float(in_sigmas[-1])
+    hi = sigma_max if sigma_max is not None else float(in_sigmas[0])
+    return lo, hi
+
+
+def karras_sigmas(in_sigmas, num_inference_steps, sigma_min=None, sigma_max=None, rho=7.0):
+    """Karras et al. 2022 (eq. 5): n noise levels evenly spaced in sigma^(1/rho), from sigma_max down to
+    sigma_min (by default the ends of `in_sigmas`, descending)."""
+    lo, hi = _bounds(in_sigmas, sigma_min, sigma_max)
+    ramp = np.linspace(0, 1, num_inference_steps)
+    return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
+
+
+def exponential_sigmas(in_sigmas, num_inference_steps, sigma_min=None, sigma_max=None):
+    """n noise levels evenly spaced in log sigma (k-diffusion's `get_sigmas_exponential`)."""
+    lo, hi = _bounds(in_sigmas, sigma_min, sigma_max)
+    return np.exp(np.linspace(math.log(hi), math.log(lo), num_inference_steps))
+
+
+def beta_sigmas(in_sigmas, num_inference_steps, sigma_min=None, sigma_max=None, alpha=0.6, beta=0.6):
+    """Lee et al. 2024, "Beta Sampling is All You Need": sigma_min + (sigma_max - sigma_min) times the
+    Beta(alpha, beta) quantiles of 1 - linspace(0, 1, n), so steps crowd at both ends of the schedule."""
+    lo, hi = _bounds(in_sigmas, sigma_min, sigma_max)
+    return np.array([lo + beta_ppf(q, alpha, beta) * (hi - lo) for q in 1 - np.linspace(0, 1, num_inference_steps)])
+
+
+def betainc(a, b, x):
+    """Regularized incomplete beta function I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0.0 or x >= 1.0:
+        return 0.0 if x <= 0.0 else 1.0
+    if x > (a + 1) / (a + b + 2):  # the fraction converges fast only below this point
+        return 1.0 - betainc(b, a, 1.0 - x)
+    front = math.exp(math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)) / a
+    f, c, d, tiny = 1.0, 1.0, 0.0, 1e-300
+    for i in range(1000):
+        m = i // 2
+        if i == 0:
+            num = 1.0
+        elif i % 2 == 0:
+            num = m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m))
+        else:
+            num = -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))
+        d = 1.0 + num * d
+        d = 1.0 / (d if abs(d) > tiny else tiny)
+        c = 1.0 + num / c
+        c = c if abs(c) > tiny else tiny
+        f *= c * d
+        if abs(1.0 - c * d) < 1e-16:
+            break
+    return front * (f - 1.0)
+
+
+def beta_ppf(q, a, b):
+    """Quantile of the Beta(a, b) distribution (scipy.stats.beta.ppf), by bisection on betainc."""
+    if q <= 0.0 or q >= 1.0:
+        return 0.0 if q <= 0.0 else 1.0
+    lo, hi = 0.0, 1.0
+    for _ in range(200):
+        mid = 0.5 * (lo + hi)
+        if mid <= lo or mid >= hi:  # the interval is one float wide
+            break
+        lo, hi = (mid, hi) if betainc(a, b, mid) < q else (lo, mid)
+    return 0.5 * (lo + hi)
+
+
+def convert_sigmas(cfg, in_sigmas, num_inference_steps, sigma_min=None, sigma_max=None):
+    """The sigma schedule the config asks for (use_karras_sigmas, use_exponential_sigmas or use_beta_sigmas)
+    over the range of `in_sigmas` (descending) or of the given bounds; None when it asks for none."""
+    for flag, schedule in (("use_karras_sigmas", karras_sigmas), ("use_exponential_sigmas", exponential_sigmas),
+                           ("use_beta_sigmas", beta_sigmas)):
+        if getattr(cfg, flag, False):
+            return schedule(in_sigmas, num_inference_steps, sigma_min, sigma_max)
+    return None
 
 
 def start_noise_std(scheduler):
@@ -179,6 +247,16 @@ def euler_step(sample, x0, sigma, sigma_next):
     return sample + derivative * (sigma_next - sigma)
 
 
+def threshold_sample(x0, ratio, max_value):
+    """Dynamic thresholding (Saharia et al. 2022, Imagen): per image, s = the `ratio` quantile of |x_0|,
+    clamped to [1, max_value]; x_0 is clipped to [-s, s] and divided by s (computed in fp32)."""
+    dtype, shape = x0.dtype, x0.shape
+    flat = x0.float() if dtype not in (torch.float32, torch.float64) else x0
+    flat = flat.reshape(shape[0], -1)
+    s = torch.quantile(flat.abs(), ratio, dim=1).clamp(min=1, max=max_value).unsqueeze(1)
+    return (torch.clamp(flat, -s, s) / s).reshape(shape).to(dtype)
+
+
 def check_float_timestep(where, timestep):
     """The sigma schedulers look timesteps up by value; an int is almost surely a loop counter."""
     if isinstance(timestep, int) or (torch.is_tensor(timestep) and not timestep.is_floating_point()):
@@ -187,36 +265,7 @@ def check_float_timestep(where, timestep):
 
 
 # ---------------------------------------------------------------------------------------------
-# Loop position (Euler, Euler ancestral, LCM): the index of the next step in `timesteps`. It is fixed on the
-# first call of a loop, from set_begin_index (img2img and the SDXL refiner start mid-way) or else from where
-# the given timestep stands, then advances by one per step. The schedulers take these as their methods.
-
-
-def reset_loop(scheduler):
-    """A new loop (set_timesteps): no position yet and no begin index."""
-    scheduler._step_index = None
-    scheduler._begin_index = None
-
-
-def step_index(scheduler):
-    return scheduler._step_index
-
-
-def begin_index(scheduler):
-    return scheduler._begin_index
-
-
-def set_begin_index(scheduler, begin_index=0):
-    """Start the loop at position `begin_index` of `timesteps` (img2img and the SDXL refiner start mid-way)."""
-    scheduler._begin_index = begin_index
-
-
-def enter_loop(scheduler, timestep):
-    """The loop position for this call (fixing it on the first call of a loop)."""
-    if scheduler._step_index is None:
-        scheduler._step_index = (scheduler._begin_index if scheduler._begin_index is not None
-                                 else index_for_timestep(scheduler.timesteps, timestep))
-    return scheduler._step_index
+# Loop position
 
 
 def index_for_timestep(schedule, timestep):
@@ -229,33 +278,6 @@ def index_for_timestep(schedule, timestep):
         raise ValueError(f"timestep {timestep} is not in the scheduler's timesteps {schedule.tolist()}; pass one of "
                          "`scheduler.timesteps` (after set_timesteps)")
     return hits[1 if len(hits) > 1 else 0].item()
-
-
-# ---------------------------------------------------------------------------------------------
-# Forward process (add_noise): the schedulers take these as their add_noise method.
-
-
-def add_noise_vp(scheduler, original_samples, noise, timesteps):
-    """DDPM-style schedulers: sqrt(a_t) x_0 + sqrt(1 - a_t) noise, per batch item. alphas_cumprod is cast to
-    the samples' dtype before the square roots, as diffusers does."""
-    x = original_samples
-    a = scheduler.alphas_cumprod.to(device=x.device, dtype=x.dtype)[timesteps.to(x.device)]
-    shape = (-1,) + (1,) * (x.ndim - 1)
-    return (a ** 0.5).flatten().view(shape) * x + ((1 - a) ** 0.5).flatten().view(shape) * noise
-
-
-def add_noise_sigma(scheduler, original_samples, noise, timesteps):
-    """Sigma-parametrised (Euler) schedulers: x_0 + sigma noise. The noise level is the one at the scheduler's
-    place in its loop when a begin index was set (img2img), otherwise the one of each given timestep."""
-    sigmas = scheduler.sigmas.to(device=original_samples.device, dtype=original_samples.dtype)
-    if scheduler.begin_index is None:
-        schedule = scheduler.timesteps.to(original_samples.device)
-        indices = [index_for_timestep(schedule, t) for t in timesteps.to(original_samples.device)]
-    else:
-        at = scheduler.step_index if scheduler.step_index is not None else scheduler.begin_index
-        indices = [at] * timesteps.shape[0]
-    sigma = sigmas[indices].flatten().view((-1,) + (1,) * (original_samples.ndim - 1))
-    return original_samples + noise * sigma
 
 
 # ---------------------------------------------------------------------------------------------
@@ -290,19 +312,7 @@ def randn_tensor(shape, generator=None, device=None, dtype=None):
 
 
 # ---------------------------------------------------------------------------------------------
-# Config: diffusers' rules, so that swapping schedulers gives what it gives in diffusers.
-#
-# `scheduler.config` is a dict (attribute access too) with every key of the scheduler, plus
-# `_use_default_values` listing the keys nobody set, plus keys of other schedulers that came along
-# (SD 1.5's PNDM file carries `clip_sample: false` on to a DDIM made from it). `from_config` drops the
-# keys listed in `_use_default_values`, so the new class uses its own defaults there: an Euler made from
-# SD 1.5's PNDM config gets Euler's "linspace" spacing, not PNDM's "leading". This also means that
-# `{**scheduler.config, "timestep_spacing": "trailing"}` is ignored when that key was defaulted, exactly
-# as in diffusers; pass overrides as keywords instead: `X.from_config(config, timestep_spacing="trailing")`.
-#
-# Each scheduler class names its dataclass in `config_dataclass` (not `config_class`, which the pipelines
-# read as the mark of a model with weights) and takes from_config and from_pretrained (as classmethods),
-# save_pretrained and __len__ from here.
+# Config checks (validate() helpers)
 
 
 def check_choice(where, key, value, allowed):
@@ -319,69 +329,8 @@ def check_schedule(config, where, prediction_types):
     check_choice(where, "timestep_spacing", config.timestep_spacing, SPACINGS)
 
 
-def _known_keys(config_cls):
-    return {f.name for f in dataclasses.fields(config_cls)} | set(getattr(config_cls, "NEUTRAL", {}))
-
-
-def make_config(cls, explicit, where=None, carried=None):
-    """(parsed dataclass, the `.config` dict) of scheduler class `cls` from the keys a caller set; errors
-    name `where` (by default the constructor call)."""
-    config_cls, where = cls.config_dataclass, where or f"{cls.__name__}(...)"
-    explicit = {k: v for k, v in explicit.items() if not k.startswith("_")}  # _class_name and the like
-    unknown = sorted(set(explicit) - _known_keys(config_cls))
-    if unknown:
-        raise ValueError(f"{where}: unknown config keys {unknown} (known: {sorted(_known_keys(config_cls))})")
-    cfg = config_from_dict(config_cls, explicit, where)
-    neutral = {k: v[0] if isinstance(v, tuple) else v for k, v in getattr(config_cls, "NEUTRAL", {}).items()}
-    view = AttrDict({**dataclasses.asdict(cfg), **neutral})
-    view.update({k: v for k, v in explicit.items() if k in neutral})
-    view["_use_default_values"] = sorted(k for k in view if k not in explicit and k != "_use_default_values")
-    for k, v in (carried or {}).items():
-        view.setdefault(k, v)
-    return cfg, view
-
-
-def from_config(cls, config, **overrides):
-    """`cls.from_config(config, **overrides)`: `config` is a dict (another scheduler's `.config` or a
-    scheduler_config.json); keys of other schedulers are carried along silently."""
-    return _from_dict(cls, config, overrides, f"{cls.__name__}.from_config")
-
-
-def from_pretrained(cls, repo_or_path, subfolder=None, **overrides):
-    """`cls.from_pretrained(repo_or_path, subfolder="scheduler", **overrides)`: reads scheduler_config.json,
-    which may have been written for another scheduler class (its extra keys are carried along)."""
-    raw = read_json(repo_or_path, CONFIG_NAME, subfolder)
-    where = os.path.join(os.fspath(repo_or_path), subfolder or "", CONFIG_NAME)
-    return _from_dict(cls, raw, overrides, where)
-
-
-def _from_dict(cls, config, overrides, where):
-    if dataclasses.is_dataclass(config):
-        config = dataclasses.asdict(config)
-    if not isinstance(config, dict):
-        raise TypeError(f"{where} expects a dict (e.g. another scheduler's .config), got {type(config).__name__}; "
-                        f"to read a folder or Hub repo use {cls.__name__}.from_pretrained")
-    known = _known_keys(cls.config_dataclass)
-    bad = sorted(set(overrides) - known)
-    if bad:
-        raise ValueError(f"{where}: unknown arguments {bad} (known: {sorted(known)})")
-    defaulted = set(config.get("_use_default_values", ()))
-    given = {k: v for k, v in config.items() if k not in defaulted and not k.startswith("_")}
-    explicit = {**{k: v for k, v in given.items() if k in known}, **overrides}
-    carried = {k: v for k, v in given.items() if k not in known}
-    return cls(_carried=carried, _where=where, **explicit)
-
-
-def save_pretrained(scheduler, folder):
-    """Write scheduler_config.json (what diffusers writes: the keys, no `_use_default_values`)."""
-    os.makedirs(folder, exist_ok=True)
-    d = {"_class_name": type(scheduler).__name__, "_diffusers_version": "0.39.0"}
-    d.update({k: v.tolist() if hasattr(v, "tolist") else v  # trained_betas given as an array
-              for k, v in scheduler.config.items() if not k.startswith("_")})
-    with open(os.path.join(folder, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(d, f, indent=2, sort_keys=True)
-
-
-def num_train_timesteps(scheduler):
-    """len(scheduler), as in diffusers."""
-    return scheduler.config.num_train_timesteps
+def check_sigma_schedule(config, where):
+    """validate() helper: at most one of the Karras, exponential and beta sigma schedules."""
+    flags = [f for f in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas") if getattr(config, f, False)]
+    if len(flags) > 1:
+        raise ValueError(f"{where}: {' and '.join(f'{f}=True' for f in flags)}: choose at most one sigma schedule")

@@ -5,14 +5,14 @@ x_t' = sqrt(a_t') x_0 + sqrt(1 - a_t' - s^2) eps + s z, with s = eta sigma_t (eq
 eta 0 is the deterministic sampler SD uses, eta 1 is DDPM-like.
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from . import common
-from .common import (SchedulerOutput, alpha_at, alpha_schedule, check_schedule, make_config, predict_eps, predict_x0,
-                     randn_tensor, spaced_timesteps)
+from .base import KARRAS_SCHEDULERS, Scheduler, step_output
+from .common import alpha_at, alpha_schedule, check_schedule, predict_eps, predict_x0, randn_tensor, spaced_timesteps, \
+    threshold_sample
 
 
 @dataclasses.dataclass
@@ -26,62 +26,49 @@ class DDIMConfig:
     set_alpha_to_one: bool = True  # the last step lands on a_0 = 1 (else on the first training step's a)
     steps_offset: int = 0
     prediction_type: str = "epsilon"
-    dynamic_thresholding_ratio: float = 0.995  # used only with thresholding, which is not implemented
+    thresholding: bool = False  # Imagen's dynamic thresholding of x_0 (pixel-space models; it replaces clipping)
+    dynamic_thresholding_ratio: float = 0.995
     clip_sample_range: float = 1.0
-    sample_max_value: float = 1.0  # used only with thresholding
+    sample_max_value: float = 1.0
     timestep_spacing: str = "leading"
     rescale_betas_zero_snr: bool = False
-
-    NEUTRAL: ClassVar = {"thresholding": False}
 
     def validate(self, where):
         check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
 
 
-class DDIMScheduler:
+class DDIMScheduler(Scheduler):
+    """Starts from unit Gaussian noise; the UNet input is not scaled; each step depends only on its timestep."""
     config_dataclass = DDIMConfig
-    order = 1
-    init_noise_sigma = 1.0  # the loop starts from unit Gaussian noise and the UNet input is not scaled
-    # config files and add_noise work as in every scheduler (common.py)
-    from_config = classmethod(common.from_config)
-    from_pretrained = classmethod(common.from_pretrained)
-    save_pretrained = common.save_pretrained
-    __len__ = common.num_train_timesteps
-    add_noise = common.add_noise_vp
+    _compatibles = KARRAS_SCHEDULERS
 
-    def __init__(self, _carried=None, _where=None, **config):
-        _, self.config = make_config(type(self), config, _where, _carried)
-        self.betas, self.alphas_cumprod, self.final_alpha_cumprod = alpha_schedule(self.config)
-        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
-        self.num_inference_steps = None
-
-    def set_begin_index(self, begin_index=0):
-        """Nothing to do: each DDIM step depends only on its own timestep (diffusers' DDIM has no such method;
-        this lets a pipeline call it on any scheduler)."""
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.betas, self.alphas_cumprod, self.final_alpha_cumprod = alpha_schedule(self.cfg)
+        self.timesteps = torch.arange(self.cfg.num_train_timesteps - 1, -1, -1)
 
     def set_timesteps(self, num_inference_steps, device=None):
-        N = self.config.num_train_timesteps
+        N = self.cfg.num_train_timesteps
         if num_inference_steps > N:
             raise ValueError(f"DDIMScheduler.set_timesteps: num_inference_steps={num_inference_steps} is more than the "
                              f"{N} training timesteps")
         self.num_inference_steps = num_inference_steps
-        timesteps = spaced_timesteps(self.config, num_inference_steps, round_linspace=True).astype(np.int64)
+        timesteps = spaced_timesteps(self.cfg, num_inference_steps, round_linspace=True).astype(np.int64)
         self.timesteps = torch.from_numpy(timesteps).to(device)
 
     def step(self, model_output, timestep, sample, eta=0.0, use_clipped_model_output=False, generator=None,
              variance_noise=None, return_dict=True):
         if self.num_inference_steps is None:
             raise ValueError("DDIMScheduler.step: call set_timesteps first")
-        c = self.config
+        c = self.cfg
         t = int(timestep)
         t_prev = t - c.num_train_timesteps // self.num_inference_steps  # (for every spacing, as in diffusers)
         a_t, a_prev = self.alphas_cumprod[t], alpha_at(self, t_prev)
         x0 = predict_x0(c.prediction_type, model_output, sample, a_t)
         eps = predict_eps(c.prediction_type, model_output, sample, a_t, x0)
-        if c.clip_sample:
+        if c.thresholding:
+            x0 = threshold_sample(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        elif c.clip_sample:
             x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
         variance = ((1 - a_prev) / (1 - a_t)) * (1 - a_t / a_prev)  # sigma_t^2 of eq. 16
         std = eta * variance ** 0.5
@@ -94,6 +81,4 @@ class DDIMScheduler:
             if variance_noise is None:
                 variance_noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
             prev_sample = prev_sample + std * variance_noise
-        if not return_dict:
-            return prev_sample, x0
-        return SchedulerOutput(prev_sample, x0)
+        return step_output(return_dict, prev_sample, x0)

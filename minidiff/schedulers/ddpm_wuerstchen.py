@@ -9,13 +9,12 @@ in diffusers.
 """
 import dataclasses
 import math
-from typing import ClassVar
 
 import numpy as np
 import torch
 
-from . import common
-from .common import SchedulerOutput, make_config, randn_tensor
+from .base import Scheduler, step_output
+from .common import randn_tensor
 
 # Stage C's default schedule: 20 steps over the noisiest third, then 10 over the rest.
 DEFAULT_STAGE_C_TIMESTEPS = [float(t) for t in np.linspace(1.0, 2 / 3, 20)] + \
@@ -27,8 +26,6 @@ class DDPMWuerstchenConfig:
     scaler: float = 1.0
     s: float = 0.008
 
-    NEUTRAL: ClassVar[dict] = {}
-
     def validate(self, where):
         if not self.scaler > 0:
             raise ValueError(f"{where}: scaler={self.scaler!r} must be > 0")
@@ -36,22 +33,17 @@ class DDPMWuerstchenConfig:
             raise ValueError(f"{where}: s={self.s!r} must be >= 0")
 
 
-class DDPMWuerstchenScheduler:
+class DDPMWuerstchenScheduler(Scheduler):
+    """The initial latents are unit Gaussian noise; the model input is not scaled."""
     config_dataclass = DDPMWuerstchenConfig
-    order = 1
-    init_noise_sigma = 1.0  # the initial latents are unit Gaussian noise
-    # config files work as in every scheduler (common.py)
-    from_config = classmethod(common.from_config)
-    from_pretrained = classmethod(common.from_pretrained)
-    save_pretrained = common.save_pretrained
 
-    def __init__(self, _carried=None, _where=None, **config):
-        self._cfg, self.config = make_config(type(self), config, _where, _carried)
+    def __init__(self, **config):
+        super().__init__(**config)
         self.timesteps = None
 
     def alpha_bar(self, t, device=None):
         """Cumulative signal fraction at continuous time(s) t, computed in fp32 like the reference."""
-        cfg = self._cfg
+        cfg = self.cfg
         t = torch.as_tensor(t, device=device)
         if cfg.scaler > 1:
             t = 1 - (1 - t) ** cfg.scaler
@@ -60,9 +52,6 @@ class DDPMWuerstchenScheduler:
         s = torch.tensor([cfg.s], device=t.device)  # a 1-d fp32 tensor: fp16 t is promoted to fp32
         at_zero = torch.cos(s / (1 + s) * math.pi * 0.5) ** 2
         return (torch.cos((t + s) / (1 + s) * math.pi * 0.5) ** 2 / at_zero).clamp(1e-4, 0.9999)
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample
 
     def set_timesteps(self, num_inference_steps=None, timesteps=None, device=None):
         """Either `num_inference_steps` (t = linspace(1, 0, n + 1)) or a descending list `timesteps`
@@ -103,8 +92,7 @@ class DDPMWuerstchenScheduler:
         noise = randn_tensor(mean.shape, generator=generator, device=device, dtype=dtype)
         std = ((1 - alpha) * (1.0 - ab_prev) / (1.0 - ab)).sqrt()
         prev = mean + std * noise * (prev_t != 0).float().view(bcast)  # no noise into t = 0
-        prev = prev.to(dtype)
-        return SchedulerOutput(prev_sample=prev) if return_dict else (prev,)
+        return step_output(return_dict, prev.to(dtype))
 
     def add_noise(self, original_samples, noise, timesteps):
         """Forward process: sqrt(ab) x0 + sqrt(1 - ab) noise at continuous times (B,)."""

@@ -5,15 +5,14 @@ is an Euler step of the probability-flow ODE dx/dsigma = (x - x_0) / sigma from 
 (Karras et al. 2022, Algorithm 2; `s_churn` adds its optional noise).
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from . import common
-from .common import (SchedulerOutput, check_choice, check_float_timestep, check_schedule, enter_loop, euler_step,
-                     make_config, predict_x0_sigma, randn_tensor, reset_loop, sigma_schedule, spaced_sigmas,
-                     train_sigmas)
+from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
+from .common import (check_choice, check_float_timestep, check_schedule, check_sigma_schedule, convert_sigmas, euler_step,
+                     predict_x0_sigma, randn_tensor, sigma_schedule, sigma_to_t, spaced_sigmas, train_sigmas)
 
 
 @dataclasses.dataclass
@@ -24,8 +23,11 @@ class EulerDiscreteConfig:
     beta_schedule: str = "linear"
     trained_betas: Optional[list] = None
     prediction_type: str = "epsilon"
+    interpolation_type: str = "linear"  # sigma between training steps: "linear" in t, or "log_linear" (see below)
     use_karras_sigmas: Optional[bool] = False
-    sigma_min: Optional[float] = None  # Karras schedule bounds (default: the schedule's own)
+    use_exponential_sigmas: Optional[bool] = False
+    use_beta_sigmas: Optional[bool] = False
+    sigma_min: Optional[float] = None  # bounds of those three schedules (default: the training schedule's own)
     sigma_max: Optional[float] = None
     timestep_spacing: str = "linspace"
     timestep_type: str = "discrete"  # "continuous": the UNet gets 0.25 log(sigma) (EDM-style v-prediction models)
@@ -33,70 +35,41 @@ class EulerDiscreteConfig:
     rescale_betas_zero_snr: bool = False
     final_sigmas_type: str = "zero"  # the loop ends at sigma 0, or at the first training step's sigma
 
-    NEUTRAL: ClassVar = {"interpolation_type": "linear", "use_exponential_sigmas": (False, None),
-                         "use_beta_sigmas": (False, None)}
-
     def validate(self, where):
         check_schedule(self, where, ("epsilon", "v_prediction", "sample", "original_sample"))
         check_choice(where, "timestep_type", self.timestep_type, ("discrete", "continuous"))
         check_choice(where, "final_sigmas_type", self.final_sigmas_type, ("zero", "sigma_min"))
+        check_choice(where, "interpolation_type", self.interpolation_type, ("linear", "log_linear"))
+        check_sigma_schedule(self, where)
 
 
-def karras_sigmas(sigmas, n, sigma_min=None, sigma_max=None, rho=7.0):
-    """Karras et al. 2022 (eq. 5): n noise levels evenly spaced in sigma^(1/rho), from sigma_max down to sigma_min."""
-    lo = sigma_min if sigma_min is not None else sigmas[-1].item()
-    hi = sigma_max if sigma_max is not None else sigmas[0].item()
-    ramp = np.linspace(0, 1, n)
-    return (hi ** (1 / rho) + ramp * (lo ** (1 / rho) - hi ** (1 / rho))) ** rho
-
-
-def sigma_to_t(sigmas, log_sigmas):
-    """Fractional training timestep of each sigma: linear interpolation in log sigma over the training
-    schedule (`log_sigmas` ascending with t), clamped to its ends."""
-    log_sigma = np.log(np.maximum(sigmas, 1e-10))
-    low = np.clip(np.searchsorted(log_sigmas, log_sigma, side="right") - 1, 0, len(log_sigmas) - 2)
-    lo, hi = log_sigmas[low], log_sigmas[low + 1]
-    w = np.clip((lo - log_sigma) / (lo - hi), 0, 1)
-    return (1 - w) * low + w * (low + 1)
-
-
-class EulerDiscreteScheduler:
+class EulerDiscreteScheduler(SigmaScheduler):
     config_dataclass = EulerDiscreteConfig
-    order = 1
-    # config files, loop position and add_noise work as in every scheduler (common.py)
-    from_config = classmethod(common.from_config)
-    from_pretrained = classmethod(common.from_pretrained)
-    save_pretrained = common.save_pretrained
-    __len__ = common.num_train_timesteps
-    init_noise_sigma = property(common.start_noise_std)
-    step_index = property(common.step_index)
-    begin_index = property(common.begin_index)
-    set_begin_index = common.set_begin_index
-    add_noise = common.add_noise_sigma
+    _compatibles = KARRAS_SCHEDULERS
 
-    def __init__(self, _carried=None, _where=None, **config):
-        _, self.config = make_config(type(self), config, _where, _carried)
-        self.betas, self.alphas_cumprod, self.sigmas = sigma_schedule(self.config)
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.betas, self.alphas_cumprod, self.sigmas = sigma_schedule(self.cfg)
         # until set_timesteps: every training step
-        train_steps = torch.arange(self.config.num_train_timesteps - 1, -1, -1, dtype=torch.float32)
+        train_steps = torch.arange(self.cfg.num_train_timesteps - 1, -1, -1, dtype=torch.float32)
         self.timesteps = self._model_timesteps(train_steps)
-        self.num_inference_steps = None
-        reset_loop(self)
 
     def _model_timesteps(self, timesteps):
         # what the UNet is given at each sigma (self.sigmas[:-1] for continuous time)
-        c = self.config
+        c = self.cfg
         if c.timestep_type == "continuous" and c.prediction_type == "v_prediction":
             return 0.25 * self.sigmas[:-1].log()
         return timesteps
 
     def set_timesteps(self, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
-        """The loop's timesteps and sigmas: evenly spaced (`timestep_spacing`), Karras-spaced, or given."""
-        c = self.config
+        """The loop's timesteps and sigmas: evenly spaced (`timestep_spacing`), Karras, exponential or beta-spaced, or
+        given."""
+        c = self.cfg
         if sum(x is not None for x in (num_inference_steps, timesteps, sigmas)) != 1:
             raise ValueError("set_timesteps: pass exactly one of num_inference_steps, timesteps or sigmas")
-        if timesteps is not None and c.use_karras_sigmas:
-            raise ValueError("set_timesteps: custom `timesteps` cannot be used with use_karras_sigmas=True")
+        for flag in ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas"):
+            if timesteps is not None and getattr(c, flag):
+                raise ValueError(f"set_timesteps: custom `timesteps` cannot be used with {flag}=True")
         if timesteps is not None and c.timestep_type == "continuous" and c.prediction_type == "v_prediction":
             raise ValueError("set_timesteps: custom `timesteps` cannot be used with timestep_type='continuous' "
                              "and prediction_type='v_prediction'")
@@ -107,25 +80,22 @@ class EulerDiscreteScheduler:
             timesteps = sigma_to_t(sigmas[:-1], log_sigmas)
         else:
             timesteps, sigmas = spaced_sigmas(c, self.alphas_cumprod, num_inference_steps, timesteps)
-            if c.use_karras_sigmas:
-                sigmas = karras_sigmas(sigmas, len(timesteps), c.sigma_min, c.sigma_max)
-                timesteps = sigma_to_t(sigmas, log_sigmas)
+            if c.interpolation_type == "log_linear":  # n + 1 levels evenly spaced in log sigma (as diffusers)
+                sigmas = torch.linspace(np.log(trained[-1]), np.log(trained[0]), len(timesteps) + 1).exp().numpy()
+            converted = convert_sigmas(c, sigmas, len(timesteps), c.sigma_min, c.sigma_max)
+            if converted is not None:  # Karras, exponential or beta: the timesteps follow the sigmas
+                sigmas, timesteps = converted, sigma_to_t(converted, log_sigmas)
             last = trained[0] if c.final_sigmas_type == "sigma_min" else 0.0
             sigmas = np.concatenate([sigmas, [last]]).astype(np.float32)
-        self.num_inference_steps = len(sigmas) - 1
+        self.num_inference_steps = len(timesteps)
         self.sigmas = torch.from_numpy(sigmas)  # stays on the CPU: indexed once per step
         self.timesteps = self._model_timesteps(torch.from_numpy(timesteps.astype(np.float32))).to(device)
-        reset_loop(self)
-
-    def scale_model_input(self, sample, timestep):
-        """The UNet's input x / sqrt(sigma^2 + 1): unit variance, as in training."""
-        sigma = self.sigmas[enter_loop(self, timestep)]
-        return sample / ((sigma ** 2 + 1) ** 0.5)
+        self.reset_loop()
 
     def step(self, model_output, timestep, sample, s_churn=0.0, s_tmin=0.0, s_tmax=float("inf"), s_noise=1.0,
              generator=None, return_dict=True):
         check_float_timestep("EulerDiscreteScheduler.step", timestep)
-        i = enter_loop(self, timestep)
+        i = self.enter_loop(timestep)
         sigma = self.sigmas[i]
         sample = sample.to(torch.float32)
         gamma = min(s_churn / (len(self.sigmas) - 1), 2 ** 0.5 - 1) if s_tmin <= sigma <= s_tmax else 0.0
@@ -133,9 +103,7 @@ class EulerDiscreteScheduler:
         if gamma > 0:  # churn: first raise the noise level from sigma to sigma_hat
             noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
             sample = sample + noise * s_noise * (sigma_hat ** 2 - sigma ** 2) ** 0.5
-        x0 = predict_x0_sigma(self.config.prediction_type, model_output, sample, sigma, sigma_hat)
+        x0 = predict_x0_sigma(self.cfg.prediction_type, model_output, sample, sigma, sigma_hat)
         prev_sample = euler_step(sample, x0, sigma_hat, self.sigmas[i + 1]).to(model_output.dtype)
         self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0
-        return SchedulerOutput(prev_sample, x0)
+        return step_output(return_dict, prev_sample, x0)

@@ -5,14 +5,14 @@ sigma_down, then fresh noise of std sigma_up, with sigma_down^2 + sigma_up^2 = s
 sigma_up chosen as in DDPM's ancestral sampling (eta = 1). Noise is drawn on every step, the last included.
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from . import common
-from .common import (SchedulerOutput, check_float_timestep, check_schedule, enter_loop, euler_step, make_config,
-                     predict_x0_sigma, randn_tensor, reset_loop, sigma_schedule, spaced_sigmas)
+from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
+from .common import check_float_timestep, check_schedule, euler_step, predict_x0_sigma, randn_tensor, sigma_schedule, \
+    spaced_sigmas
 
 
 @dataclasses.dataclass
@@ -27,58 +27,37 @@ class EulerAncestralDiscreteConfig:
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
 
-    NEUTRAL: ClassVar = {}
-
     def validate(self, where):
         check_schedule(self, where, ("epsilon", "v_prediction"))
 
 
-class EulerAncestralDiscreteScheduler:
+class EulerAncestralDiscreteScheduler(SigmaScheduler):
     config_dataclass = EulerAncestralDiscreteConfig
-    order = 1
-    # config files, loop position and add_noise work as in every scheduler (common.py)
-    from_config = classmethod(common.from_config)
-    from_pretrained = classmethod(common.from_pretrained)
-    save_pretrained = common.save_pretrained
-    __len__ = common.num_train_timesteps
-    init_noise_sigma = property(common.start_noise_std)
-    step_index = property(common.step_index)
-    begin_index = property(common.begin_index)
-    set_begin_index = common.set_begin_index
-    add_noise = common.add_noise_sigma
+    _compatibles = KARRAS_SCHEDULERS
 
-    def __init__(self, _carried=None, _where=None, **config):
-        _, self.config = make_config(type(self), config, _where, _carried)
-        self.betas, self.alphas_cumprod, self.sigmas = sigma_schedule(self.config)
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.betas, self.alphas_cumprod, self.sigmas = sigma_schedule(self.cfg)
         # until set_timesteps: every training step
-        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1, dtype=torch.float32)
-        self.num_inference_steps = None
-        reset_loop(self)
+        self.timesteps = torch.arange(self.cfg.num_train_timesteps - 1, -1, -1, dtype=torch.float32)
 
     def set_timesteps(self, num_inference_steps, device=None):
-        timesteps, sigmas = spaced_sigmas(self.config, self.alphas_cumprod, num_inference_steps)
+        timesteps, sigmas = spaced_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps)
         self.sigmas = torch.from_numpy(np.concatenate([sigmas, [0.0]]).astype(np.float32))  # CPU: indexed per step
         self.timesteps = torch.from_numpy(timesteps).to(device)
         self.num_inference_steps = num_inference_steps
-        reset_loop(self)
-
-    def scale_model_input(self, sample, timestep):
-        """The UNet's input x / sqrt(sigma^2 + 1): unit variance, as in training."""
-        sigma = self.sigmas[enter_loop(self, timestep)]
-        return sample / ((sigma ** 2 + 1) ** 0.5)
+        self.reset_loop()
 
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         check_float_timestep("EulerAncestralDiscreteScheduler.step", timestep)
-        i = enter_loop(self, timestep)
+        i = self.enter_loop(timestep)
         sigma, sigma_to = self.sigmas[i], self.sigmas[i + 1]
         sample = sample.to(torch.float32)
-        x0 = predict_x0_sigma(self.config.prediction_type, model_output, sample, sigma, sigma)
+        x0 = predict_x0_sigma(self.cfg.prediction_type, model_output, sample, sigma, sigma)
         sigma_up = (sigma_to ** 2 * (sigma ** 2 - sigma_to ** 2) / sigma ** 2) ** 0.5
         sigma_down = (sigma_to ** 2 - sigma_up ** 2) ** 0.5
         prev_sample = euler_step(sample, x0, sigma, sigma_down)
         noise = randn_tensor(model_output.shape, generator, model_output.device, model_output.dtype)
         prev_sample = (prev_sample + noise * sigma_up).to(model_output.dtype)
         self._step_index += 1
-        if not return_dict:
-            return prev_sample, x0
-        return SchedulerOutput(prev_sample, x0)
+        return step_output(return_dict, prev_sample, x0)

@@ -6,14 +6,13 @@ boundary condition denoised = c_skip(t) x_t + c_out(t) x_0(x_t), then noises it 
 timestep with fresh noise; the last step returns the clean estimate (no noise drawn).
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from . import common
-from .common import (LCMSchedulerOutput, alpha_at, alpha_schedule, check_schedule, enter_loop, make_config,
-                     predict_x0, randn_tensor, reset_loop)
+from .base import LCMSchedulerOutput, Scheduler
+from .common import alpha_at, alpha_schedule, check_schedule, predict_x0, randn_tensor, threshold_sample
 
 
 @dataclasses.dataclass
@@ -29,52 +28,36 @@ class LCMConfig:
     set_alpha_to_one: bool = True
     steps_offset: int = 0  # unused by LCM's schedule (as in diffusers)
     prediction_type: str = "epsilon"
-    dynamic_thresholding_ratio: float = 0.995  # used only with thresholding, which is not implemented
-    sample_max_value: float = 1.0  # used only with thresholding
+    thresholding: bool = False  # Imagen's dynamic thresholding of x_0 (pixel-space models; it replaces clipping)
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
     timestep_spacing: str = "leading"  # unused by LCM's schedule (as in diffusers)
     timestep_scaling: float = 10.0
     rescale_betas_zero_snr: bool = False
-
-    NEUTRAL: ClassVar = {"thresholding": False}
 
     def validate(self, where):
         check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
 
 
-class LCMScheduler:
+class LCMScheduler(Scheduler):
+    """Starts from unit Gaussian noise; the UNet input is not scaled."""
     config_dataclass = LCMConfig
-    order = 1
-    init_noise_sigma = 1.0  # the loop starts from unit Gaussian noise and the UNet input is not scaled
-    # config files, loop position and add_noise work as in every scheduler (common.py)
-    from_config = classmethod(common.from_config)
-    from_pretrained = classmethod(common.from_pretrained)
-    save_pretrained = common.save_pretrained
-    __len__ = common.num_train_timesteps
-    step_index = property(common.step_index)
-    begin_index = property(common.begin_index)
-    set_begin_index = common.set_begin_index
-    add_noise = common.add_noise_vp
 
-    def __init__(self, _carried=None, _where=None, **config):
-        _, self.config = make_config(type(self), config, _where, _carried)
-        self.betas, self.alphas_cumprod, self.final_alpha_cumprod = alpha_schedule(self.config)
-        self.timesteps = torch.arange(self.config.num_train_timesteps - 1, -1, -1)
-        self.num_inference_steps = None
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.betas, self.alphas_cumprod, self.final_alpha_cumprod = alpha_schedule(self.cfg)
+        self.timesteps = torch.arange(self.cfg.num_train_timesteps - 1, -1, -1)
         self.custom_timesteps = False
-        reset_loop(self)
-
-    def scale_model_input(self, sample, timestep=None):
-        return sample
 
     def set_timesteps(self, num_inference_steps=None, device=None, original_inference_steps=None, timesteps=None,
                       strength=1.0):
         """`num_inference_steps` timesteps evenly spaced (by index) over the distillation grid, or the given
         descending `timesteps`; `strength` < 1 (img2img) keeps only the lower part of the grid."""
-        N = self.config.num_train_timesteps
+        N = self.cfg.num_train_timesteps
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("LCMScheduler.set_timesteps: pass exactly one of num_inference_steps or timesteps")
         original = original_inference_steps if original_inference_steps is not None \
-            else self.config.original_inference_steps
+            else self.cfg.original_inference_steps
         if original > N:
             raise ValueError(f"LCMScheduler.set_timesteps: original_inference_steps={original} is more than the "
                              f"{N} training timesteps")
@@ -106,13 +89,20 @@ class LCMScheduler:
             picks = np.floor(np.linspace(0, len(grid), num=n, endpoint=False)).astype(np.int64)
             timesteps = grid[::-1][picks]
         self.timesteps = torch.from_numpy(np.ascontiguousarray(timesteps)).to(device=device, dtype=torch.long)
-        reset_loop(self)
+        self.reset_loop()
+
+    def previous_timestep(self, timestep):
+        """The timestep after `timestep` in this loop (-1 after the last one), as diffusers."""
+        if self.custom_timesteps or self.num_inference_steps:
+            index = (self.timesteps == timestep).nonzero(as_tuple=True)[0][0]
+            return torch.tensor(-1) if index == self.timesteps.shape[0] - 1 else self.timesteps[index + 1]
+        return timestep - 1
 
     def boundary_scalings(self, timestep):
         """(c_skip, c_out) of consistency models with sigma_data 0.5, at scaled time t * timestep_scaling:
         c_skip -> 1 and c_out -> 0 as t -> 0, so the model is the identity on clean data."""
         sigma_data = 0.5
-        scaled = timestep * self.config.timestep_scaling
+        scaled = timestep * self.cfg.timestep_scaling
         c_skip = sigma_data ** 2 / (scaled ** 2 + sigma_data ** 2)
         c_out = scaled / (scaled ** 2 + sigma_data ** 2) ** 0.5
         return c_skip, c_out
@@ -120,15 +110,17 @@ class LCMScheduler:
     def step(self, model_output, timestep, sample, generator=None, return_dict=True):
         if self.num_inference_steps is None:
             raise ValueError("LCMScheduler.step: call set_timesteps first")
-        c = self.config
-        i = enter_loop(self, timestep)
+        c = self.cfg
+        i = self.enter_loop(timestep)
         t = int(timestep)
         # past the end of `timesteps` the next timestep is t itself (as in diffusers)
         t_prev = int(self.timesteps[i + 1]) if i + 1 < len(self.timesteps) else t
         a_t, a_prev = self.alphas_cumprod[t], alpha_at(self, t_prev)
         c_skip, c_out = self.boundary_scalings(torch.as_tensor(timestep))
         x0 = predict_x0(c.prediction_type, model_output, sample, a_t)
-        if c.clip_sample:
+        if c.thresholding:
+            x0 = threshold_sample(x0, c.dynamic_thresholding_ratio, c.sample_max_value)
+        elif c.clip_sample:
             x0 = x0.clamp(-c.clip_sample_range, c.clip_sample_range)
         denoised = c_out * x0 + c_skip * sample
         if i != self.num_inference_steps - 1:  # noise again, down to the next timestep

@@ -7,14 +7,13 @@ mean of eps(x_t0) and eps at the result (a Heun step), which is why `timesteps` 
 Without `skip_prk_steps` the first three steps are pseudo Runge-Kutta (RK4, 4 UNet calls each) instead.
 """
 import dataclasses
-from typing import ClassVar, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 
-from . import common
-from .common import (SchedulerOutput, alpha_at, alpha_schedule, check_schedule, make_config, predict_eps,
-                     spaced_timesteps)
+from .base import KARRAS_SCHEDULERS, Scheduler, step_output
+from .common import alpha_at, alpha_schedule, check_schedule, predict_eps, spaced_timesteps
 
 
 @dataclasses.dataclass
@@ -30,28 +29,19 @@ class PNDMConfig:
     timestep_spacing: str = "leading"
     steps_offset: int = 0
 
-    NEUTRAL: ClassVar = {}
-
     def validate(self, where):
         check_schedule(self, where, ("epsilon", "v_prediction"))
 
 
-class PNDMScheduler:
+class PNDMScheduler(Scheduler):
+    """Starts from unit Gaussian noise; the UNet input is not scaled; keeps its own call counter."""
     config_dataclass = PNDMConfig
-    order = 1
-    init_noise_sigma = 1.0  # the loop starts from unit Gaussian noise and the UNet input is not scaled
-    # config files and add_noise work as in every scheduler (common.py)
-    from_config = classmethod(common.from_config)
-    from_pretrained = classmethod(common.from_pretrained)
-    save_pretrained = common.save_pretrained
-    __len__ = common.num_train_timesteps
-    add_noise = common.add_noise_vp
+    _compatibles = KARRAS_SCHEDULERS
 
-    def __init__(self, _carried=None, _where=None, **config):
-        _, self.config = make_config(type(self), config, _where, _carried)
-        self.betas, self.alphas_cumprod, self.final_alpha_cumprod = alpha_schedule(self.config)
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.betas, self.alphas_cumprod, self.final_alpha_cumprod = alpha_schedule(self.cfg)
         self.timesteps = None
-        self.num_inference_steps = None
         self._reset()
 
     def _reset(self):
@@ -60,15 +50,11 @@ class PNDMScheduler:
         self.cur_sample = None  # x_t at the start of a multi-call step
         self.cur_model_output = 0  # Runge-Kutta: weighted sum of the stage slopes
 
-    def set_begin_index(self, begin_index=0):
-        """Nothing to do: PNDM keeps its own call counter (diffusers' PNDM has no such method; this lets a
-        pipeline call it on any scheduler)."""
-
     def scale_model_input(self, sample, *args, **kwargs):
         return sample
 
     def set_timesteps(self, num_inference_steps, device=None):
-        c = self.config
+        c = self.cfg
         self.num_inference_steps = num_inference_steps
         steps = spaced_timesteps(c, num_inference_steps, round_linspace=True)[::-1].astype(np.int64)  # ascending
         if c.skip_prk_steps:
@@ -88,20 +74,27 @@ class PNDMScheduler:
     def step(self, model_output, timestep, sample, return_dict=True):
         if self.num_inference_steps is None:
             raise ValueError("PNDMScheduler.step: call set_timesteps first")
-        if self.counter < len(self.prk_timesteps) and not self.config.skip_prk_steps:
-            prev_sample = self._step_prk(model_output, int(timestep), sample)
-        else:
-            prev_sample = self._step_plms(model_output, int(timestep), sample)
-        self.counter += 1
-        if not return_dict:
-            return (prev_sample,)
-        return SchedulerOutput(prev_sample)
+        if self.counter < len(self.prk_timesteps) and not self.cfg.skip_prk_steps:
+            return self.step_prk(model_output, timestep, sample, return_dict)
+        return self.step_plms(model_output, timestep, sample, return_dict)
 
-    def _step_prk(self, model_output, timestep, sample):
+    def step_prk(self, model_output, timestep, sample, return_dict=True):
+        """One call of a Runge-Kutta step (diffusers' public method; `step` picks it for the first calls)."""
+        prev_sample = self._prk(model_output, int(timestep), sample)
+        self.counter += 1
+        return step_output(return_dict, prev_sample)
+
+    def step_plms(self, model_output, timestep, sample, return_dict=True):
+        """One linear multistep step (diffusers' public method; `step` picks it after the Runge-Kutta calls)."""
+        prev_sample = self._plms(model_output, int(timestep), sample)
+        self.counter += 1
+        return step_output(return_dict, prev_sample)
+
+    def _prk(self, model_output, timestep, sample):
         # RK4 over [t, t - h]: slopes k1..k4 at t, t - h/2, t - h/2, t - h; each call also returns the
         # next stage's input (x at t - h/2, or at t - h), always transferred from x_t
         stage = self.counter % 4
-        h = self.config.num_train_timesteps // self.num_inference_steps
+        h = self.cfg.num_train_timesteps // self.num_inference_steps
         t_to = timestep - (0 if self.counter % 2 else h // 2)
         t_from = int(self.prk_timesteps[self.counter - stage])
         if stage == 0:
@@ -115,11 +108,11 @@ class PNDMScheduler:
             self.cur_model_output = 0
         return self._transfer(self.cur_sample, t_from, t_to, model_output)
 
-    def _step_plms(self, model_output, timestep, sample):
-        if not self.config.skip_prk_steps and len(self.ets) < 3:
+    def _plms(self, model_output, timestep, sample):
+        if not self.cfg.skip_prk_steps and len(self.ets) < 3:
             raise ValueError("PNDMScheduler: the PLMS steps need the three Runge-Kutta steps first; run the loop "
                              "over `scheduler.timesteps` from its start")
-        h = self.config.num_train_timesteps // self.num_inference_steps
+        h = self.cfg.num_train_timesteps // self.num_inference_steps
         t_from, t_to = timestep, timestep - h
         if self.counter == 1:  # the Heun repeat of the first step: again from t + h to t
             t_from, t_to = timestep + h, timestep
@@ -143,7 +136,7 @@ class PNDMScheduler:
         """The transfer phi: x_t' from x_t and a noise estimate (DDIM's deterministic step, rearranged)."""
         a_t, a_prev = self.alphas_cumprod[t], alpha_at(self, t_prev)
         b_t, b_prev = 1 - a_t, 1 - a_prev
-        eps = predict_eps(self.config.prediction_type, eps, sample, a_t)  # v-prediction -> noise
+        eps = predict_eps(self.cfg.prediction_type, eps, sample, a_t)  # v-prediction -> noise
         sample_coeff = (a_prev / a_t) ** 0.5
         eps_denominator = a_t * b_prev ** 0.5 + (a_t * b_t * a_prev) ** 0.5
         return sample_coeff * sample - (a_prev - a_t) * eps / eps_denominator
