@@ -3,6 +3,7 @@
 The public classes carry diffusers' names, so `from minidiff import StableDiffusionPipeline` replaces
 `from diffusers import StableDiffusionPipeline`.
 """
+from .models.auto import AutoModel
 from .models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from .models.taesd import AutoencoderTiny
 from .models.unet import UNet2DConditionModel

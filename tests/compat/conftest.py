@@ -1,7 +1,7 @@
 import pytest
 from huggingface_hub import constants
 
-from hub_repos import build_cache
+from hub_repos import build_cache, doc_image
 
 
 @pytest.fixture(scope="session")
@@ -18,16 +18,6 @@ def offline_hub(hub_cache, monkeypatch):
     monkeypatch.setattr(constants, "HF_HUB_CACHE", hub_cache)
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     return hub_cache
-
-
-def doc_image(size=64):
-    """What the snippets' image URLs serve here: a drawn picture (warm background, a disc and a square)."""
-    from PIL import Image, ImageDraw
-    im = Image.new("RGB", (size, size), (200, 150, 90))
-    d = ImageDraw.Draw(im)
-    d.ellipse((8, 8, 36, 36), fill=(30, 60, 200))
-    d.rectangle((34, 30, 58, 58), fill=(230, 230, 40))
-    return im
 
 
 @pytest.fixture

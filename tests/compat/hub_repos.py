@@ -124,3 +124,13 @@ def build_cache(cache):
         os.symlink(made[source], snap)
         made[like] = snap
     return made
+
+
+def doc_image(size=64):
+    """What the snippets' image URLs serve here: a drawn picture (warm background, a disc and a square)."""
+    from PIL import Image, ImageDraw
+    im = Image.new("RGB", (size, size), (200, 150, 90))
+    d = ImageDraw.Draw(im)
+    d.ellipse((8, 8, 36, 36), fill=(30, 60, 200))
+    d.rectangle((34, 30, 58, 58), fill=(230, 230, 40))
+    return im
