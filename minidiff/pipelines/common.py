@@ -291,7 +291,11 @@ class DiffusionPipeline:
 
     def enable_model_cpu_offload(self, device="cuda"):
         """Keep every model on the CPU and move each to `device` only while it works (one at a time)."""
-        self._offload_device = torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("enable_model_cpu_offload moves each model to the GPU while it works, and no CUDA "
+                               "device is available here: leave it out to run on the CPU")
+        self._offload_device = device
         for m in self.modules():
             m.to("cpu")
 

@@ -1,7 +1,7 @@
 import pytest
 from huggingface_hub import constants
 
-from hub_repos import build_cache, doc_image
+from hub_repos import build_cache, serve_doc_urls
 
 
 @pytest.fixture(scope="session")
@@ -22,33 +22,5 @@ def offline_hub(hub_cache, monkeypatch):
 
 @pytest.fixture
 def doc_urls(monkeypatch):
-    """http(s) image URLs answer with doc_image() for both libraries (diffusers reads them with requests,
-    minidiff with urllib), as the network would with the real picture."""
-    import io
-    import urllib.request
-
-    import requests
-    buf = io.BytesIO()
-    doc_image().save(buf, format="PNG")
-    data = buf.getvalue()
-
-    class Response(io.BytesIO):
-        status_code = 200
-        content = data
-
-        def __init__(self):
-            super().__init__(data)
-            self.raw = io.BytesIO(data)
-
-        def raise_for_status(self):
-            pass
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return False
-
-    monkeypatch.setattr(requests, "get", lambda url, *a, **k: Response())
-    monkeypatch.setattr(urllib.request, "urlopen", lambda url, *a, **k: Response())
-    return data
+    """http(s) image URLs answer with doc_image() for both libraries, as the network would."""
+    return serve_doc_urls(monkeypatch.setattr)

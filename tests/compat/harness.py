@@ -1,10 +1,12 @@
 """Run a documented diffusers snippet twice: as written (diffusers), and with only its `from diffusers...`
 imports changed to minidiff; then compare every image the two runs left behind.
 
-Both runs get the same two machine adaptations, written down here and nowhere else: "cuda" reads "cpu"
-(the test machine has no GPU), and a line calling enable_xformers_memory_efficient_attention() is dropped
-(the snippets' own comment says to drop it without xFormers). Hub repo ids resolve to the tiny models of
-hub_repos.py through the offline cache.
+Both runs get the same machine adaptations, written down here and nowhere else: a line calling
+enable_xformers_memory_efficient_attention() is dropped (the snippets' own comment says to drop it without
+xFormers), and without a GPU "cuda" reads "cpu", torch.float16 reads torch.float32 (half precision runs
+about 20 times slower on a CPU, in both libraries) and a line calling enable_model_cpu_offload() is dropped
+(diffusers refuses it without an accelerator, and so does minidiff). Hub repo ids resolve to the tiny
+models of hub_repos.py through the offline cache.
 """
 import ast
 import os
@@ -16,8 +18,11 @@ from PIL import Image
 
 
 def adapt(code, lib):
-    code = code.replace('"cuda"', '"cpu"')
-    code = "\n".join(line for line in code.splitlines() if "enable_xformers_memory_efficient_attention" not in line)
+    dropped = ["enable_xformers_memory_efficient_attention"]
+    if not torch.cuda.is_available():
+        code = code.replace('"cuda"', '"cpu"').replace("torch.float16", "torch.float32")
+        dropped.append("enable_model_cpu_offload")
+    code = "\n".join(line for line in code.splitlines() if not any(d in line for d in dropped))
     if lib == "minidiff":
         code = re.sub(r"^(\s*)from diffusers(\.|\s)", r"\1from minidiff\2", code, flags=re.M)
         code = re.sub(r"^(\s*)import diffusers\b", r"\1import minidiff as diffusers", code, flags=re.M)
@@ -25,13 +30,14 @@ def adapt(code, lib):
 
 
 def run(code, lib, workdir):
-    """Execute the adapted snippet in `workdir` from a fixed global seed; returns its namespace (the value of a
-    final bare expression, as a notebook shows it, is kept as `_`)."""
+    """Execute the adapted snippet in `workdir` from a fixed global seed; returns its namespace (the values of
+    bare expressions, which a notebook shows, are kept as `_1`, `_2`, ...)."""
     tree = ast.parse(adapt(code, lib))
-    if tree.body and isinstance(tree.body[-1], ast.Expr):
-        last = tree.body[-1]
-        tree.body[-1] = ast.Assign(targets=[ast.Name("_", ast.Store())], value=last.value)
-        ast.fix_missing_locations(tree)
+    for i, stmt in enumerate(tree.body):
+        if isinstance(stmt, ast.Expr) and not (isinstance(stmt.value, ast.Call)
+                                               and getattr(stmt.value.func, "id", None) == "print"):
+            tree.body[i] = ast.Assign(targets=[ast.Name(f"_{i}", ast.Store())], value=stmt.value)
+    ast.fix_missing_locations(tree)
     cwd = os.getcwd()
     os.makedirs(workdir, exist_ok=True)
     os.chdir(workdir)
@@ -72,7 +78,8 @@ def _plain(value):
 def compare(ref_ns, our_ns, max_diff=1):
     """Every image within `max_diff` (uint8), every plain value (numbers, strings, lists, dicts) equal."""
     for name, value in ref_ns.items():
-        if not name.startswith("__") and _plain(value) and name in our_ns:
+        # (a None there is a call diffusers returns nothing from, where minidiff may return a report)
+        if not name.startswith("__") and value is not None and _plain(value) and name in our_ns:
             assert our_ns[name] == value, f"{name}: minidiff {our_ns[name]!r} vs diffusers {value!r}"
     ref, ours = images_of(ref_ns), images_of(our_ns)
     assert ref, "the diffusers run left no image to compare"

@@ -134,3 +134,30 @@ def doc_image(size=64):
     d.ellipse((8, 8, 36, 36), fill=(30, 60, 200))
     d.rectangle((34, 30, 58, 58), fill=(230, 230, 40))
     return im
+
+
+def serve_doc_urls(setattr_):
+    """Make http(s) image URLs answer with doc_image() in both libraries (diffusers reads them with requests,
+    minidiff with urllib); `setattr_` is monkeypatch.setattr (or plain setattr). Returns the PNG bytes."""
+    import io
+    import urllib.request
+
+    import requests
+    buf = io.BytesIO()
+    doc_image().save(buf, format="PNG")
+    data = buf.getvalue()
+
+    class Response(io.BytesIO):
+        status_code = 200
+        content = data
+
+        def __init__(self):
+            super().__init__(data)
+            self.raw = io.BytesIO(data)
+
+        def raise_for_status(self):
+            pass
+
+    setattr_(requests, "get", lambda url, *a, **k: Response())
+    setattr_(urllib.request, "urlopen", lambda url, *a, **k: Response())
+    return data

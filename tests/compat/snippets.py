@@ -3,7 +3,8 @@
 Each entry: `name`, `source` (file:line in that tag where the code block starts), `code` (the block as the
 docs print it; several blocks of one page are joined where the page runs them in sequence), optionally
 `then` (lines we add after the snippet, identical on both sides, where it draws no image of its own) and
-`waits_on` (a scheduler the sched helper has not landed in minidiff yet: xfail until it does).
+`waits_on` (a scheduler the sched helper has not landed in minidiff yet: xfail until it does), `raises`
+(the code fails in diffusers 0.39 itself: both must raise it) and `changed` (we changed the code: see source).
 """
 D = "docs/source/en/"
 P = "src/diffusers/pipelines/"
@@ -122,14 +123,14 @@ pipeline = DiffusionPipeline.from_pretrained(
   "stable-diffusion-v1-5/stable-diffusion-v1-5", safety_checker=None
 )
 '''),
-    dict(name="loading_dtype_per_component", source=D + "using-diffusers/loading.md:87 (the dict form of torch_dtype, on SD instead of Qwen-Image)",
+    dict(name="loading_dtype_per_component", source=D + "using-diffusers/loading.md:87 (the dict form of torch_dtype on SD instead of Qwen-Image; SD runs one dtype throughout, in diffusers as here)",
          then=DRAW, code='''
 import torch
 from diffusers import StableDiffusionPipeline
 
 pipeline = StableDiffusionPipeline.from_pretrained(
   "stable-diffusion-v1-5/stable-diffusion-v1-5",
-  torch_dtype={"unet": torch.bfloat16, "default": torch.float32},
+  torch_dtype={"unet": torch.float16, "default": torch.float16},
 )
 print(pipeline.unet.dtype, pipeline.vae.dtype)
 '''),
@@ -378,7 +379,9 @@ image = pipeline(
 ).images[0]
 image
 '''),
-    dict(name="schedulers_dpm_sigmas", source=D + "using-diffusers/schedulers.md:206", waits_on="DPMSolverMultistepScheduler",
+    dict(name="schedulers_dpm_sigmas", source=D + "using-diffusers/schedulers.md:206 (diffusers 0.39's DPM-Solver "
+         "takes no custom sigmas: the page's code raises ValueError there)", waits_on="DPMSolverMultistepScheduler",
+         raises=ValueError,
          code='''
 import torch
 from diffusers import DiffusionPipeline, DPMSolverMultistepScheduler
@@ -535,18 +538,6 @@ pipeline.enable_xformers_memory_efficient_attention()
 text2image = pipeline("Astronaut in a jungle, cold color palette, muted colors, detailed, 8k").images[0]
 text2image
 '''),
-    dict(name="memory_vae_slicing", source=D + "optimization/memory.md:178", code='''
-import torch
-from diffusers import AutoModel, StableDiffusionXLPipeline
-
-pipeline = StableDiffusionXLPipeline.from_pretrained(
-    "stabilityai/stable-diffusion-xl-base-1.0",
-    torch_dtype=torch.float16,
-).to("cuda")
-pipeline.enable_vae_slicing()
-pipeline(["An astronaut riding a horse on Mars"]*32).images[0]
-print(f"Max memory reserved: {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB")
-'''),
     dict(name="memory_vae_tiling", source=D + "optimization/memory.md:203", code='''
 import torch
 from diffusers import AutoPipelineForImage2Image
@@ -562,7 +553,8 @@ prompt = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
 image = pipeline(prompt, image=init_image, strength=0.5).images[0]
 print(f"Max memory reserved: {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB")
 ''', changed=True),
-    dict(name="lcm_lora_img2img", source=D + "api/pipelines/latent_consistency_models.md:170", code='''
+    dict(name="lcm_lora_img2img", source=D + "api/pipelines/latent_consistency_models.md:170 (weight_name added: "
+         "diffusers needs it offline)", changed=True, code='''
 import torch
 from diffusers import AutoPipelineForImage2Image, LCMScheduler
 from diffusers.utils import make_image_grid, load_image
@@ -574,7 +566,7 @@ pipe = AutoPipelineForImage2Image.from_pretrained(
 ).to("cuda")
 
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-pipe.load_lora_weights("latent-consistency/lcm-lora-sdv1-5")
+pipe.load_lora_weights("latent-consistency/lcm-lora-sdv1-5", weight_name="pytorch_lora_weights.safetensors")
 
 init_image = load_image("https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/diffusers/img2img-init.png")
 prompt = "Astronauts in a jungle, cold color palette, muted colors, detailed, 8k"
@@ -782,7 +774,8 @@ listed_after = pipeline.get_list_adapters()
 with_feng = pipeline("a red circle", num_inference_steps=4).images[0]
 pipeline.disable_lora()
 '''),
-    dict(name="lcm_lora_sdxl", source=D + "api/pipelines/latent_consistency_models.md:81", code='''
+    dict(name="lcm_lora_sdxl", source=D + "api/pipelines/latent_consistency_models.md:81 (weight_name added: "
+         "diffusers needs it offline)", changed=True, code='''
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler
 
@@ -796,7 +789,7 @@ pipe = DiffusionPipeline.from_pretrained(
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 
 # load LCM-LoRA
-pipe.load_lora_weights("latent-consistency/lcm-lora-sdxl")
+pipe.load_lora_weights("latent-consistency/lcm-lora-sdxl", weight_name="pytorch_lora_weights.safetensors")
 
 prompt = "Self-portrait oil painting, a beautiful cyborg with golden hair, 8k"
 
@@ -805,7 +798,8 @@ image = pipe(
     prompt=prompt, num_inference_steps=4, generator=generator, guidance_scale=1.0
 ).images[0]
 '''),
-    dict(name="lcm_lora_sdxl_papercut", source=D + "api/pipelines/latent_consistency_models.md:305", code='''
+    dict(name="lcm_lora_sdxl_papercut", source=D + "api/pipelines/latent_consistency_models.md:305 (weight_name added "
+         "to the LCM-LoRA: diffusers needs it offline)", changed=True, code='''
 import torch
 from diffusers import DiffusionPipeline, LCMScheduler
 
@@ -819,7 +813,7 @@ pipe = DiffusionPipeline.from_pretrained(
 pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
 
 # load LoRAs
-pipe.load_lora_weights("latent-consistency/lcm-lora-sdxl", adapter_name="lcm")
+pipe.load_lora_weights("latent-consistency/lcm-lora-sdxl", weight_name="pytorch_lora_weights.safetensors", adapter_name="lcm")
 pipe.load_lora_weights("TheLastBen/Papercut_SDXL", weight_name="papercut.safetensors", adapter_name="papercut")
 
 # Combine LoRAs
