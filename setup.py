@@ -12,7 +12,8 @@ setup(
     package_data={"minidiff": ["assets/*/*", "assets/*/*/*"]},
     install_requires=["torch>=2.1", "safetensors", "huggingface_hub", "tokenizers", "numpy", "pillow"],
     extras_require={
-        "test": ["pytest", "diffusers==0.39.0", "transformers==4.57.6", "peft", "accelerate", "scikit-image", "compel", "pyparsing"],
+        "test": ["pytest", "diffusers==0.39.0", "transformers==4.57.6", "peft", "accelerate", "scikit-image",
+                 "compel", "pyparsing", "torchsde", "torchdiffeq", "scipy", "triton"],  # torchsde..scipy: what k_diffusion.sampling imports (k-diffusion is installed --no-deps by .ci/run)
         "triton": ["triton"],
     },
     entry_points={"console_scripts": ["minidiff=minidiff.cli:main"]},

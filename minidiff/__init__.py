@@ -16,7 +16,10 @@ from .pipelines import (AutoPipelineForImage2Image, AutoPipelineForText2Image, D
                         WuerstchenDecoderPipeline, WuerstchenPriorPipeline)
 from .schedulers import (DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler,
                          PNDMScheduler)
-from .schedulers import DPMSolverMultistepScheduler
+from .schedulers import (DEISMultistepScheduler, DPMSolverMultistepScheduler, DPMSolverSinglestepScheduler,
+                         UniPCMultistepScheduler)
+from .schedulers import (DDPMScheduler, HeunDiscreteScheduler, KDPM2AncestralDiscreteScheduler,  # issue 15
+                         KDPM2DiscreteScheduler, LMSDiscreteScheduler, TCDScheduler)
 from .schedulers.ddpm_wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, DDPMWuerstchenScheduler
 from .tokenizer import CLIPTokenizer
 

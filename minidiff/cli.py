@@ -4,16 +4,31 @@ With no --model it uses the small model bundled with minidiff (trained by minidi
 so it works offline on any CPU in seconds.
 """
 import argparse
+import inspect
 import os
 import sys
 import time
+
+from .infotext import format_infotext, parse_infotext, read_png_infotext
 
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="minidiff", description="Text-to-image with minidiff.")
     sub = p.add_subparsers(dest="command", required=True)
-    g = sub.add_parser("generate", help="turn a prompt into a PNG")
-    g.add_argument("prompt")
+    g = sub.add_parser("generate", help="turn a prompt into a PNG",
+                       description="Turn a prompt into a PNG. Prompts use A1111's syntax by default: (word:1.2), "
+                                   "(word), [word], BREAK, and prompts longer than 77 tokens (--prompt-syntax plain "
+                                   "reads them as diffusers does).")
+    g.add_argument("prompt", nargs="?", default=None, help="the prompt (optional with --from-png)")
+    g.add_argument("--from-png", default=None, metavar="PNG",
+                   help="re-create an image from the parameters minidiff or A1111 wrote into PNG (prompt, negative "
+                        "prompt, steps, CFG scale, seed, size, model, clip skip); options given here override them")
+    g.add_argument("--prompt-syntax", default=None, choices=["a1111", "plain"],
+                   help="how prompts are read: 'a1111' (the default): (word) x1.1, (word:1.3), [word] /1.1, \\( for "
+                        "a literal bracket, BREAK, long prompts in 75-token windows; 'plain': diffusers' plain text, "
+                        "cut at 77 tokens")
+    g.add_argument("--clip-skip", type=int, default=None, help="A1111's clip skip: 1 = the last layer (default), "
+                                                              "2 = the one before, ...")
     g.add_argument("--model", default=None, help="Hub repo id, local folder, or one checkpoint file "
                                                  "(.safetensors, A1111/ComfyUI layout) (default: the bundled shapes model)")
     g.add_argument("--vae", default=None, help="replace the model's VAE: a VAE-only file (e.g. "
@@ -21,13 +36,18 @@ def parse_args(argv):
     g.add_argument("--out", default="out.png", help="PNG file to write (default: out.png)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25, or 4 with --lcm)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 7.5 / bundled 5.0 / 1.0 with --lcm)")
-    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--seed", type=int, default=None, help="random seed (default: 0)")
     g.add_argument("--width", type=int, default=None)
     g.add_argument("--height", type=int, default=None)
     g.add_argument("--negative", default=None, help="negative prompt")
     g.add_argument("--lcm", action="store_true", help="LCM-LoRA, 4 steps (the bundled model's own LCM-LoRA "
                                                      "unless --lora is given)")
     g.add_argument("--lora", default=None, help="LoRA file or repo to load (e.g. an LCM-LoRA)")
+    g.add_argument("--embedding", action="append", default=[], metavar="FILE",
+                   help="textual inversion embedding to load (repeatable); the prompt names it by its token "
+                        "(the embedding's name, or the file's name for A1111 files)")
+    g.add_argument("--sampler", default=None, help="sampler by its A1111 or ComfyUI name, e.g. 'DPM++ 2M Karras', "
+                                                   "'Euler a', 'Heun' (default: the model's own scheduler)")
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--device", default="cpu")
@@ -37,6 +57,10 @@ def parse_args(argv):
 
 
 def check_args(a):
+    if a.prompt is None:
+        raise SystemExit("minidiff: generate needs a prompt (or --from-png image.png)")
+    if a.clip_skip is not None and a.clip_skip < 1:
+        raise SystemExit(f"minidiff: --clip-skip {a.clip_skip} must be >= 1 (1 = the last layer)")
     if not a.out.lower().endswith(".png"):
         raise SystemExit(f"minidiff: --out {a.out!r} must end in .png")
     if os.path.exists(a.out) and not a.overwrite:
@@ -47,6 +71,13 @@ def check_args(a):
         v = getattr(a, name)
         if v is not None and (v <= 0 or v % 8):
             raise SystemExit(f"minidiff: --{name} {v} must be a positive multiple of 8")
+    if a.sampler is not None:
+        from .samplers import sampler_name, scheduler_class
+        try:
+            a.sampler = sampler_name(a.sampler)
+            scheduler_class(a.sampler)  # the class exists
+        except ValueError as e:
+            raise SystemExit(f"minidiff: --sampler: {e}") from None
     if a.model is not None and not os.path.exists(a.model) and a.model.count("/") != 1:
         raise SystemExit(f"minidiff: --model {a.model!r} is neither a local folder nor a Hub repo id (owner/name)")
     if a.lora is not None and not os.path.exists(a.lora):
@@ -59,12 +90,50 @@ def check_args(a):
 
 def png_parameters(a, steps, guidance, width, height, sampler, model):
     """The text block image tools (A1111, ComfyUI readers) show for a PNG: prompt, negative, settings."""
-    lines = [a.prompt]
-    if a.negative:
-        lines.append(f"Negative prompt: {a.negative}")
-    lines.append(f"Steps: {steps}, Sampler: {sampler}, CFG scale: {guidance}, Seed: {a.seed}, "
-                 f"Size: {width}x{height}, Model: {model}" + (", LoRA: LCM" if a.lcm else ""))
-    return "\n".join(lines)
+    settings = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance, "Seed": a.seed, "Size": f"{width}x{height}",
+                "Model": model, "LoRA": "LCM" if a.lcm else None, "Clip skip": a.clip_skip,
+                "Prompt syntax": a.prompt_syntax}
+    return format_infotext(a.prompt, a.negative, settings)
+
+
+def apply_png(a):
+    """Fill the options not given on the command line from the parameters of `a.from_png`."""
+    try:
+        prompt, negative, s = parse_infotext(read_png_infotext(a.from_png))
+    except ValueError as e:
+        raise SystemExit(f"minidiff: --from-png: {e}") from None
+
+    def number(key, kind):
+        try:
+            return kind(s[key]) if key in s else None
+        except ValueError:
+            raise SystemExit(f"minidiff: --from-png {a.from_png}: {key}: {s[key]!r} is not a number") from None
+
+    a.prompt = a.prompt if a.prompt is not None else prompt
+    a.negative = a.negative if a.negative is not None else (negative or None)
+    for attr, key, kind in (("steps", "Steps", int), ("guidance", "CFG scale", float), ("seed", "Seed", int),
+                            ("clip_skip", "Clip skip", int)):
+        if getattr(a, attr) is None:
+            setattr(a, attr, number(key, kind))
+    if "Size" in s and a.width is None and a.height is None:
+        w, _, h = s["Size"].partition("x")
+        if not (w.isdigit() and h.isdigit()):
+            raise SystemExit(f"minidiff: --from-png {a.from_png}: Size: {s['Size']!r} is not WIDTHxHEIGHT")
+        a.width, a.height = int(w), int(h)
+    # an infotext without "Prompt syntax" is A1111's own, which reads prompts its way
+    a.prompt_syntax = a.prompt_syntax or s.get("Prompt syntax", "a1111")
+    a.lcm = a.lcm or s.get("LoRA") == "LCM"
+    model = s.get("Model")
+    if a.model is None and model is not None and not model.endswith("(bundled)"):
+        if not (os.path.exists(model) or model.count("/") == 1):
+            raise SystemExit(f"minidiff: --from-png {a.from_png} was made with model {model!r}, which is neither a "
+                             "local folder nor a Hub repo id (an A1111 checkpoint name?): pass --model")
+        a.model = model
+    if "Sampler" in s:
+        if hasattr(a, "sampler"):
+            a.sampler = a.sampler or s["Sampler"]
+        else:
+            a.png_sampler = s["Sampler"]
 
 
 def load_vae(path, current, dtype, device):
@@ -84,6 +153,7 @@ def generate(a):
     from PIL import PngImagePlugin
 
     from .pipelines import DiffusionPipeline
+    from .samplers import name_of, scheduler_for
     from .schedulers import LCMScheduler
     from .toy.common import LORA_DIR as BUNDLED_LCM_LORA, MODEL_DIR as BUNDLED
 
@@ -106,15 +176,37 @@ def generate(a):
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     elif a.lora:
         pipe.load_lora_weights(a.lora)
+    for path in a.embedding:
+        pipe.load_textual_inversion(path, allow_pickle=getattr(a, "allow_pickle", False))
+    if a.sampler is not None:
+        try:
+            pipe.scheduler = scheduler_for(a.sampler, pipe.scheduler.config)
+        except ValueError as e:
+            raise SystemExit(f"minidiff: --sampler: {e}") from None
     steps = a.steps or (4 if a.lcm else 25)
     guidance = a.guidance if a.guidance is not None else (1.0 if a.lcm else 5.0 if bundled else 7.5)
     generator = torch.Generator("cpu").manual_seed(a.seed)
     start = time.perf_counter()
+    if getattr(a, "png_sampler", None) not in (None, type(pipe.scheduler).__name__):
+        print(f"minidiff: the PNG names sampler {a.png_sampler!r}; this run uses the model's "
+              f"{type(pipe.scheduler).__name__}", file=sys.stderr)
+    clip_skip = a.clip_skip - 1 if a.clip_skip and a.clip_skip > 1 else None  # A1111's 2 is diffusers' 1
+    accepted = inspect.signature(pipe.__call__).parameters
+    if "prompt_syntax" in accepted:
+        a.prompt_syntax = a.prompt_syntax or "a1111"
+    elif a.prompt_syntax == "a1111" or clip_skip:
+        raise SystemExit(f"minidiff: {type(pipe).__name__} reads prompts as plain text only (no --prompt-syntax "
+                         "a1111, no --clip-skip)")
+    else:  # Wuerstchen: its own CLIP-G prompt path, plain text
+        a.prompt_syntax = "plain"
+    extra = {"prompt_syntax": a.prompt_syntax, "clip_skip": clip_skip} if "prompt_syntax" in accepted else {}
+    if a.sampler == "TCD":
+        extra["eta"] = 0.3  # TCD's gamma: its step's default
     image = pipe(a.prompt, negative_prompt=a.negative, num_inference_steps=steps, guidance_scale=guidance,
-                 width=a.width, height=a.height, generator=generator).images[0]
+                 width=a.width, height=a.height, generator=generator, **extra).images[0]
     seconds = time.perf_counter() - start
     info = PngImagePlugin.PngInfo()
-    sampler = type(pipe.scheduler).__name__
+    sampler = a.sampler or name_of(pipe.scheduler)
     info.add_text("parameters", png_parameters(a, steps, guidance, image.width, image.height, sampler,
                                                "minidiff/shapes-sd (bundled)" if bundled else model))
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
@@ -125,6 +217,9 @@ def generate(a):
 def main(argv=None):
     a = parse_args(sys.argv[1:] if argv is None else argv)
     if a.command == "generate":
+        if a.from_png:
+            apply_png(a)
+        a.seed = 0 if a.seed is None else a.seed
         check_args(a)
         try:
             generate(a)

@@ -21,13 +21,17 @@ import torch.nn.functional as F
 
 # ----------------------------------------------------------------------------- the references
 
-def ref_attention(q, k, v, heads, mask=None, causal=False, upcast=False):
+def ref_attention(q, k, v, heads, mask=None, causal=False, upcast=False, classic=False):
     """Multi-head scaled dot-product attention on (batch, tokens, channels) tensors.
 
     q: (B, Lq, C), k: (B, Lk, C), v: (B, Lk, Cv) -> (B, Lq, Cv). `mask` is a boolean (True = attend)
     or additive float mask broadcastable to (B, heads, Lq, Lk). `upcast` computes in fp32, as
-    SD 2.x's `upcast_attention` asks, since fp16 scores overflow there.
+    SD 2.x's `upcast_attention` asks, since fp16 scores overflow there. `classic`: the same math as
+    baddbmm -> softmax -> bmm, diffusers' AttnProcessor, which its Würstchen prior sets; SDPA rounds
+    differently, and the prior's output (x - a) / |1 - b| amplifies that over a 30-step loop.
     """
+    if classic:
+        return _classic_attention(q, k, v, heads, mask)
     b, lq, c = q.shape
     cv = v.shape[-1]
     q = q.view(b, lq, heads, c // heads).transpose(1, 2)
@@ -40,6 +44,26 @@ def ref_attention(q, k, v, heads, mask=None, causal=False, upcast=False):
             mask = mask.float()
     out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None)
     return out.transpose(1, 2).reshape(b, lq, cv).to(dtype)
+
+
+def _classic_attention(q, k, v, heads, mask=None):
+    """diffusers' AttnProcessor: heads folded into the batch, scores = baddbmm(q, k^T, alpha=1/sqrt(d))."""
+    if mask is not None and mask.dtype == torch.bool:
+        mask = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, float("-inf"))
+    b, lq, c = q.shape
+    d, dv = c // heads, v.shape[-1] // heads
+
+    def fold(t, width):  # (B, L, heads * width) -> (B * heads, L, width)
+        return t.reshape(b, -1, heads, width).permute(0, 2, 1, 3).reshape(b * heads, -1, width)
+    q, k, v = fold(q, d), fold(k, d), fold(v, dv)
+    if mask is None:
+        scores = torch.baddbmm(torch.empty(q.shape[0], lq, k.shape[1], dtype=q.dtype, device=q.device), q,
+                               k.transpose(-1, -2), beta=0, alpha=d ** -0.5)
+    else:
+        bias = mask.expand(b, heads, lq, k.shape[1]).reshape(b * heads, lq, k.shape[1]).to(q.dtype)
+        scores = torch.baddbmm(bias, q, k.transpose(-1, -2), beta=1, alpha=d ** -0.5)
+    out = torch.bmm(scores.softmax(dim=-1), v)
+    return out.reshape(b, heads, lq, dv).permute(0, 2, 1, 3).reshape(b, lq, heads * dv)
 
 
 def ref_group_norm(x, num_groups, weight, bias, eps, silu=False):

@@ -8,11 +8,14 @@ A1111 (`prompt_syntax="a1111"`, the CLI's default), as the AUTOMATIC1111 web UI 
     the literal characters; an unclosed bracket weighs to the end of the prompt;
   - windows: the tokens are cut into windows of 75, each encoded as its own 77-token sequence with its
     start and end tokens; `BREAK` closes a window early; a window that fills up within 20 tokens of a
-    comma is cut after the comma instead (A1111's comma backtrack). The windows' hidden states are
+    comma is cut after the comma instead (A1111's comma backtrack); a multi-vector textual inversion
+    embedding is not split across two windows. The windows' hidden states are
     concatenated (77 x n tokens for the UNet's cross-attention); SDXL's pooled vector is the first
     window's; the negative prompt (or the shorter of the two) is padded with windows of the empty prompt;
   - each token's hidden state is multiplied by its weight, then the window is rescaled so that its mean
-    is what it was before weighting (A1111's "Original" emphasis).
+    is what it was before weighting (A1111's "Original" emphasis);
+  - A1111's extra-network tags (`<lora:name:0.8>`) are taken out of the text, with a warning: minidiff
+    loads LoRAs with load_lora_weights, not from the prompt.
 A prompt without weights that fits one window gives exactly the plain embedding.
 """
 import re
@@ -27,6 +30,7 @@ COMMA_BACKTRACK = 20  # A1111's default comma_padding_backtrack
 # A1111's attention tokens: escapes, brackets, a ":weight)" closing, plain runs, a lone ":".
 ATTENTION = re.compile(r"\\\(|\\\)|\\\[|\\]|\\\\|\\|\(|\[|:\s*([+-]?[.\d]+)\s*\)|\)|]|[^\\()\[\]:]+|:")
 BREAK = re.compile(r"\s*\bBREAK\b\s*", re.S)
+EXTRA_NETWORK = re.compile(r"<(\w+):([^>]+)>")  # A1111's <lora:name:weight>, <hypernet:...>
 UP, DOWN = 1.1, 1 / 1.1
 
 
@@ -85,7 +89,14 @@ def parse_prompt_attention(text):
 
 def prompt_windows(tokenizer, text):
     """A1111's windows of a prompt: [(ids, weights)], each 77 long (start, up to 75 tokens, end, padding)."""
-    comma = tokenizer.get_vocab().get(",</w>")
+    tags = EXTRA_NETWORK.findall(text)
+    if tags:
+        warnings.warn(f"the prompt names A1111 extra networks ({', '.join(f'<{k}:{v}>' for k, v in tags)}): they are "
+                      "left out of the prompt and not loaded (load LoRAs with load_lora_weights, or --lora)",
+                      stacklevel=2)
+        text = EXTRA_NETWORK.sub("", text)
+    comma = tokenizer.vocab.get(",</w>")  # A1111 cuts a full window after the last comma
+    groups = embedding_lengths(tokenizer)
     windows, ids, weights = [], [], []
     last_comma = -1
 
@@ -109,13 +120,26 @@ def prompt_windows(tokenizer, text):
                 ids, weights = ids[:cut], weights[:cut]
                 close()
                 ids, weights = moved_ids, moved_w
-            if len(ids) == WINDOW:
-                close()
+            if len(ids) == WINDOW or (token in groups and len(ids) + groups[token] > WINDOW):
+                close()  # a full window; or a multi-vector embedding that fits whole in the next one only
             ids.append(token)
             weights.append(w)
     if ids or not windows:
         close()
     return windows
+
+
+def embedding_lengths(tokenizer):
+    """{id of a multi-vector textual inversion token: its number of vectors} (token, token_1, ...)."""
+    loaded = set(getattr(tokenizer, "textual_inversion_tokens", ()))
+    out = {}
+    for t in loaded:
+        n = 1
+        while f"{t}_{n}" in loaded:
+            n += 1
+        if n > 1:
+            out[tokenizer.convert_tokens_to_ids(t)] = n
+    return out
 
 
 def pad_windows(batch_windows, tokenizer, n):

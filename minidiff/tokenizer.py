@@ -12,6 +12,11 @@ the path it takes when ftfy is not installed:
   4. <|startoftext|> ... <|endoftext|> around it, truncation, padding.
 
 Steps 1, 2 and 4 are plain Python; the regex and the BPE merges run in the `tokenizers` library.
+
+`CLIPTokenizerFast` (what model_index.json names for the Würstchen repos, which ship `tokenizer.json`)
+gives the ids of transformers' CLIPTokenizerFast instead: steps 1-3 are the `tokenizers` pipeline of
+tokenizer.json (or, without one, the pipeline transformers converts vocab.json + merges.txt into). It
+differs from the slow rules on CJK text (no spacing of ideographs), control characters and accents.
 """
 import json
 import os
@@ -19,7 +24,7 @@ import re
 import unicodedata
 from functools import lru_cache
 
-from tokenizers import Regex, models, pre_tokenizers
+from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
 from .weights.hub import resolve_file
 
@@ -109,19 +114,46 @@ def _read_merges_file(path):
     return [tuple(line.split()) for line in lines[1:]]
 
 
+def converted_fast(vocab, merges, unk_token, added_tokens):
+    """The `tokenizers` pipeline transformers builds from vocab.json + merges.txt for CLIPTokenizerFast when
+    a repo has no tokenizer.json (its convert_slow_tokenizer.CLIPConverter), without the post-processor:
+    the special tokens around the text are added by CLIPTokenizer.__call__."""
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, dropout=None, continuing_subword_prefix="",
+                               end_of_word_suffix="</w>", fuse_unk=False, unk_token=str(unk_token)))
+    tok.normalizer = normalizers.Sequence([normalizers.NFC(), normalizers.Replace(Regex(r"\s+"), " "),
+                                           normalizers.Lowercase()])
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(r"""'s|'t|'re|'ve|'m|'ll|'d|[\p{L}]+|[\p{N}]|[^\s\p{L}\p{N}]+"""),
+                             behavior="removed", invert=True),
+        pre_tokenizers.ByteLevel(add_prefix_space=False)])
+    tok.add_special_tokens([AddedToken(t, lstrip=v["lstrip"], rstrip=v["rstrip"], normalized=False, special=True)
+                            for t, v in added_tokens.items() if v.get("special")])
+    tok.add_tokens([AddedToken(t, lstrip=v["lstrip"], rstrip=v["rstrip"]) for t, v in added_tokens.items()
+                    if not v.get("special")])
+    return tok
+
+
 class CLIPTokenizer:
+    use_fast = False  # CLIPTokenizerFast: tokenize with tokenizer.json's pipeline (see the module docstring)
+
     def __init__(self, vocab_file, merges_file, errors="replace", unk_token="<|endoftext|>",
                  bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
-                 model_max_length=77, added_tokens=None, padding_side="right", clean_up_tokenization_spaces=False):
+                 model_max_length=77, added_tokens=None, padding_side="right", clean_up_tokenization_spaces=False,
+                 fast=None):
         """vocab_file, merges_file: the paths of vocab.json and merges.txt, as transformers'
         CLIPTokenizer(vocab_file, merges_file, ...) takes them, or already read: {token: id} and
         [(left, right)] by rank. added_tokens: {content: {"id", "lstrip", "rstrip", "special"}} for tokens cut
         out of the raw text before cleanup (the special tokens are added to it). Bytes that are not UTF-8
-        decode as U+FFFD (transformers' errors="replace", the only mode)."""
+        decode as U+FFFD (transformers' errors="replace", the only mode). `fast`: a `tokenizers.Tokenizer`
+        (tokenizer.json) that then does steps 1-3."""
         if errors != "replace":
             raise ValueError(f"CLIPTokenizer: errors={errors!r} is not supported (only 'replace')")
         vocab = _read_vocab_file(vocab_file) if isinstance(vocab_file, (str, os.PathLike)) else vocab_file
         merges = _read_merges_file(merges_file) if isinstance(merges_file, (str, os.PathLike)) else merges_file
+        self._fast = fast
+        if fast is not None:  # its own truncation/padding settings would cut the text before ours
+            fast.no_truncation()
+            fast.no_padding()
         self.vocab = dict(vocab)
         self.bos_token, self.eos_token, self.unk_token, self.pad_token = bos_token, eos_token, unk_token, pad_token
         self.model_max_length = model_max_length
@@ -175,10 +207,12 @@ class CLIPTokenizer:
     # ---- loading ---------------------------------------------------------------------------------
 
     @classmethod
-    def from_pretrained(cls, repo_or_path, subfolder=None):
+    def from_pretrained(cls, repo_or_path, subfolder=None, use_fast=None):
         """Read vocab.json + merges.txt (or tokenizer.json) and tokenizer_config.json /
-        special_tokens_map.json from a local folder or a Hub repo (e.g. subfolder="tokenizer_2")."""
+        special_tokens_map.json from a local folder or a Hub repo (e.g. subfolder="tokenizer_2").
+        use_fast (default: the class's; True for CLIPTokenizerFast) tokenizes as transformers' fast tokenizer."""
         repo_or_path = os.fspath(repo_or_path)
+        use_fast = cls.use_fast if use_fast is None else use_fast
 
         def optional_json(name):
             path = resolve_file(repo_or_path, name, subfolder, required=False)
@@ -238,9 +272,14 @@ class CLIPTokenizer:
         # a limit-less tokenizer (transformers' huge default) is CLIP's context length in practice
         max_len = config.get("model_max_length")
         max_len = 77 if max_len is None or max_len > 1e12 else int(max_len)
+        fast = None
+        if use_fast:
+            path = resolve_file(repo_or_path, "tokenizer.json", subfolder, required=False)
+            fast = Tokenizer.from_file(path) if path else converted_fast(vocab, merges, specials["unk_token"], {
+                **{t: {"lstrip": False, "rstrip": False, "special": True} for t in specials.values() if t}, **added})
         return cls(vocab, merges, **specials, model_max_length=max_len, added_tokens=added,
                    padding_side=config.get("padding_side", "right"),
-                   clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces", False))
+                   clean_up_tokenization_spaces=config.get("clean_up_tokenization_spaces", False), fast=fast)
 
     def save_pretrained(self, folder):
         """Write vocab.json, merges.txt, tokenizer_config.json and special_tokens_map.json, the files
@@ -262,6 +301,8 @@ class CLIPTokenizer:
             json.dump(config, f, indent=2, ensure_ascii=False)
         with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
             json.dump(specials, f, indent=2, ensure_ascii=False)
+        if self._fast is not None:
+            self._fast.save(os.path.join(folder, "tokenizer.json"))
 
     # ---- ids -------------------------------------------------------------------------------------
 
@@ -323,6 +364,8 @@ class CLIPTokenizer:
 
     def encode_plain(self, text):
         """Ids of `text` without <|startoftext|> / <|endoftext|> around it."""
+        if self._fast is not None:
+            return self._fast.encode(text, add_special_tokens=False).ids
         ids = []
         for piece, is_added in self._split_added(text):
             if is_added:
@@ -446,3 +489,8 @@ class CLIPTokenizer:
         if hasattr(sequences, "tolist"):
             sequences = sequences.tolist()
         return [self.decode(s, skip_special_tokens, clean_up_tokenization_spaces) for s in sequences]
+
+
+class CLIPTokenizerFast(CLIPTokenizer):
+    """transformers' CLIPTokenizerFast: the ids of tokenizer.json's `tokenizers` pipeline (Würstchen repos)."""
+    use_fast = True

@@ -11,7 +11,7 @@ from PIL import Image
 from minidiff import (DDIMScheduler, DiffusionPipeline, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
                       StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
 from pipes import SD15_SCHEDULER, assert_same_image, build_sd, gen
-from utils import assert_close
+from utils import assert_close, record_latent_path
 
 
 @pytest.fixture(scope="module")
@@ -96,6 +96,17 @@ def test_img2img_matches_diffusers(sd):
     assert_same_image(ours(**kw, generator=[gen(6)]).images, ref_i2i(**kw, generator=[gen(6)]).images)
 
 
+def test_latents_and_pixels_go_through_the_vae(sd, monkeypatch):
+    folder, _, ours = sd
+    i2i = StableDiffusionImg2ImgPipeline(**ours.components)
+    calls = record_latent_path(monkeypatch)
+    kw = dict(num_inference_steps=2, output_type="np")
+    ours("a cat", height=32, width=32, **kw, generator=gen(0))
+    i2i("a cat", image=np.full((1, 32, 32, 3), 0.5, np.float32), strength=0.5, **kw, generator=[gen(1)])
+    # diffusers' SD pipelines run the VAE in its own dtype: no upcast
+    assert calls == [("latents_to_image", False), ("image_to_latents", False), ("latents_to_image", False)]
+
+
 @pytest.mark.parametrize("variant", ["sd2", "segmind", "lcm"])
 def test_model_family_variants(tmp_path, variant):
     """SD 2.x (linear projection, per-block heads, upcast attention, v-prediction, Euler), segmind
@@ -164,11 +175,11 @@ def test_from_pretrained_errors(tmp_path, sd):
     with pytest.raises(FileNotFoundError, match="model_index.json"):
         StableDiffusionPipeline.from_pretrained(str(tmp_path))
     index = json.load(open(os.path.join(folder, "model_index.json")))
-    index["scheduler"] = ["diffusers", "HeunDiscreteScheduler"]
+    index["scheduler"] = ["diffusers", "DPMSolverSDEScheduler"]  # (a scheduler minidiff does not have)
     bad = tmp_path / "bad"
     bad.mkdir()
     (bad / "model_index.json").write_text(json.dumps(index))
-    with pytest.raises(ValueError, match="HeunDiscreteScheduler"):
+    with pytest.raises(ValueError, match="DPMSolverSDEScheduler"):
         StableDiffusionPipeline.from_pretrained(str(bad))
 
 

@@ -8,7 +8,7 @@ from PIL import Image
 from minidiff import (AutoencoderTiny, EulerAncestralDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
                       StableDiffusionXLPipeline)
 from pipes import assert_same_image, build_sdxl, gen
-from utils import assert_close, seeded_
+from utils import assert_close, record_latent_path, seeded_
 
 
 @pytest.fixture(scope="module")
@@ -90,6 +90,17 @@ def test_img2img_from_an_image(sdxl):
     kw = dict(prompt="a mountain", image=image, strength=0.7, num_inference_steps=5, guidance_scale=4.0,
               output_type="np")
     assert_same_image(ours(**kw, generator=gen(6)).images, ref_i2i(**kw, generator=gen(6)).images)
+
+
+def test_latents_and_pixels_go_through_the_vae(sdxl, monkeypatch):
+    _, _, ours = sdxl
+    i2i = StableDiffusionXLImg2ImgPipeline(**ours.components)
+    calls = record_latent_path(monkeypatch)
+    kw = dict(num_inference_steps=2, output_type="np")
+    ours("a cat", height=32, width=32, **kw, generator=gen(0))
+    i2i("a cat", image=np.full((1, 32, 32, 3), 0.5, np.float32), strength=0.5, **kw, generator=gen(1))
+    # SDXL's pipelines upcast a force_upcast VAE (the latents_to_image / image_to_latents rule)
+    assert calls == [("latents_to_image", True), ("image_to_latents", True), ("latents_to_image", True)]
 
 
 def test_turbo_one_step_no_guidance(sdxl):

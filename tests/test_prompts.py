@@ -111,6 +111,30 @@ def test_break_and_comma_backtrack(sd):
     assert second[1:11] == tok.encode_plain(long_prompt(10, start=3))
 
 
+def test_a_multi_vector_embedding_is_not_split_across_windows(tmp_path, sd):
+    from safetensors.torch import save_file
+    from minidiff.textual_inversion import expand_prompt
+    _, ours = sd
+    tok = ours.tokenizer
+    save_file({"<style>": torch.randn(3, 32)}, str(tmp_path / "learned_embeds.safetensors"))
+    ours.load_textual_inversion(str(tmp_path))
+    try:
+        words = long_prompt(74)
+        first, second = prompt_windows(tok, expand_prompt(words + " <style> cat", tok))
+        assert first[0][1:76] == [*tok.encode_plain(words), tok.eos_token_id]  # closed after 74 tokens
+        assert second[0][1:5] == [*tok.convert_tokens_to_ids(["<style>", "<style>_1", "<style>_2"]),
+                                  *tok.encode_plain("cat")]
+    finally:
+        ours.unload_textual_inversion()
+
+
+def test_extra_network_tags_are_taken_out_with_a_warning(sd):
+    tok = sd[1].tokenizer
+    with pytest.warns(UserWarning, match=r"<lora:detail:0.6>.*not loaded"):
+        windows = prompt_windows(tok, "a cat <lora:detail:0.6>, (sunset:1.2)")
+    assert windows == prompt_windows(tok, "a cat , (sunset:1.2)")
+
+
 def test_short_unweighted_prompt_is_the_plain_embedding(sd, sdxl):
     ref, ours = sd
     a = ours.encode_prompt("a castle on a hill", negative_prompt="fog", prompt_syntax="a1111")

@@ -6,6 +6,7 @@ import os
 import warnings
 
 import diffusers
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -221,3 +222,28 @@ def test_lcm_custom_timesteps_in_sd_pipelines(repo, unet_repo, tmp_path):
     want = ref(**kw, generator=_gen()).images
     got = ours(**kw, generator=_gen()).images
     assert_close(got, want)
+
+
+@pytest.mark.parametrize("repo,call", [
+    ("stabilityai/stable-diffusion-xl-base-1.0", dict(num_inference_steps=3, guidance_scale=5.0)),
+    ("stabilityai/stable-diffusion-xl-refiner-1.0", dict(num_inference_steps=4, strength=0.5, guidance_scale=5.0)),
+    ("stabilityai/sdxl-turbo", dict(num_inference_steps=1, guidance_scale=0.0)),
+    ("stabilityai/sd-turbo", dict(num_inference_steps=2, guidance_scale=0.0)),
+    ("stabilityai/stable-diffusion-2-1-base", dict(num_inference_steps=3, guidance_scale=7.5))])
+def test_more_repos_in_real_form_give_diffusers_images(repo, call, tmp_path):
+    """SDXL base / refiner / Turbo, SD-Turbo and SD 2.1-base in their real forms (the refiner: image-to-image
+    with the second encoder only and aesthetic-score time ids)."""
+    folder = build_real_repo(tmp_path, repo)
+    ref = _diffusers_pipe(folder)
+    ours = minidiff.DiffusionPipeline.from_pretrained(folder)
+    ours.set_progress_bar_config(disable=True)
+    assert type(ours).__name__ == type(ref).__name__
+    kw = dict(prompt="a photo of a cat", output_type="np", **call)
+    if "strength" in call:
+        kw["image"] = torch.rand(1, 3, 64, 64, generator=_gen(5))
+    else:
+        kw.update(height=64, width=64)
+    want = ref(**kw, generator=_gen()).images
+    got = ours(**kw, generator=_gen()).images
+    assert_close(got, want, name=repo)
+    assert np.abs((np.asarray(got) * 255).round() - (np.asarray(want) * 255).round()).max() <= 1

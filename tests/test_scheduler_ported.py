@@ -15,6 +15,11 @@ LCM = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_sc
 DPM = dict(LINEAR, solver_order=2, prediction_type="epsilon", thresholding=False, sample_max_value=1.0,
            algorithm_type="dpmsolver++", solver_type="midpoint", lower_order_final=False, euler_at_final=False,
            lambda_min_clipped=-float("inf"), variance_type=None, final_sigmas_type="sigma_min")
+DEIS = dict(LINEAR, solver_order=2)  # test_scheduler_deis.py's
+SINGLE = dict(LINEAR, solver_order=2, prediction_type="epsilon", thresholding=False, sample_max_value=1.0,
+              algorithm_type="dpmsolver++", solver_type="midpoint", lambda_min_clipped=-float("inf"), variance_type=None,
+              final_sigmas_type="sigma_min")  # test_scheduler_dpm_single.py's
+UNIPC = dict(LINEAR, solver_order=2, solver_type="bh2", final_sigmas_type="sigma_min")  # test_scheduler_unipc.py's
 
 # (test file: test name, scheduler, config, steps, expected sum, expected mean)
 CASES = [
@@ -51,6 +56,22 @@ CASES = [
      dict(DPM, prediction_type="v_prediction", use_karras_sigmas=True), 10, None, 0.2096),
     ("dpm_multi: full_loop_with_lu_and_v_prediction", "DPMSolverMultistepScheduler",
      dict(DPM, prediction_type="v_prediction", use_lu_lambdas=True), 10, None, 0.1554),
+    ("unipc: full_loop_no_noise", "UniPCMultistepScheduler", UNIPC, 10, None, 0.2464),
+    ("unipc: full_loop_with_karras", "UniPCMultistepScheduler", dict(UNIPC, use_karras_sigmas=True), 10, None, 0.2925),
+    ("unipc: full_loop_with_v_prediction", "UniPCMultistepScheduler", dict(UNIPC, prediction_type="v_prediction"), 10,
+     None, 0.1014),
+    ("unipc: full_loop_with_karras_and_v_prediction", "UniPCMultistepScheduler",
+     dict(UNIPC, prediction_type="v_prediction", use_karras_sigmas=True), 10, None, 0.1966),
+    ("deis: full_loop_no_noise", "DEISMultistepScheduler", DEIS, 10, None, 0.23916),
+    ("deis: full_loop_with_v_prediction", "DEISMultistepScheduler", dict(DEIS, prediction_type="v_prediction"), 10,
+     None, 0.091),
+    ("dpm_single: full_loop_no_noise", "DPMSolverSinglestepScheduler", SINGLE, 10, None, 0.2791),
+    ("dpm_single: full_loop_with_karras", "DPMSolverSinglestepScheduler", dict(SINGLE, use_karras_sigmas=True), 10,
+     None, 0.2248),
+    ("dpm_single: full_loop_with_v_prediction", "DPMSolverSinglestepScheduler",
+     dict(SINGLE, prediction_type="v_prediction"), 10, None, 0.1453),
+    ("dpm_single: full_loop_with_karras_and_v_prediction", "DPMSolverSinglestepScheduler",
+     dict(SINGLE, prediction_type="v_prediction", use_karras_sigmas=True), 10, None, 0.0649),
 ]
 
 
@@ -85,3 +106,28 @@ def test_diffusers_full_loop_numbers(case):
     if expected_sum is not None:  # (diffusers' solver tests check the mean only)
         assert abs(sample.abs().sum().item() - expected_sum) < tol
     assert abs(sample.abs().mean().item() - expected_mean) < 1e-3
+
+
+# test_switch of diffusers' solver tests: a chain of from_config swaps among the four solvers ends where it began
+SWITCH = [("DPMSolverMultistepScheduler", DPM, 0.3301), ("UniPCMultistepScheduler", UNIPC, 0.2464),
+          ("DEISMultistepScheduler", DEIS, 0.23916), ("DPMSolverSinglestepScheduler", SINGLE, 0.2791)]
+SOLVERS = ["DPMSolverSinglestepScheduler", "UniPCMultistepScheduler", "DEISMultistepScheduler",
+           "DPMSolverMultistepScheduler"]
+
+
+@pytest.mark.parametrize("name, config, expected_mean", SWITCH, ids=[s[0] for s in SWITCH])
+def test_diffusers_switch(name, config, expected_mean):
+    scheduler = getattr(ours, name)(**config)
+    assert abs(full_loop(scheduler, 10).abs().mean().item() - expected_mean) < 1e-3
+    for other in [n for n in SOLVERS if n != name] + [name]:
+        scheduler = getattr(ours, other).from_config(scheduler.config)
+    assert abs(full_loop(scheduler, 10).abs().mean().item() - expected_mean) < 1e-3
+
+
+def test_diffusers_dpm_single_full_uneven_loop():
+    scheduler = ours.DPMSolverSinglestepScheduler(**SINGLE)
+    scheduler.set_timesteps(50)
+    sample = dummy_sample_deter()
+    for t in scheduler.timesteps[3:]:  # the first timestep is uneven
+        sample = scheduler.step(dummy_model(sample, t), t, sample).prev_sample
+    assert abs(sample.abs().mean().item() - 0.2574) < 1e-3

@@ -103,3 +103,114 @@ def test_dpm_multistep_config_rules():
         ours.DPMSolverMultistepScheduler(use_flow_sigmas=True)
     with pytest.raises(ValueError, match="custom timesteps cannot be used with use_karras_sigmas"):
         ours.DPMSolverMultistepScheduler(use_karras_sigmas=True).set_timesteps(timesteps=[900, 500])
+
+
+UNIPC_SOLVERS = [dict(solver_order=o, solver_type=t, prediction_type=p, predict_x0=x0)
+                 for o, t, p, x0 in itertools.product([1, 2, 3], ["bh1", "bh2"], ["epsilon", "v_prediction", "sample"],
+                                                      [True, False])]
+UNIPC_SCHEDULES = [dict(use_karras_sigmas=True), dict(use_karras_sigmas=True, final_sigmas_type="sigma_min"),
+                   dict(use_exponential_sigmas=True, final_sigmas_type="sigma_min"), dict(timestep_spacing="trailing"),
+                   dict(timestep_spacing="leading", steps_offset=1), dict(final_sigmas_type="sigma_min"),
+                   dict(disable_corrector=[0, 2]), dict(thresholding=True, sample_max_value=1.5),
+                   dict(rescale_betas_zero_snr=True, timestep_spacing="trailing", prediction_type="v_prediction"),
+                   dict(use_karras_sigmas=True, sigma_min=0.1, sigma_max=10.0)]
+
+
+@pytest.mark.parametrize("solver", UNIPC_SOLVERS, ids=lambda d: "-".join(map(str, d.values())))
+def test_unipc_solvers(solver):
+    # (with final sigma 0 some orders give NaN on the last step in diffusers too: its own tests use sigma_min)
+    check_loops("UniPCMultistepScheduler", dict(SD, **solver, final_sigmas_type="sigma_min"),
+                steps=(7,) if solver["solver_order"] < 3 else (7, 20))
+
+
+@pytest.mark.parametrize("schedule", UNIPC_SCHEDULES, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_unipc_schedules(schedule):
+    check_loops("UniPCMultistepScheduler", dict(SD, **schedule), scale=3.0 if "thresholding" in schedule else 1)
+
+
+def test_unipc_config_rules(tmp_path):
+    a, b = (cls.from_config({**SD, "solver_type": "midpoint"}) for cls in (ours.UniPCMultistepScheduler,
+                                                                            diffusers.UniPCMultistepScheduler))
+    assert a.config.solver_type == b.config.solver_type == "bh2"
+    a = ours.UniPCMultistepScheduler(**SD, disable_corrector=[1, 3])
+    a.save_config(tmp_path)
+    b = diffusers.UniPCMultistepScheduler.from_pretrained(tmp_path)
+    assert b.config.disable_corrector == [1, 3]
+    with pytest.raises(ValueError, match="solver_p=.* is not supported"):
+        ours.UniPCMultistepScheduler(solver_p=ours.DDIMScheduler())
+
+
+DEIS_CASES = [dict(solver_order=o, prediction_type=p) for o, p in itertools.product([1, 2, 3], ["epsilon", "v_prediction",
+                                                                                                "sample"])] + [
+    dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True, solver_order=3), dict(timestep_spacing="trailing"),
+    dict(timestep_spacing="leading", steps_offset=1), dict(lower_order_final=False, solver_order=3),
+    dict(thresholding=True, sample_max_value=1.5)]
+
+
+@pytest.mark.parametrize("case", DEIS_CASES, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_deis(case):
+    check_loops("DEISMultistepScheduler", dict(SD, **case), scale=3.0 if "thresholding" in case else 1)
+
+
+def test_deis_config_rules():
+    for extra in (dict(algorithm_type="dpmsolver++", solver_type="midpoint"), dict(solver_type="bh2")):
+        a, b = (cls.from_config({**SD, **extra}) for cls in (ours.DEISMultistepScheduler,
+                                                               diffusers.DEISMultistepScheduler))
+        assert (a.config.algorithm_type, a.config.solver_type) == (b.config.algorithm_type, b.config.solver_type) == \
+            ("deis", "logrho")
+    with pytest.raises(ValueError, match="algorithm_type='sde-dpmsolver\\+\\+' is not supported"):
+        ours.DEISMultistepScheduler(algorithm_type="sde-dpmsolver++")
+
+
+SINGLE_SOLVERS = [dict(algorithm_type=a, solver_order=o, solver_type=t, prediction_type=p)
+                  for a, o, t, p in itertools.product(["dpmsolver++", "sde-dpmsolver++", "dpmsolver"], [1, 2, 3],
+                                                      ["midpoint", "heun"], ["epsilon", "v_prediction", "sample"])
+                  if not (o == 1 and t == "heun")]
+SINGLE_SCHEDULES = [dict(use_karras_sigmas=True), dict(use_exponential_sigmas=True),
+                    dict(final_sigmas_type="sigma_min", lower_order_final=False, solver_order=3),
+                    dict(final_sigmas_type="sigma_min", lower_order_final=True, solver_order=3),
+                    dict(thresholding=True, sample_max_value=1.5),
+                    dict(beta_schedule="squaredcos_cap_v2", lambda_min_clipped=-5.1)]
+
+
+@pytest.mark.parametrize("solver", SINGLE_SOLVERS, ids=lambda d: "-".join(map(str, d.values())))
+def test_dpm_singlestep_solvers(solver):
+    config = dict(SD, **solver)
+    if solver["algorithm_type"] == "dpmsolver":
+        config["final_sigmas_type"] = "sigma_min"
+    check_loops("DPMSolverSinglestepScheduler", config, steps=(7,) if solver["solver_order"] < 3 else (7, 9))
+
+
+@pytest.mark.parametrize("schedule", SINGLE_SCHEDULES, ids=lambda d: "-".join(f"{k}={v}" for k, v in d.items()))
+def test_dpm_singlestep_schedules(schedule):
+    a, b = both("DPMSolverSinglestepScheduler", **{**SD, **schedule})
+    for n in (8, 9):  # an uneven count switches lower_order_final on, in the config too, as diffusers does
+        for s in (a, b):
+            s.set_timesteps(n)
+        assert a.order_list == b.order_list and a.config.lower_order_final == b.config.lower_order_final
+        compare_loop(a, b, start_sample() * (3.0 if "thresholding" in schedule else 1), fields=("prev_sample",),
+                     seed=3)
+
+
+@pytest.mark.parametrize("name", ["DPMSolverMultistepScheduler", "DPMSolverSinglestepScheduler",
+                                  "UniPCMultistepScheduler", "DEISMultistepScheduler"])
+def test_solvers_from_every_other_config(name, tmp_path):
+    """Swapping among the solvers and the older schedulers keeps diffusers' config (mapped keys included)."""
+    start = {"DDIMScheduler": dict(SD, clip_sample=False, timestep_spacing="trailing"),
+             "EulerDiscreteScheduler": dict(SD, use_karras_sigmas=True, timestep_spacing="leading", steps_offset=1),
+             "UniPCMultistepScheduler": dict(SD, solver_type="bh1", final_sigmas_type="sigma_min"),
+             "DEISMultistepScheduler": dict(SD, solver_order=3)}
+    for source, config in start.items():
+        src_a, src_b = both(source, **config)
+        a, b = getattr(ours, name).from_config(src_a.config), getattr(diffusers, name).from_config(src_b.config)
+        assert {k: v for k, v in a.config.items() if k != "_use_default_values"} == \
+            {k: v for k, v in b.config.items() if k != "_use_default_values"}, source
+        for s in (a, b):
+            s.set_timesteps(8)
+        compare_loop(a, b, start_sample(), fields=("prev_sample",), seed=1)
+    a = getattr(ours, name)(**SD)
+    a.save_pretrained(tmp_path)
+    b = getattr(diffusers, name).from_pretrained(tmp_path)
+    assert a.config["beta_schedule"] == b.config["beta_schedule"] and len(a) == len(b) == 1000
+    assert sorted(c.__name__ for c in a.compatibles) == sorted(c.__name__ for c in b.compatibles
+                                                                if hasattr(ours, c.__name__))

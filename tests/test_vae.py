@@ -1,4 +1,5 @@
 """AutoencoderKL against diffusers' AutoencoderKL on tiny seeded configs."""
+import copy
 import json
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 from diffusers import AutoencoderKL as RefAutoencoderKL
 
 from minidiff.models.vae import (AutoencoderKL, DiagonalGaussianDistribution, check_finite, retrieve_latents)
-from utils import assert_close, seeded_
+from utils import assert_close, autoencoder_kl, seeded_
 
 SMALL = dict(block_out_channels=[8, 16], down_block_types=["DownEncoderBlock2D"] * 2,
              up_block_types=["UpDecoderBlock2D"] * 2, norm_num_groups=4, latent_channels=4, sample_size=32,
@@ -171,3 +172,24 @@ def test_input_shape_errors(tmp_path):
         ours.encode(torch.randn(1, 4, 32, 32))
     with pytest.raises(ValueError, match=r"z has shape \(1, 3, 16, 16\).*config.latent_channels"):
         ours.decode(torch.randn(1, 3, 16, 16))
+
+
+def test_latent_path_scales_upcasts_and_restores_the_dtype():
+    vae, _ = autoencoder_kl()
+    seeded_(vae)
+    vae.config.scaling_factor, vae.config.shift_factor = 0.5, 0.25
+    half = copy.deepcopy(vae).half()
+    x = torch.rand(2, 3, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    gens = [torch.Generator().manual_seed(i) for i in (1, 2)]
+    with torch.no_grad():
+        # fp32 weights rounded to fp16 and back: what an upcast fp16 VAE computes with
+        upcast = copy.deepcopy(half).float()
+        z = torch.cat([upcast.encode(x[i:i + 1].half().float()).latent_dist.sample(torch.Generator().manual_seed(i + 1))
+                       for i in range(2)])
+        want = (z.half() - 0.25) * 0.5  # scaled in the images' dtype, as diffusers' SDXL img2img
+        got = half.image_to_latents(x.half(), gens)
+        assert half.dtype == torch.float16 and got.dtype == torch.float16 and torch.equal(got, want)
+        images = half.latents_to_image(got)
+        assert half.dtype == torch.float16 and images.dtype == torch.float32
+        assert torch.equal(images, upcast.decode(got.float() / 0.5 + 0.25).sample)
+        assert half.latents_to_image(got, upcast=False).dtype == torch.float16

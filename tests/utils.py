@@ -96,6 +96,41 @@ def wuerstchen_diffnext():
 def paella_vq():
     m = PaellaVQModel(PaellaVQModelConfig(embed_dim=32, bottleneck_blocks=2, num_vq_embeddings=16))
     return m, lambda: m(rand(1, 3, 32, 32).sigmoid()).sample
+
+
+def record_latent_path(monkeypatch):
+    """Record each call of the VAE's way between latents and pixels (name, upcast); AutoencoderKL.encode or
+    .decode called from anywhere else fails the test."""
+    from minidiff.models.vae import Autoencoder, AutoencoderKL
+    calls, depth = [], [0]
+
+    def recorded(name):
+        real = getattr(Autoencoder, name)
+
+        def fn(self, *args, upcast=True, **kwargs):
+            calls.append((name, upcast))
+            depth[0] += 1
+            try:
+                return real(self, *args, upcast=upcast, **kwargs)
+            finally:
+                depth[0] -= 1
+        return fn
+
+    def guarded(name):
+        real = getattr(AutoencoderKL, name)
+
+        def fn(self, *args, **kwargs):
+            assert depth[0], f"AutoencoderKL.{name} was called outside image_to_latents / latents_to_image"
+            return real(self, *args, **kwargs)
+        return fn
+
+    for name in ("image_to_latents", "latents_to_image"):
+        monkeypatch.setattr(Autoencoder, name, recorded(name))
+    for name in ("encode", "decode"):
+        monkeypatch.setattr(AutoencoderKL, name, guarded(name))
+    return calls
+
+
 # ---------------------------------------------------------------------------------------------
 # Schedulers: a fake model and a pipeline's loop, run on minidiff's and diffusers' schedulers side by side
 

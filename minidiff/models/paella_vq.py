@@ -5,7 +5,8 @@ Encoder: pixel-unshuffle + 1x1 conv, one MixingResidualBlock per level with 4x4 
 between levels, then a 1x1 conv and BatchNorm to unit-variance latents. A codebook of
 num_vq_embeddings vectors quantises them (nearest neighbour); Würstchen decodes stage B's latents
 without quantising (`force_not_quantize=True`). Decoder: 1x1 conv, bottleneck_blocks mixing blocks at
-the deepest level, transposed convs up, pixel shuffle out. Pipelines scale latents by scale_factor.
+the deepest level, transposed convs up, pixel shuffle out. Pipelines take `latents_to_image`, which
+scales latents by scale_factor first.
 Attribute names equal the diffusers checkpoint keys (warp-ai/wuerstchen, vqgan/); older configs
 name the class VQModelPaella, which does not matter here.
 """
@@ -126,6 +127,11 @@ class PaellaVQModel(Model):
         quant = h if force_not_quantize else self.vquantizer(h)[0]
         dec = self.out_block(self.up_blocks(quant))
         return DecoderOutput(sample=dec) if return_dict else (dec,)
+
+    def latents_to_image(self, latents):
+        """Stage B's latents -> images in [0, 1]: scaled by config.scale_factor, decoded without snapping to the
+        codebook, clamped (the Würstchen pipelines' way to pixels, as AutoencoderKL.latents_to_image is SD's)."""
+        return self.decode(latents * self.config.scale_factor).sample.clamp(0, 1)
 
     def forward(self, sample, return_dict=True):
         dec = self.decode(self.encode(sample).latents).sample

@@ -2,9 +2,9 @@
 space of the Stable Diffusion VAE at a fraction of its cost (2.4M parameters, plain convs, no norms or attention).
 
 Its latents are the diffusion latents themselves (scaling_factor 1.0), and encoding is deterministic:
-`encode(x).latents` (there is no posterior to sample). It is a drop-in `vae` for pipelines:
-`decode(latents / config.scaling_factor)` and `retrieve_latents(vae.encode(x))` (from minidiff.models.vae)
-work the same on both autoencoders, as do `latents_to_decoder_input`, slicing and tiling.
+`encode(x).latents` (there is no posterior to sample). It is a drop-in `vae` for pipelines: it shares
+AutoencoderKL's base (minidiff.models.vae.Autoencoder), so `image_to_latents`, `latents_to_image`,
+`retrieve_latents(vae.encode(x))`, slicing and tiling work the same on both autoencoders.
 
 Images are in [-1, 1] outside, [0, 1] inside (TAESD's own convention): the encoder maps x -> (x + 1) / 2 first
 and the decoder returns 2y - 1. The decoder also soft-clamps its input to (-3, 3) with 3 tanh(z / 3).
@@ -16,8 +16,8 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
-from .base import Model, ModelOutput
-from .vae import ACTIVATIONS, DecoderOutput, activation, encoder_output_to_latents, latents_to_decoder_input
+from .base import ModelOutput
+from .vae import ACTIVATIONS, Autoencoder, DecoderOutput, activation
 
 UPSAMPLE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic")
 
@@ -133,7 +133,7 @@ def _ramp(n, blend):
     return (torch.arange(n) / (blend - 1)).clamp(0, 1)
 
 
-class AutoencoderTiny(Model):
+class AutoencoderTiny(Autoencoder):
     """TAESD. `encode(x)` -> `.latents` (diffusion latents, deterministic); `decode(latents)` -> `.sample` in [-1, 1]."""
 
     config_class = AutoencoderTinyConfig
@@ -142,34 +142,11 @@ class AutoencoderTiny(Model):
         super().__init__(config)
         self.encoder = EncoderTiny(config)
         self.decoder = DecoderTiny(config)
-        self.use_slicing = False
-        self.use_tiling = False
         # Tiling: 512-pixel tiles overlapping by 1/8, cross-faded with a linear ramp.
         self.spatial_scale_factor = 2 ** (len(config.num_encoder_blocks) - 1)
         self.tile_overlap_factor = 0.125
         self.tile_sample_min_size = 512
         self.tile_latent_min_size = self.tile_sample_min_size // self.spatial_scale_factor
-
-    def enable_slicing(self):
-        self.use_slicing = True
-
-    def disable_slicing(self):
-        self.use_slicing = False
-
-    def enable_tiling(self):
-        self.use_tiling = True
-
-    def disable_tiling(self):
-        self.use_tiling = False
-
-    def needs_upcast(self):
-        return False  # see AutoencoderTinyConfig.force_upcast
-
-    def latents_to_decoder_input(self, latents):
-        return latents_to_decoder_input(latents, self.config)
-
-    def encoder_output_to_latents(self, z):
-        return encoder_output_to_latents(z, self.config)
 
     def scale_latents(self, x):
         """Raw latents -> [0, 1], the range TAESD latents are stored in as 8-bit images."""
@@ -178,11 +155,6 @@ class AutoencoderTiny(Model):
     def unscale_latents(self, x):
         """[0, 1] -> raw latents."""
         return x.sub(self.config.latent_shift).mul(2 * self.config.latent_magnitude)
-
-    def _check_channels(self, t, want, arg, key):
-        if t.ndim != 4 or t.shape[1] != want:
-            raise ValueError(f"AutoencoderTiny: {arg} has shape {tuple(t.shape)}; expected (batch, {want}, height, "
-                             f"width) with {want} = config.{key}")
 
     def _tiled(self, x, fn, tile, scale, out_channels):
         """Run `fn` (which resizes by `scale`) on tiles of x stepping by tile * (1 - overlap); each tile is
@@ -218,19 +190,13 @@ class AutoencoderTiny(Model):
     def encode(self, x, return_dict=True):
         """Images (B, in_channels, H, W) in [-1, 1] -> diffusion latents (no sampling: TAESD is deterministic)."""
         self._check_channels(x, self.config.in_channels, "x", "in_channels")
-        if self.use_slicing and x.shape[0] > 1:
-            latents = torch.cat([self._encode_one(one) for one in x.split(1)])
-        else:
-            latents = self._encode_one(x)
+        latents = self._sliced(self._encode_one, x)
         return AutoencoderTinyOutput(latents) if return_dict else (latents,)
 
     def decode(self, x, generator=None, return_dict=True):
         """Latents (B, latent_channels, h, w) -> images in [-1, 1]. `generator` is unused (diffusers' signature)."""
         self._check_channels(x, self.config.latent_channels, "x", "latent_channels")
-        if self.use_slicing and x.shape[0] > 1:
-            images = torch.cat([self._decode_one(one) for one in x.split(1)])
-        else:
-            images = self._decode_one(x)
+        images = self._sliced(self._decode_one, x)
         return DecoderOutput(images) if return_dict else (images,)
 
     def forward(self, sample, return_dict=True):

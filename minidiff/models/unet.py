@@ -322,6 +322,14 @@ def transformer_layers(value, n):
     return list(value) if isinstance(value, (list, tuple)) else [value] * n
 
 
+def transformers(channels, layers, cfg, context_dim, heads, transformer_layers_per_layer, only_cross_attention):
+    """The `attentions` of a down or up block: one Transformer2DModel after each of its resnets."""
+    depth = transformer_layers(transformer_layers_per_layer, layers)
+    return nn.ModuleList([Transformer2DModel(channels, heads, depth[i], context_dim, cfg.norm_num_groups,
+                                             cfg.use_linear_projection, only_cross_attention, cfg.upcast_attention)
+                          for i in range(layers)])
+
+
 class DownBlock(nn.Module):
     """diffusers' CrossAttnDownBlock2D (with `context_dim`) or DownBlock2D (without).
 
@@ -337,10 +345,8 @@ class DownBlock(nn.Module):
              for i in range(layers)])
         self.has_cross_attention = context_dim is not None
         if self.has_cross_attention:
-            tl = transformer_layers(transformer_layers_per_layer, layers)
-            self.attentions = nn.ModuleList(
-                [Transformer2DModel(out_channels, heads, tl[i], context_dim, groups, cfg.use_linear_projection,
-                                    only_cross_attention, cfg.upcast_attention) for i in range(layers)])
+            self.attentions = transformers(out_channels, layers, cfg, context_dim, heads, transformer_layers_per_layer,
+                                           only_cross_attention)
         self.downsamplers = nn.ModuleList([Downsample2D(out_channels, cfg.downsample_padding)]) if add_downsample else None
 
     def forward(self, x, temb, context=None, mask=None, context_mask=None):
@@ -395,10 +401,8 @@ class UpBlock(nn.Module):
                            out_channels, temb_channels, groups, eps) for i in range(layers)])
         self.has_cross_attention = context_dim is not None
         if self.has_cross_attention:
-            tl = transformer_layers(transformer_layers_per_layer, layers)
-            self.attentions = nn.ModuleList(
-                [Transformer2DModel(out_channels, heads, tl[i], context_dim, groups, cfg.use_linear_projection,
-                                    only_cross_attention, cfg.upcast_attention) for i in range(layers)])
+            self.attentions = transformers(out_channels, layers, cfg, context_dim, heads, transformer_layers_per_layer,
+                                           only_cross_attention)
         self.upsamplers = nn.ModuleList([Upsample2D(out_channels)]) if add_upsample else None
 
     def forward(self, x, skips, temb, context=None, mask=None, context_mask=None, upsample_size=None):

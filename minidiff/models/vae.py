@@ -6,12 +6,11 @@ the decoder maps latents back to pixels. Both are stacks of ResNet blocks with o
 in the middle, at the lowest resolution. Module names equal diffusers' checkpoint keys, so a Hub
 `vae/diffusion_pytorch_model.safetensors` loads as is.
 
-Latent scaling. Diffusion models work on `scaling_factor * (z - shift)` (unit variance); the helpers
-`encoder_output_to_latents` and `latents_to_decoder_input` convert between the two spaces, including the
-per-channel `latents_mean` / `latents_std` form some VAEs (Playground v2.5) use.
-
-For pipelines, this file also provides `retrieve_latents` (the latents of an `encode` output of this VAE
-or of AutoencoderTiny) and `check_finite` (a clear error when an fp16 decode overflowed).
+Latents and pixels. Diffusion models work on `scaling_factor * (z - shift)` (unit variance), or on the
+per-channel `latents_mean` / `latents_std` form some VAEs (Playground v2.5) use. `Autoencoder`, the base of
+this VAE and of AutoencoderTiny, owns the way between the two: `image_to_latents(images, generator)` and
+`latents_to_image(latents)` (scaling, float32 upcast, overflow check) are what every pipeline calls.
+`retrieve_latents` takes the latents of an `encode` output of either autoencoder.
 """
 from dataclasses import dataclass
 from typing import ClassVar
@@ -297,34 +296,6 @@ def check_finite(images, where="decode"):
     return images
 
 
-def _scaling(config, like):
-    """(mean, std) as tensors shaped for (B, C, H, W) latents, or None without per-channel statistics."""
-    if getattr(config, "latents_mean", None) is None:
-        return None
-    mean = torch.tensor(config.latents_mean, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
-    std = torch.tensor(config.latents_std, device=like.device, dtype=like.dtype).view(1, -1, 1, 1)
-    return mean, std
-
-
-def latents_to_decoder_input(latents, config):
-    """Diffusion latents -> the decoder's latent space: z = latents / scaling_factor + shift_factor, or, for a
-    config with latents_mean/std, z = latents * std / scaling_factor + mean."""
-    stats = _scaling(config, latents)
-    if stats is not None:
-        mean, std = stats
-        return latents * std / config.scaling_factor + mean
-    return latents / config.scaling_factor + (config.shift_factor or 0.0)
-
-
-def encoder_output_to_latents(z, config):
-    """The encoder's latent space -> diffusion latents, the inverse of `latents_to_decoder_input`."""
-    stats = _scaling(config, z)
-    if stats is not None:
-        mean, std = stats
-        return (z - mean) * config.scaling_factor / std
-    return (z - (config.shift_factor or 0.0)) * config.scaling_factor
-
-
 def _blend_tiles(prev, tile, extent, dim):
     """Cross-fade the first `extent` rows (dim=2) or columns (dim=3) of `tile` from the last ones of `prev`,
     in place: later tiles blend against already-blended neighbours, as diffusers' tiling does."""
@@ -361,12 +332,113 @@ def _tiled(x, fn, tile_in, tile_out, overlap_factor):
 # The model
 
 
-class AutoencoderKL(Model):
+class Autoencoder(Model):
+    """What AutoencoderKL and AutoencoderTiny share: the one way between diffusion latents and pixels that
+    every pipeline takes (`image_to_latents`, `latents_to_image`), the config's latent scaling, the float32
+    upcast, and the slicing / tiling switches."""
+
+    def __init__(self, config):
+        super().__init__(config)
+        # Slicing runs a batch one image at a time; tiling runs big images in overlapping tiles (both save memory).
+        self.use_slicing = False
+        self.use_tiling = False
+
+    def enable_slicing(self):
+        self.use_slicing = True
+
+    def disable_slicing(self):
+        self.use_slicing = False
+
+    def enable_tiling(self):
+        self.use_tiling = True
+
+    def disable_tiling(self):
+        self.use_tiling = False
+
+    def needs_upcast(self):
+        """True when this float16 VAE is known to overflow (config.force_upcast): decode it in float32."""
+        return self.dtype == torch.float16 and bool(self.config.force_upcast)
+
+    def _statistics(self, like):
+        """Per-channel (mean, std) shaped for (B, C, H, W) latents, or None (as diffusers builds them: fp32, then cast)."""
+        if getattr(self.config, "latents_mean", None) is None:
+            return None
+        return tuple(torch.tensor(v).view(1, -1, 1, 1).to(like.device, like.dtype)
+                     for v in (self.config.latents_mean, self.config.latents_std))
+
+    def latents_to_decoder_input(self, latents):
+        """Diffusion latents -> the decoder's latent space: z = latents / scaling_factor + shift_factor, or, for a
+        config with latents_mean/std (Playground v2.5), z = latents * std / scaling_factor + mean."""
+        stats = self._statistics(latents)
+        if stats is not None:
+            mean, std = stats
+            return latents * std / self.config.scaling_factor + mean
+        z = latents / self.config.scaling_factor
+        return z + self.config.shift_factor if self.config.shift_factor else z
+
+    def encoder_output_to_latents(self, z):
+        """The encoder's latent space -> diffusion latents, the inverse of `latents_to_decoder_input`."""
+        stats = self._statistics(z)
+        if stats is not None:
+            mean, std = stats
+            return (z - mean) * self.config.scaling_factor / std
+        if self.config.shift_factor:
+            z = z - self.config.shift_factor
+        return z * self.config.scaling_factor
+
+    def image_to_latents(self, image, generator=None, upcast=True):
+        """Images (B, C, H, W) in [-1, 1] -> diffusion latents in the images' dtype: encoded, a posterior sample
+        drawn with `generator` (a list: one per image), scaled by the config.
+
+        upcast=True encodes in float32 whenever config.force_upcast says so (diffusers' SDXL img2img);
+        diffusers' SD img2img encodes in the VAE's dtype (upcast=False)."""
+        dtype, own = image.dtype, self.dtype
+        upcast = upcast and bool(self.config.force_upcast)
+        if upcast:
+            image = image.float()
+            self.to(torch.float32)
+        try:
+            if isinstance(generator, list):
+                z = torch.cat([retrieve_latents(self.encode(image[i:i + 1]), generator[i]) for i in range(len(image))])
+            else:
+                z = retrieve_latents(self.encode(image), generator)
+        finally:
+            if upcast:
+                self.to(own)
+        return self.encoder_output_to_latents(z.to(dtype))
+
+    def latents_to_image(self, latents, upcast=True):
+        """Diffusion latents -> images (B, C, H, W) in about [-1, 1], checked for overflow (NaN/inf).
+
+        upcast=True decodes a float16 VAE whose config says force_upcast in float32 (diffusers' SDXL
+        pipelines); diffusers' SD pipelines decode in the VAE's dtype (upcast=False)."""
+        upcast = upcast and self.needs_upcast()
+        if upcast:
+            self.to(torch.float32)
+        try:
+            images = self.decode(self.latents_to_decoder_input(latents.to(self.dtype)), return_dict=False)[0]
+        finally:
+            if upcast:
+                self.to(torch.float16)
+        return check_finite(images, f"{type(self).__name__}.decode")
+
+    def _sliced(self, fn, x):
+        """fn(x), one image at a time when slicing is on."""
+        if self.use_slicing and x.shape[0] > 1:
+            return torch.cat([fn(one) for one in x.split(1)])
+        return fn(x)
+
+    def _check_channels(self, t, want, arg, key):
+        if t.ndim != 4 or t.shape[1] != want:
+            raise ValueError(f"{type(self).__name__}: {arg} has shape {tuple(t.shape)}; expected (batch, {want}, "
+                             f"height, width) with {want} = config.{key}")
+
+
+class AutoencoderKL(Autoencoder):
     """The VAE. `encode(x)` -> `.latent_dist`; `decode(z)` -> `.sample` (images in [-1, 1]).
 
-    `decode` takes the decoder's latent space: convert diffusion latents first with
-    `latents_to_decoder_input` (or `latents / config.scaling_factor`, as diffusers' pipelines write it).
-    Pipelines run a `force_upcast` VAE in float32 when it is float16: see `needs_upcast`.
+    `decode` takes the decoder's latent space; pipelines go through `image_to_latents` and `latents_to_image`
+    (see Autoencoder), which apply the config's scaling and upcast.
     """
 
     config_class = AutoencoderKLConfig
@@ -392,40 +464,10 @@ class AutoencoderKL(Model):
         latent = config.latent_channels
         self.quant_conv = nn.Conv2d(2 * latent, 2 * latent, 1) if config.use_quant_conv else None
         self.post_quant_conv = nn.Conv2d(latent, latent, 1) if config.use_post_quant_conv else None
-        # Slicing runs a batch one image at a time; tiling runs big images in overlapping tiles (both save memory).
-        self.use_slicing = False
-        self.use_tiling = False
         size = config.sample_size[0] if isinstance(config.sample_size, (list, tuple)) else config.sample_size
         self.tile_sample_min_size = size
         self.tile_latent_min_size = int(size / 2 ** (len(config.block_out_channels) - 1))
         self.tile_overlap_factor = 0.25
-
-    def enable_slicing(self):
-        self.use_slicing = True
-
-    def disable_slicing(self):
-        self.use_slicing = False
-
-    def enable_tiling(self):
-        self.use_tiling = True
-
-    def disable_tiling(self):
-        self.use_tiling = False
-
-    def needs_upcast(self):
-        """True when this float16 VAE is known to overflow (config.force_upcast): decode it in float32."""
-        return self.dtype == torch.float16 and bool(self.config.force_upcast)
-
-    def latents_to_decoder_input(self, latents):
-        return latents_to_decoder_input(latents, self.config)
-
-    def encoder_output_to_latents(self, z):
-        return encoder_output_to_latents(z, self.config)
-
-    def _check_channels(self, t, want, arg, key):
-        if t.ndim != 4 or t.shape[1] != want:
-            raise ValueError(f"AutoencoderKL: {arg} has shape {tuple(t.shape)}; expected (batch, {want}, height, "
-                             f"width) with {want} = config.{key}")
 
     def _encode_moments(self, x):
         if self.use_tiling and max(x.shape[2], x.shape[3]) > self.tile_sample_min_size:
@@ -451,10 +493,7 @@ class AutoencoderKL(Model):
     def encode(self, x, return_dict=True):
         """Images (B, in_channels, H, W) in [-1, 1] -> the posterior over the decoder's latent space."""
         self._check_channels(x, self.config.in_channels, "x", "in_channels")
-        if self.use_slicing and x.shape[0] > 1:
-            moments = torch.cat([self._encode_moments(one) for one in x.split(1)])
-        else:
-            moments = self._encode_moments(x)
+        moments = self._sliced(self._encode_moments, x)
         posterior = DiagonalGaussianDistribution(moments)
         return AutoencoderKLOutput(posterior) if return_dict else (posterior,)
 
@@ -462,10 +501,7 @@ class AutoencoderKL(Model):
         """Latents (B, latent_channels, h, w) in the decoder's space -> images in about [-1, 1].
         `generator` is accepted for diffusers' signature and unused: decoding is deterministic."""
         self._check_channels(z, self.config.latent_channels, "z", "latent_channels")
-        if self.use_slicing and z.shape[0] > 1:
-            images = torch.cat([self._decode_one(one) for one in z.split(1)])
-        else:
-            images = self._decode_one(z)
+        images = self._sliced(self._decode_one, z)
         return DecoderOutput(images) if return_dict else (images,)
 
     def forward(self, sample, sample_posterior=False, return_dict=True, generator=None):

@@ -103,29 +103,33 @@ class TimestepBlock(nn.Module):
 
 
 class Attention(nn.Module):
-    """Multi-head attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0)."""
+    """Multi-head attention with diffusers' parameter names (to_q, to_k, to_v, to_out.0). `classic`: scores by
+    baddbmm as diffusers' prior computes them (see ops.ref_attention)."""
 
-    def __init__(self, c, heads, dropout=0.0):
+    def __init__(self, c, heads, dropout=0.0, classic=False):
         super().__init__()
-        self.heads = heads
+        self.heads, self.classic = heads, classic
         self.to_q = nn.Linear(c, c)
         self.to_k = nn.Linear(c, c)
         self.to_v = nn.Linear(c, c)
         self.to_out = nn.ModuleList([nn.Linear(c, c), nn.Dropout(dropout)])
 
     def forward(self, x, context):
-        out = ops.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
+        if self.classic:
+            out = ops.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, classic=True)
+        else:
+            out = ops.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads)
         return self.to_out[1](self.to_out[0](out))
 
 
 class AttnBlock(nn.Module):
     """Image tokens attend over themselves plus the conditioning tokens (mapped to c channels)."""
 
-    def __init__(self, c, c_cond, nhead, self_attn=True, dropout=0.0):
+    def __init__(self, c, c_cond, nhead, self_attn=True, dropout=0.0, classic_attention=False):
         super().__init__()
         self.self_attn = self_attn
         self.norm = channel_norm(c)
-        self.attention = Attention(c, nhead, dropout)
+        self.attention = Attention(c, nhead, dropout, classic_attention)
         self.kv_mapper = nn.Sequential(nn.SiLU(), nn.Linear(c_cond, c))
 
     def forward(self, x, kv):

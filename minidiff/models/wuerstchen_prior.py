@@ -45,11 +45,12 @@ class WuerstchenPrior(Model):
         c = cfg.c
         self.projection = nn.Conv2d(cfg.c_in, c, kernel_size=1)
         self.cond_mapper = nn.Sequential(nn.Linear(cfg.c_cond, c), nn.LeakyReLU(0.2), nn.Linear(c, c))
-        # keys blocks.{3i, 3i+1, 3i+2}: the checkpoint stores the triples flat
+        # keys blocks.{3i, 3i+1, 3i+2}: the checkpoint stores the triples flat. The attention computes its
+        # scores as diffusers' prior does (it sets the classic AttnProcessor): same rounding, same image.
         blocks = []
         for _ in range(cfg.depth):
             blocks += [ResBlock(c, dropout=cfg.dropout), TimestepBlock(c, cfg.c_r),
-                       AttnBlock(c, c, cfg.nhead, self_attn=True, dropout=cfg.dropout)]
+                       AttnBlock(c, c, cfg.nhead, self_attn=True, dropout=cfg.dropout, classic_attention=True)]
         self.blocks = nn.ModuleList(blocks)
         self.out = nn.Sequential(channel_norm(c),
                                  nn.Conv2d(c, cfg.c_in * 2, kernel_size=1))

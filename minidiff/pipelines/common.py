@@ -19,6 +19,7 @@ from PIL import Image
 
 from .. import loading
 from ..models.base import ModelOutput
+from ..schedulers.common import randn_tensor
 from ..weights.config import AttrDict
 from ..weights.hub import hub_options, read_json
 
@@ -45,8 +46,8 @@ COMPONENT_MODULES = {
     "PaellaVQModel": "minidiff.models.paella_vq",
     "VQModelPaella": "minidiff.models.paella_vq",
 }
-# Tokenizer class names in model_index.json that are served by minidiff's one CLIPTokenizer.
-CLASS_ALIASES = {"CLIPTokenizerFast": "CLIPTokenizer", "PreTrainedTokenizerFast": "CLIPTokenizer",
+# Hub class names served by another minidiff class (CLIPTokenizer and CLIPTokenizerFast serve the tokenizers).
+CLASS_ALIASES = {"PreTrainedTokenizerFast": "CLIPTokenizerFast",
                  "VQModelPaella": "PaellaVQModel"}
 # Components minidiff does not run; the pipeline holds None for them.
 SKIPPED = {"safety_checker", "feature_extractor", "image_encoder"}
@@ -328,7 +329,9 @@ class DiffusionPipeline:
         self._progress_disable = disable
 
     def progress_bar(self, iterable, desc="denoising"):
-        return progress(iterable, desc, disable=self._progress_disable)
+        # a second-order scheduler (order 2) calls the model twice per step: the bar counts steps, as diffusers'
+        order = getattr(getattr(self, "scheduler", None), "order", 1)
+        return progress(iterable, desc, disable=self._progress_disable, order=order)
 
     # ---- LoRA: thin delegates to minidiff/lora.py, which does the work (begin) --------------------
     def load_lora_weights(self, repo_id_or_file_or_dict, weight_name=None, adapter_name=None, allow_partial=False,
@@ -405,17 +408,20 @@ def _variants(repo_or_path, index, given, variant, allow_pickle, where):
     return component_variants(repo_or_path, models, variant, allow_pickle, where)
 
 
-def progress(iterable, desc="", disable=False, stream=None):
-    """A one-line progress bar on stderr: `desc  12/25 [00:01<00:02, 9.1it/s]`."""
+def progress(iterable, desc="", disable=False, stream=None, order=1):
+    """A one-line progress bar on stderr: `desc  12/25 [00:01<00:02, 9.1it/s]`. With `order` model calls per
+    step it advances once per `order` items and on the last, as diffusers' bar does."""
     items = list(iterable)
     if disable or not items:
         yield from items
         return
     stream = stream or sys.stderr
-    n, start = len(items), time.perf_counter()
+    n, start, done = -(-len(items) // order), time.perf_counter(), 0
     for i, item in enumerate(items):
         yield item
-        done = i + 1
+        if (i + 1) % order and i != len(items) - 1:
+            continue
+        done += 1
         elapsed = time.perf_counter() - start
         rate = done / elapsed if elapsed > 0 else 0.0
         left = (n - done) / rate if rate > 0 else 0.0
@@ -584,19 +590,30 @@ def prompt_batch(prompt, prompt_embeds):
     raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
 
 
-def check_common_inputs(height, width, num_inference_steps, generator, batch, vae_scale_factor,
-                        negative_prompt=None, negative_prompt_embeds=None, prompt_embeds=None):
-    """Errors before any work: sizes, steps, list lengths."""
+def check_size_and_steps(height, width, num_inference_steps, vae_scale_factor):
     for name, v in (("height", height), ("width", width)):
         if v is not None and (not isinstance(v, int) or v <= 0 or v % vae_scale_factor):
             raise ValueError(f"{name}={v!r} must be a positive multiple of {vae_scale_factor}")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
         raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
-    if isinstance(generator, list) and len(generator) != batch:
-        raise ValueError(f"{len(generator)} generators were passed for a batch of {batch} images "
-                         f"(prompts x num_images_per_prompt); pass one generator or exactly {batch}")
+
+
+def check_batch(num_images_per_prompt, generator, n):
+    """num_images_per_prompt, and one generator or exactly one per image of the batch of `n`."""
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+    if isinstance(generator, list) and len(generator) != n:
+        raise ValueError(f"{len(generator)} generators were passed for a batch of {n} images "
+                         f"(prompts x num_images_per_prompt); pass one generator or exactly {n}")
+
+
+def check_negative(batch, negative_prompt, negative_prompt_embeds=None, prompt_embeds=None):
+    """A negative prompt or negative embeddings (not both); one negative prompt, or one per prompt of the
+    `batch`; negative embeddings shaped as the prompt's."""
     if negative_prompt is not None and negative_prompt_embeds is not None:
         raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        negative_list(negative_prompt, batch)
     if (prompt_embeds is not None and negative_prompt_embeds is not None
             and prompt_embeds.shape != negative_prompt_embeds.shape):
         raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
@@ -613,3 +630,35 @@ def negative_list(negative_prompt, batch_size):
         raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}: "
                          "pass one negative prompt per prompt, or a single string")
     return list(negative_prompt)
+
+
+# ---- latents and the loop -------------------------------------------------------------------------
+def check_latents(latents, shape):
+    if latents is not None and tuple(latents.shape) != tuple(shape):
+        raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
+
+
+def initial_latents(shape, generator, device, dtype, latents, scheduler):
+    """Gaussian latents drawn as diffusers draws them (CPU generator, same shape), scaled to the scheduler's
+    first noise level; given `latents` are checked and scaled the same way."""
+    check_latents(latents, shape)
+    if latents is None:
+        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+    return latents.to(device) * scheduler.init_noise_sigma
+
+
+def repeat_to(x, n):
+    """A batch of images or latents repeated to `n` (a multiple of its size), as img2img batches its input."""
+    if n < x.shape[0]:
+        raise ValueError(f"{x.shape[0]} images passed for {n} prompts x images per prompt")
+    if n % x.shape[0]:
+        raise ValueError(f"cannot repeat {x.shape[0]} images to a batch of {n}")
+    return torch.cat([x] * (n // x.shape[0])) if n > x.shape[0] else x
+
+
+def step_callback(callback, pipe, i, t, latents):
+    """diffusers' callback_on_step_end(pipe, step, timestep, {"latents": ...}); what it returns replaces them."""
+    if callback is None:
+        return latents
+    out = callback(pipe, i, t, {"latents": latents}) or {}
+    return out.get("latents", latents)

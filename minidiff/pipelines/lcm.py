@@ -26,13 +26,12 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
     def __call__(self, prompt=None, height=None, width=None, num_inference_steps=4, original_inference_steps=None,
                  timesteps=None, guidance_scale=8.5, num_images_per_prompt=1, generator=None, latents=None,
                  prompt_embeds=None, output_type="pil", return_dict=True, cross_attention_kwargs=None, clip_skip=None,
-                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, prompt_syntax=None):
         if not hasattr(self.scheduler, "boundary_scalings"):
             raise ValueError(f"LatentConsistencyModelPipeline needs an LCMScheduler (it decodes the scheduler's "
                              f"denoised sample), got {type(self.scheduler).__name__}: set pipe.scheduler = "
                              "LCMScheduler.from_config(pipe.scheduler.config)")
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height, width = self.default_size(height, width)
         steps = len(timesteps) if timesteps else num_inference_steps
         batch = self._check(prompt, height, width, steps, num_images_per_prompt, generator, None, prompt_embeds,
                             None, output_type)
@@ -42,7 +41,7 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
         lora_scale = call_scale(cross_attention_kwargs)
 
         cond, _ = self.encode_prompt(prompt, device, num_images_per_prompt, False, prompt_embeds=prompt_embeds,
-                                     lora_scale=lora_scale, clip_skip=clip_skip)
+                                     lora_scale=lora_scale, clip_skip=clip_skip, prompt_syntax=prompt_syntax)
 
         if timesteps:
             self.scheduler.set_timesteps(device=device, original_inference_steps=original_inference_steps,

@@ -14,13 +14,17 @@ from ..schedulers.common import randn_tensor
 from ..prompts import (check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids,
                        prompt_windows)
 from ..textual_inversion import expand_prompt
-from .common import (DiffusionPipeline, PipelineOutput, callback_inputs, check_common_inputs,
-                     guidance_scale_embedding, negative_list, postprocess, preprocess_image, prompt_batch,
-                     rescale_noise_cfg, retrieve_timesteps, steps_of, warn_truncated)
+from .common import (DiffusionPipeline, PipelineOutput, callback_inputs, check_batch, check_negative,
+                     check_size_and_steps, guidance_scale_embedding, initial_latents, negative_list, postprocess,
+                     preprocess_image, prompt_batch, repeat_to, rescale_noise_cfg, retrieve_timesteps, steps_of,
+                     warn_truncated)
 from .realfiles import rewrite_old_scheduler_config
 
 
 class StableDiffusionPipeline(DiffusionPipeline):
+    # diffusers' SD pipelines run the VAE in its own dtype; its SDXL pipelines run a float16 VAE whose config
+    # says force_upcast in float32 (see Autoencoder.image_to_latents / latents_to_image)
+    vae_upcast = False
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
     optional_components = ("text_encoder", "tokenizer", "safety_checker", "feature_extractor")
     rewrites_old_scheduler_configs = True  # diffusers' LCM pipeline does not (see realfiles.py)
@@ -75,6 +79,11 @@ class StableDiffusionPipeline(DiffusionPipeline):
     @property
     def vae_scale_factor(self):
         return 2 ** (len(self.vae.config.block_out_channels) - 1) if self.vae is not None else 8
+
+    def default_size(self, height, width):
+        """(height, width) in pixels, each defaulting to the UNet's sample_size."""
+        side = self.unet.config.sample_size * self.vae_scale_factor
+        return height or side, width or side
 
     # ---- prompt ---------------------------------------------------------------------------------
     def _embed(self, texts, clip_skip=None, lora_scale=None, prompt_syntax=None):
@@ -201,34 +210,35 @@ class StableDiffusionPipeline(DiffusionPipeline):
     def _decode(self, latents, output_type, generator=None):
         if output_type == "latent":
             return latents
-        from ..models.vae import check_finite
         with self._on_device(self.vae) as vae:
-            image = vae.decode(latents / vae.config.scaling_factor, return_dict=False)[0]
-        check_finite(image, f"{type(self.vae).__name__}.decode")
+            image = vae.latents_to_image(latents, upcast=self.vae_upcast)
         return postprocess(image, output_type)
 
     def _check(self, prompt, height, width, num_inference_steps, num_images_per_prompt, generator, negative_prompt,
                prompt_embeds, negative_prompt_embeds, output_type):
         batch = prompt_batch(prompt, prompt_embeds)
-        if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-            raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
-        check_common_inputs(height, width, num_inference_steps, generator, batch * num_images_per_prompt,
-                            self.vae_scale_factor, negative_prompt, negative_prompt_embeds, prompt_embeds)
-        if isinstance(negative_prompt, list):
-            negative_list(negative_prompt, batch)
+        check_batch(num_images_per_prompt, generator, batch * num_images_per_prompt)
+        check_size_and_steps(height, width, num_inference_steps, self.vae_scale_factor)
+        check_negative(batch, negative_prompt, negative_prompt_embeds, prompt_embeds)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
         return batch
 
     def prepare_latents(self, n, height, width, dtype, generator=None, latents=None):
-        """Gaussian latents drawn as diffusers draws them (CPU generator, same shape), scaled to the
-        scheduler's first noise level; given `latents` are checked and scaled the same way."""
+        """The first latents of text-to-image (see common.initial_latents)."""
         shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=self._execution_device, dtype=dtype)
-        elif tuple(latents.shape) != shape:
-            raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {shape}")
-        return latents.to(self._execution_device) * self.scheduler.init_noise_sigma
+        return initial_latents(shape, generator, self._execution_device, dtype, latents, self.scheduler)
+
+    def image_latents(self, image, n, generator, dtype):
+        """The img2img input as diffusion latents, repeated to the batch of `n`: encoded by the VAE (with one
+        generator per image from a list), or taken as they are when they are latents already."""
+        image = image.to(device=self._execution_device, dtype=dtype)
+        if image.shape[1] == self.vae.config.latent_channels:
+            return repeat_to(image, n)
+        if isinstance(generator, list):  # one generator per image of the batch: encode the batch
+            image = repeat_to(image, n)
+        with self._on_device(self.vae) as vae:
+            return repeat_to(vae.image_to_latents(image, generator, upcast=self.vae_upcast), n)
 
     # ---- text-to-image --------------------------------------------------------------------------
     @torch.no_grad()
@@ -237,8 +247,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
                  latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
                  cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None, callback_on_step_end=None,
                  callback_on_step_end_tensor_inputs=None, prompt_syntax=None):
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height, width = self.default_size(height, width)
         batch = self._check(prompt, height, width, steps_of(num_inference_steps, timesteps, sigmas),
                             num_images_per_prompt, generator, negative_prompt, prompt_embeds, negative_prompt_embeds,
                             output_type)
@@ -265,29 +274,6 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
 class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
     """Image-to-image: encode the image, noise it to the timestep that `strength` picks, denoise from there."""
-
-    def _encode_image(self, image, n, generator, dtype):
-        device = self._execution_device
-        image = image.to(device=device, dtype=dtype)
-        if image.shape[1] == self.vae.config.latent_channels:  # already latents
-            init = image
-        else:
-            with self._on_device(self.vae) as vae:
-                if isinstance(generator, list):  # one generator per image: encode them one by one
-                    if n % image.shape[0]:
-                        raise ValueError(f"cannot repeat {image.shape[0]} images to a batch of {n}")
-                    image = torch.cat([image] * (n // image.shape[0]))
-                    init = torch.cat([_image_latents(vae, image[i:i + 1], generator[i]) for i in range(n)])
-                else:
-                    init = _image_latents(vae, image, generator)
-            init = init * self.vae.config.scaling_factor
-        if n > init.shape[0]:
-            if n % init.shape[0]:
-                raise ValueError(f"cannot repeat {init.shape[0]} images to a batch of {n}")
-            init = torch.cat([init] * (n // init.shape[0]))
-        elif n < init.shape[0]:
-            raise ValueError(f"{init.shape[0]} images passed for {n} prompts x images per prompt")
-        return init
 
     @torch.no_grad()
     def __call__(self, prompt=None, image=None, strength=0.8, num_inference_steps=50, timesteps=None, sigmas=None,
@@ -321,7 +307,7 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         self.scheduler.set_begin_index(t_start * self.scheduler.order)
 
         n = batch * num_images_per_prompt
-        init = self._encode_image(x, n, generator, cond.dtype)
+        init = self.image_latents(x, n, generator, cond.dtype)
         noise = randn_tensor(init.shape, generator=generator, device=device, dtype=cond.dtype)
         latents = self.scheduler.add_noise(init, noise, ts[:1].repeat(n))
 
@@ -339,11 +325,3 @@ def refuse_unsupported(pipeline, **components):
     if given:
         raise ValueError(f"{pipeline}: {', '.join(given)} is not run by minidiff (no safety checker, no IP-Adapter): "
                          f"pass {given[0]}=None or leave it out")
-
-
-def _image_latents(vae, image, generator):
-    """Latents of an image batch: a sample of the KL VAE's posterior (drawn with `generator`), or TAESD's output."""
-    out = vae.encode(image)
-    if hasattr(out, "latent_dist"):
-        return out.latent_dist.sample(generator)
-    return out.latents

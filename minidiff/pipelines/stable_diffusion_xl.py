@@ -11,9 +11,9 @@ from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from ..prompts import check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids, prompt_windows
 from ..textual_inversion import expand_prompt
-from .common import (PipelineOutput, callback_inputs, postprocess, preprocess_image, prompt_batch, retrieve_timesteps,
-                     steps_of, warn_truncated)
-from .stable_diffusion import StableDiffusionPipeline, _image_latents, refuse_unsupported
+from .common import (PipelineOutput, callback_inputs, preprocess_image, prompt_batch, retrieve_timesteps, steps_of,
+                     warn_truncated)
+from .stable_diffusion import StableDiffusionPipeline, refuse_unsupported
 
 
 def _as_list(p, batch):
@@ -21,6 +21,7 @@ def _as_list(p, batch):
 
 
 class StableDiffusionXLPipeline(StableDiffusionPipeline):
+    vae_upcast = True  # the SDXL VAE overflows in float16: its config's force_upcast runs it in float32
     component_names = ("vae", "text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "unet", "scheduler",
                        "image_encoder", "feature_extractor")
     optional_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "image_encoder",
@@ -155,29 +156,6 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             embeds, text_embeds, time_ids = cond, pooled, time_ids.repeat(n, 1)
         return embeds.to(device), {"text_embeds": text_embeds.to(device), "time_ids": time_ids.to(device)}
 
-    # ---- decoding ---------------------------------------------------------------------------------
-    def _decode(self, latents, output_type, generator=None):
-        if output_type == "latent":
-            return latents
-        from ..models.vae import check_finite
-        with self._on_device(self.vae) as vae:
-            upcast = vae.dtype == torch.float16 and getattr(vae.config, "force_upcast", False)
-            if upcast:  # the SDXL VAE overflows in fp16: decode in fp32, as its config asks
-                vae.to(torch.float32)
-            latents = latents.to(vae.dtype)
-            mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
-            if mean is not None and std is not None:
-                mean = torch.tensor(mean).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-                std = torch.tensor(std).view(1, -1, 1, 1).to(latents.device, latents.dtype)
-                latents = latents * std / vae.config.scaling_factor + mean
-            else:
-                latents = latents / vae.config.scaling_factor
-            image = vae.decode(latents, return_dict=False)[0]
-            if upcast:
-                vae.to(torch.float16)
-        check_finite(image, f"{type(self.vae).__name__}.decode")
-        return postprocess(image, output_type)
-
     @staticmethod
     def _cut_end(timesteps, denoising_end, num_train_timesteps):
         """Keep the steps above the `denoising_end` fraction: the base model's half of a base-to-refiner run."""
@@ -198,8 +176,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None,
                  callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, sigmas=None, prompt_syntax=None):
-        height = height or self.unet.config.sample_size * self.vae_scale_factor
-        width = width or self.unet.config.sample_size * self.vae_scale_factor
+        height, width = self.default_size(height, width)
         batch = self._check(prompt, height, width, steps_of(num_inference_steps, timesteps, sigmas),
                             num_images_per_prompt, generator, negative_prompt, prompt_embeds, negative_prompt_embeds,
                             output_type)
@@ -260,40 +237,6 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
         sched.set_begin_index(t_start)
         return sched.timesteps[t_start:]
 
-    def _image_latents(self, x, n, generator, dtype):
-        device = self._execution_device
-        x = x.to(device=device, dtype=dtype)
-        if x.shape[1] == self.vae.config.latent_channels:
-            init = x
-        else:
-            with self._on_device(self.vae) as vae:
-                upcast = getattr(vae.config, "force_upcast", False)
-                if upcast:
-                    x = x.float()
-                    vae.to(torch.float32)
-                if isinstance(generator, list):
-                    if n % x.shape[0]:
-                        raise ValueError(f"cannot repeat {x.shape[0]} images to a batch of {n}")
-                    x = torch.cat([x] * (n // x.shape[0]))
-                    init = torch.cat([_image_latents(vae, x[i:i + 1], generator[i]) for i in range(n)])
-                else:
-                    init = _image_latents(vae, x, generator)
-                if upcast:
-                    vae.to(dtype)
-            init = init.to(dtype)
-            mean, std = getattr(self.vae.config, "latents_mean", None), getattr(self.vae.config, "latents_std", None)
-            if mean is not None and std is not None:
-                mean = torch.tensor(mean).view(1, -1, 1, 1).to(device, dtype)
-                std = torch.tensor(std).view(1, -1, 1, 1).to(device, dtype)
-                init = (init - mean) * self.vae.config.scaling_factor / std
-            else:
-                init = init * self.vae.config.scaling_factor
-        if n > init.shape[0]:
-            if n % init.shape[0]:
-                raise ValueError(f"cannot repeat {init.shape[0]} images to a batch of {n}")
-            init = torch.cat([init] * (n // init.shape[0]))
-        return init
-
     @torch.no_grad()
     def __call__(self, prompt=None, prompt_2=None, image=None, strength=0.3, num_inference_steps=50, timesteps=None,
                  denoising_start=None, denoising_end=None, guidance_scale=5.0, negative_prompt=None,
@@ -333,7 +276,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
         n = batch * num_images_per_prompt
         if latents is None:
-            latents = self._image_latents(x, n, generator, cond.dtype)
+            latents = self.image_latents(x, n, generator, cond.dtype)
             if denoising_start is None:  # the refiner continues the base's noisy latents as they are
                 noise = randn_tensor(latents.shape, generator=generator, device=device, dtype=cond.dtype)
                 latents = self.scheduler.add_noise(latents, noise, ts[:1].repeat(n))

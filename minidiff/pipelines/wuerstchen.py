@@ -14,12 +14,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..schedulers.common import randn_tensor
 from ..schedulers.ddpm_wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 from ..weights.config import AttrDict
 from ..weights.hub import read_json, resolve_file
 from ..models.base import ModelOutput
-from .common import DiffusionPipeline, PipelineOutput, negative_list, numpy_to_pil, prompt_batch
+from .common import (DiffusionPipeline, PipelineOutput, check_batch, check_latents, check_negative, initial_latents,
+                     negative_list, numpy_to_pil, prompt_batch, step_callback)
 
 __all__ = ["DEFAULT_STAGE_C_TIMESTEPS", "WuerstchenCombinedPipeline", "WuerstchenDecoderPipeline",
            "WuerstchenPriorPipeline", "WuerstchenPriorPipelineOutput"]
@@ -66,39 +66,12 @@ def check_schedule(num_inference_steps, timesteps, steps_name, timesteps_name):
                          "for a clean result, e.g. DEFAULT_STAGE_C_TIMESTEPS)")
 
 
-def check_batch(num_images_per_prompt, generator, n):
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
-    if isinstance(generator, list) and len(generator) != n:
-        raise ValueError(f"{len(generator)} generators were passed for a batch of {n} images "
-                         f"(prompts x num_images_per_prompt); pass one generator or exactly {n}")
-
-
 def set_schedule(scheduler, num_inference_steps, timesteps, device):
     if timesteps is not None:
         scheduler.set_timesteps(timesteps=timesteps, device=device)
     else:
         scheduler.set_timesteps(num_inference_steps, device=device)
     return scheduler.timesteps
-
-
-def check_latents(latents, shape):
-    if latents is not None and tuple(latents.shape) != tuple(shape):
-        raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
-
-
-def initial_latents(shape, generator, device, dtype, latents, scheduler):
-    check_latents(latents, shape)
-    if latents is None:
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    return latents.to(device) * scheduler.init_noise_sigma
-
-
-def step_callback(callback, pipe, i, t, latents):
-    if callback is None:
-        return latents
-    out = callback(pipe, i, t, {"latents": latents}) or {}
-    return out.get("latents", latents)
 
 
 # ---- stage C ----------------------------------------------------------------------------------------
@@ -151,14 +124,7 @@ class WuerstchenPriorPipeline(DiffusionPipeline):
                 raise ValueError(f"{name}={v!r} must be a positive integer (pixels)")
         check_schedule(num_inference_steps, timesteps, steps_name, timesteps_name)
         check_batch(num_images_per_prompt, generator, batch * num_images_per_prompt)
-        if negative_prompt is not None and negative_prompt_embeds is not None:
-            raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            negative_list(negative_prompt, batch)
-        if (prompt_embeds is not None and negative_prompt_embeds is not None
-                and prompt_embeds.shape != negative_prompt_embeds.shape):
-            raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
-                             f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
+        check_negative(batch, negative_prompt, negative_prompt_embeds, prompt_embeds)
         if output_type is not None and output_type not in ("pt", "np", "latent"):
             raise ValueError(f"output_type={output_type!r}: the prior returns embeddings, use 'pt' or 'np'")
         check_latents(latents, self.latent_shape(batch * num_images_per_prompt, height, width))
@@ -264,8 +230,7 @@ class WuerstchenDecoderPipeline(DiffusionPipeline):
                              "or one per group of embeddings (the prior's num_images_per_prompt)")
         check_schedule(num_inference_steps, timesteps, steps_name, timesteps_name)
         check_batch(num_images_per_prompt, generator, b * num_images_per_prompt)
-        if negative_prompt is not None and not isinstance(negative_prompt, str):
-            negative_list(negative_prompt, n_prompts)
+        check_negative(n_prompts, negative_prompt)
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
         self.check_latent_size(embeddings_shape[2], embeddings_shape[3], size_hint)
@@ -321,7 +286,7 @@ class WuerstchenDecoderPipeline(DiffusionPipeline):
     def decode(self, latents, output_type="pil"):
         """Stage A: VQGAN latents -> images in [0, 1], decoded without snapping to the codebook."""
         with self._on_device(self.vqgan) as vqgan:
-            images = vqgan.decode(latents * vqgan.config.scale_factor).sample.clamp(0, 1)
+            images = vqgan.latents_to_image(latents)
         if output_type == "pt":
             return images
         images = images.permute(0, 2, 3, 1).cpu().float().numpy()

@@ -14,33 +14,19 @@ import numpy as np
 import torch
 
 from .base import KARRAS_SCHEDULERS, step_output
-from .common import (check_choice, check_schedule, check_sigma_schedule, randn_tensor, sigma_to_t, threshold_sample,
-                     train_sigmas)
-from .multistep import (FLOW_OPTIONS, MultistepScheduler, alpha_sigma, check_solver, data_prediction, log_snr,
-                        noise_prediction, solver_sigmas, solver_timesteps)
+from .common import check_choice, check_schedule, check_sigma_schedule, randn_tensor, sigma_to_t, train_sigmas
+from .multistep import MultistepScheduler, SolverConfig, check_solver, dpm_combine, log_snr, solver_sigmas, \
+    solver_timesteps
 
 ALGORITHMS = ("dpmsolver++", "sde-dpmsolver++", "dpmsolver", "sde-dpmsolver")
 
 
 @dataclasses.dataclass
-class DPMSolverMultistepConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
-    solver_order: int = 2
-    prediction_type: str = "epsilon"
-    thresholding: bool = False
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
+class DPMSolverMultistepConfig(SolverConfig):
     algorithm_type: str = "dpmsolver++"
     solver_type: str = "midpoint"  # how the second-order term is taken: "midpoint" or "heun"
     lower_order_final: bool = True  # first/second order for the last steps of short (< 15 step) loops
     euler_at_final: bool = False
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     use_lu_lambdas: bool = False  # noise levels evenly spaced in log sigma (Lu et al.'s "logSNR" spacing)
     final_sigmas_type: str = "zero"
     lambda_min_clipped: float = -float("inf")  # cut the schedule where lambda falls below this (cosine schedules)
@@ -48,8 +34,6 @@ class DPMSolverMultistepConfig:
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
-
-    NEUTRAL = FLOW_OPTIONS
 
     def validate(self, where):
         if self.algorithm_type not in ("dpmsolver++", "sde-dpmsolver++") and self.final_sigmas_type == "zero":
@@ -73,16 +57,12 @@ class DPMSolverMultistepConfig:
 
 def dpm_solver_update(algorithm, solver_type, order, outputs, sigmas, x, noise=None):
     """One step of `order` from noise level sigmas[1] to sigmas[0]; `outputs` are the converted model outputs
-    (newest last) taken at sigmas[1], sigmas[2], sigmas[3]. Written as x_t = ratio x + sum_k c_k D_k (+ noise),
-    D_k the k-th divided difference of the outputs in lambda, each c_k the exact integral of its Taylor term."""
-    alpha_t, sigma_t = alpha_sigma(sigmas[0])
-    alpha_s0, sigma_s0 = alpha_sigma(sigmas[1])
-    lambda_t, lambda_s0 = log_snr(sigmas[0]), log_snr(sigmas[1])
-    h = lambda_t - lambda_s0
+    (newest last) taken at sigmas[1], sigmas[2], sigmas[3]: D_k are their divided differences in lambda."""
+    h = log_snr(sigmas[0]) - log_snr(sigmas[1])
     m0 = outputs[-1]
     D = [m0]
     if order >= 2:
-        r0 = (lambda_s0 - log_snr(sigmas[2])) / h
+        r0 = (log_snr(sigmas[1]) - log_snr(sigmas[2])) / h
         D1_0 = 1.0 / r0 * (m0 - outputs[-2])
         D.append(D1_0)
     if order == 3:
@@ -91,33 +71,7 @@ def dpm_solver_update(algorithm, solver_type, order, outputs, sigmas, x, noise=N
         D[1] = D1_0 + r0 / (r0 + r1) * (D1_0 - D1_1)
         D.append(1.0 / (r0 + r1) * (D1_0 - D1_1))
     midpoint = solver_type == "midpoint" and order == 2  # third order always uses the full expansion
-    if algorithm == "dpmsolver++":
-        e = torch.exp(-h) - 1.0
-        ratio, c = sigma_t / sigma_s0, [-(alpha_t * e)]
-        c.append(-(0.5 * (alpha_t * e)) if midpoint else alpha_t * (e / h + 1.0))
-        c.append(-(alpha_t * ((torch.exp(-h) - 1.0 + h) / h ** 2 - 0.5)))
-        noise_std = None
-    elif algorithm == "dpmsolver":
-        e = torch.exp(h) - 1.0
-        ratio, c = alpha_t / alpha_s0, [-(sigma_t * e)]
-        c.append(-(0.5 * (sigma_t * e)) if midpoint else -(sigma_t * (e / h - 1.0)))
-        c.append(-(sigma_t * ((torch.exp(h) - 1.0 - h) / h ** 2 - 0.5)))
-        noise_std = None
-    elif algorithm == "sde-dpmsolver++":
-        e = 1 - torch.exp(-2.0 * h)
-        ratio, c = sigma_t / sigma_s0 * torch.exp(-h), [alpha_t * e]
-        c.append(0.5 * (alpha_t * e) if midpoint else alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0))
-        c.append(alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5))
-        noise_std = sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h))
-    else:  # sde-dpmsolver (orders 1 and 2)
-        e = torch.exp(h) - 1.0
-        ratio, c = alpha_t / alpha_s0, [-(2.0 * (sigma_t * e))]
-        c.append(-(sigma_t * e) if midpoint else -(2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0))))
-        noise_std = sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0)
-    x_t = ratio * x
-    for c_k, D_k in zip(c, D):
-        x_t = x_t + c_k * D_k
-    return x_t if noise_std is None else x_t + noise_std * noise
+    return dpm_combine(algorithm, h, sigmas[0], sigmas[1], midpoint, D, x, noise)
 
 
 class DPMSolverMultistepScheduler(MultistepScheduler):
@@ -157,20 +111,6 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         last = train_sigmas(self.alphas_cumprod)[0].item() if c.final_sigmas_type == "sigma_min" else 0
         self.set_loop(timesteps, np.concatenate([sigmas, [last]]), device)
 
-    def convert_model_output(self, model_output, *args, sample=None):
-        """x_0 (dpmsolver++) or eps (dpmsolver) from the model output at the current noise level."""
-        c, s = self.cfg, self.sigmas[self.step_index]
-        if c.prediction_type == "epsilon" and c.variance_type in ("learned", "learned_range"):
-            model_output = model_output[:, :3]
-        if c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
-            return data_prediction(c, model_output, sample, s)
-        eps = noise_prediction(c, model_output, sample, s)
-        if c.thresholding:  # threshold the x_0 this noise implies, then turn it back into noise
-            alpha_t, sigma_t = alpha_sigma(s)
-            x0 = threshold_sample((sample - sigma_t * eps) / alpha_t, c.dynamic_thresholding_ratio, c.sample_max_value)
-            eps = (sample - alpha_t * x0) / sigma_t
-        return eps
-
     def step(self, model_output, timestep, sample, generator=None, variance_noise=None, return_dict=True):
         if self.num_inference_steps is None:
             raise ValueError("DPMSolverMultistepScheduler.step: call set_timesteps first")
@@ -185,12 +125,7 @@ class DPMSolverMultistepScheduler(MultistepScheduler):
         if c.algorithm_type.startswith("sde-"):
             noise = (randn_tensor(model_output.shape, generator, model_output.device, torch.float32)
                      if variance_noise is None else variance_noise.to(device=model_output.device, dtype=torch.float32))
-        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_final:
-            order = 1
-        elif c.solver_order == 2 or self.lower_order_nums < 2 or lower_second:
-            order = 2
-        else:
-            order = 3
+        order = self.step_order(lower_final, lower_second)
         sigmas = [self.sigmas[i + 1]] + [self.sigmas[i - k] for k in range(order)]
         prev_sample = dpm_solver_update(c.algorithm_type, c.solver_type, order, self.model_outputs, sigmas, sample,
                                         noise)

@@ -5,12 +5,14 @@ x_t = alpha_t x_0 + sigma_t eps, with alpha = 1 / sqrt(s^2 + 1), sigma = s alpha
 level s. They keep the last model outputs (converted to x_0 or eps) for their multistep formulas, leave the
 UNet input unscaled and start from unit noise.
 """
+import dataclasses
+from typing import Optional
+
 import numpy as np
 import torch
 
 from .base import SigmaScheduler
-from .common import check_choice, convert_sigmas, sigma_schedule, sigma_to_t, threshold_sample, \
-    train_sigmas
+from .common import check_choice, convert_sigmas, sigma_schedule, sigma_to_t, threshold_sample, train_sigmas
 
 
 def alpha_sigma(s):
@@ -72,14 +74,66 @@ def noise_prediction(cfg, model_output, sample, s):
     return alpha_t * model_output + sigma_t * sample
 
 
+def dpm_combine(algorithm, h, s_to, s_from, midpoint, D, x, noise=None):
+    """DPM-Solver's step over h in lambda from x at level s_from to s_to, given the Taylor terms D_0..D_2 of the
+    model output: x_t = ratio x + sum_k c_k D_k (+ noise), each c_k the exact integral of its term. `midpoint`
+    takes the second-order term the midpoint way (else as Heun / the full expansion)."""
+    (alpha_t, sigma_t), (alpha_s, sigma_s) = alpha_sigma(s_to), alpha_sigma(s_from)
+    if algorithm == "dpmsolver++":  # data prediction
+        e = torch.exp(-h) - 1.0
+        ratio, c = sigma_t / sigma_s, [-(alpha_t * e)]
+        c.append(-(0.5 * (alpha_t * e)) if midpoint else alpha_t * (e / h + 1.0))
+        c.append(-(alpha_t * ((torch.exp(-h) - 1.0 + h) / h ** 2 - 0.5)))
+        noise_std = None
+    elif algorithm == "dpmsolver":  # noise prediction
+        e = torch.exp(h) - 1.0
+        ratio, c = alpha_t / alpha_s, [-(sigma_t * e)]
+        c.append(-(0.5 * (sigma_t * e)) if midpoint else -(sigma_t * (e / h - 1.0)))
+        c.append(-(sigma_t * ((torch.exp(h) - 1.0 - h) / h ** 2 - 0.5)))
+        noise_std = None
+    elif algorithm == "sde-dpmsolver++":
+        e = 1 - torch.exp(-2.0 * h)
+        ratio, c = sigma_t / sigma_s * torch.exp(-h), [alpha_t * e]
+        c.append(0.5 * (alpha_t * e) if midpoint else alpha_t * ((1.0 - torch.exp(-2.0 * h)) / (-2.0 * h) + 1.0))
+        c.append(alpha_t * ((1.0 - torch.exp(-2.0 * h) - 2.0 * h) / (2.0 * h) ** 2 - 0.5))
+        noise_std = sigma_t * torch.sqrt(1.0 - torch.exp(-2 * h))
+    else:  # sde-dpmsolver (orders 1 and 2)
+        e = torch.exp(h) - 1.0
+        ratio, c = alpha_t / alpha_s, [-(2.0 * (sigma_t * e))]
+        c.append(-(sigma_t * e) if midpoint else -(2.0 * (sigma_t * ((torch.exp(h) - 1.0) / h - 1.0))))
+        noise_std = sigma_t * torch.sqrt(torch.exp(2 * h) - 1.0)
+    x_t = ratio * x
+    for c_k, D_k in zip(c, D):
+        x_t = x_t + c_k * D_k
+    return x_t if noise_std is None else x_t + noise_std * noise
+
+
 def check_solver(cfg, where):
     """validate() checks shared by the solvers (prediction types; flow-matching options are not built)."""
     check_choice(where, "prediction_type", cfg.prediction_type, ("epsilon", "sample", "v_prediction"))
     check_choice(where, "solver_order", cfg.solver_order, (1, 2, 3))
 
 
-FLOW_OPTIONS = {"use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
-                "time_shift_type": "exponential"}  # keys diffusers has for flow-matching models: NEUTRAL here
+@dataclasses.dataclass
+class SolverConfig:
+    """The config keys the four solvers share (each file adds its own)."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Optional[list] = None
+    solver_order: int = 2
+    prediction_type: str = "epsilon"
+    thresholding: bool = False
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+
+    # keys diffusers has for flow-matching models: accepted at these values only
+    NEUTRAL = {"use_flow_sigmas": False, "flow_shift": 1.0, "use_dynamic_shifting": False,
+               "time_shift_type": "exponential"}
 
 
 class MultistepScheduler(SigmaScheduler):
@@ -110,6 +164,31 @@ class MultistepScheduler(SigmaScheduler):
 
     def remember(self, model_output):
         self.model_outputs = self.model_outputs[1:] + [model_output]
+
+    def step_order(self, lower_final, lower_second):
+        """The multistep order of this step: it grows with the outputs remembered, up to solver_order; the final
+        (or second to last) step of a short loop may ask for first (second) order."""
+        c = self.cfg
+        if c.solver_order == 1 or self.lower_order_nums < 1 or lower_final:
+            return 1
+        if c.solver_order == 2 or self.lower_order_nums < 2 or lower_second:
+            return 2
+        return 3
+
+    def convert_model_output(self, model_output, *args, sample=None):
+        """DPM-Solver's: x_0 (dpmsolver++) or eps (dpmsolver) from the model output at the current noise level."""
+        c, s = self.cfg, self.sigmas[self.step_index]
+        if c.prediction_type == "epsilon" and c.variance_type in ("learned", "learned_range"):
+            model_output = model_output[:, :3]
+        if c.algorithm_type in ("dpmsolver++", "sde-dpmsolver++"):
+            return data_prediction(c, model_output, sample, s)
+        eps = noise_prediction(c, model_output, sample, s)
+        if c.thresholding:  # threshold the x_0 this noise implies, then turn it back into noise
+            alpha_t, sigma_t = alpha_sigma(s)
+            x0 = threshold_sample((sample - sigma_t * eps) / alpha_t, c.dynamic_thresholding_ratio, c.sample_max_value)
+            eps = (sample - alpha_t * x0) / sigma_t
+        return eps
+
 
     def scale_model_input(self, sample, *args, **kwargs):
         return sample

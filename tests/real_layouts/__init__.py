@@ -596,6 +596,14 @@ KEY_FORMS = {
     "clip_position_ids": "text_model.embeddings.position_ids",
 }
 
+# The FORGE copy of the refiner keeps its one text encoder under text_encoder/ and tokenizer/, and its
+# model_index.json names it so; the Hub repo names it text_encoder_2 / tokenizer_2 with text_encoder and
+# tokenizer null (inferred: diffusers' SDXL docs and the refiner's loading code, CHECKPOINTS.md).
+SDXL_REFINER_HUB_MODEL_INDEX = {k: v for k, v in SDXL_REFINER_MODEL_INDEX.items() if k not in ("text_encoder", "tokenizer")}
+SDXL_REFINER_HUB_MODEL_INDEX.update(text_encoder=[None, None], tokenizer=[None, None],
+                                    text_encoder_2=SDXL_REFINER_MODEL_INDEX["text_encoder"],
+                                    tokenizer_2=SDXL_REFINER_MODEL_INDEX["tokenizer"])
+
 # ---- per repo: which record holds each component, the variants each folder has, what is inferred
 REPOS = {
     "stable-diffusion-v1-5/stable-diffusion-v1-5": dict(
@@ -620,13 +628,22 @@ REPOS = {
         tokenizer_2=SDXL_BASE_TOKENIZER_2, variants={"fp16": ["unet", "vae", "text_encoder", "text_encoder_2"]},
         inferred=[]),
     "stabilityai/stable-diffusion-xl-refiner-1.0": dict(
-        model_index=SDXL_REFINER_MODEL_INDEX, unet=SDXL_REFINER_UNET, vae=SDXL_REFINER_VAE,
+        model_index=SDXL_REFINER_HUB_MODEL_INDEX, unet=SDXL_REFINER_UNET, vae=SDXL_REFINER_VAE,
         scheduler=SDXL_REFINER_SCHEDULER, text_encoder_2=SDXL_REFINER_TEXT_ENCODER, tokenizer_2=SDXL_REFINER_TOKENIZER,
-        variants={"fp16": ["unet", "vae", "text_encoder_2"]}, inferred=[]),
-    "stabilityai/sdxl-turbo": dict(unet=SDXL_TURBO_UNET, scheduler=SDXL_TURBO_SCHEDULER, vae=SDXL_BASE_VAE,
-                                   inferred=["unet = SDXL base with sample_size 64", "scheduler"]),
-    "stabilityai/sd-turbo": dict(unet=SD_TURBO_UNET, scheduler=SD_TURBO_SCHEDULER, vae=SD21_VAE,
-                                 inferred=["unet = SD 2.1 with sample_size 64", "scheduler"]),
+        variants={"fp16": ["unet", "vae", "text_encoder_2"]},
+        inferred=["model_index text_encoder_2/tokenizer_2 names (FORGE renamed them)"]),
+    "stabilityai/sdxl-turbo": dict(
+        model_index=_derive(SDXL_BASE_MODEL_INDEX, scheduler=["diffusers", "EulerAncestralDiscreteScheduler"]),
+        unet=SDXL_TURBO_UNET, scheduler=SDXL_TURBO_SCHEDULER, vae=SDXL_BASE_VAE, text_encoder=SDXL_BASE_TEXT_ENCODER,
+        text_encoder_2=SDXL_BASE_TEXT_ENCODER_2, tokenizer=SDXL_BASE_TOKENIZER, tokenizer_2=SDXL_BASE_TOKENIZER_2,
+        inferred=["model_index, text encoders, tokenizers, vae = SDXL base's", "unet = SDXL base with sample_size 64",
+                  "scheduler"]),
+    "stabilityai/sd-turbo": dict(
+        model_index=_derive(SD21_MODEL_INDEX, scheduler=["diffusers", "EulerDiscreteScheduler"]),
+        unet=SD_TURBO_UNET, scheduler=SD_TURBO_SCHEDULER, vae=SD21_VAE, text_encoder=SD21_TEXT_ENCODER,
+        tokenizer=SD21_TOKENIZER, vae_fp32_keys="vae_legacy_attention",
+        inferred=["model_index, text encoder, tokenizer, vae = SD 2.1's", "unet = SD 2.1 with sample_size 64",
+                  "scheduler", "legacy VAE key names"]),
     "segmind/tiny-sd": dict(unet=TINY_SD_UNET, inferred=["unet config (from a copy quoted in CHECKPOINTS.md)"]),
     "segmind/small-sd": dict(unet=SMALL_SD_UNET, inferred=["unet layers_per_block 1"]),
     "segmind/SSD-1B": dict(unet=SSD_1B_UNET, inferred=["transformer depths (ComfyUI's table)"]),
