@@ -550,9 +550,9 @@ pipeline.enable_vae_tiling()
 
 init_image = load_image("https://huggingface.co/datasets/huggingface/documentation-images/resolve/main/diffusers/img2img-sdxl-init.png")
 prompt = "Astronaut in a jungle, cold color palette, muted colors, detailed, 8k"
-image = pipeline(prompt, image=init_image, strength=0.5).images[0]
+pipeline(prompt, image=init_image, strength=0.5).images[0]
 print(f"Max memory reserved: {torch.cuda.max_memory_allocated() / 1024**3:.2f} GB")
-''', changed=True),
+'''),
     dict(name="lcm_lora_img2img", source=D + "api/pipelines/latent_consistency_models.md:170 (weight_name added: "
          "diffusers needs it offline)", changed=True, code='''
 import torch
