@@ -3,6 +3,7 @@
 The public classes carry diffusers' names, so `from minidiff import StableDiffusionPipeline` replaces
 `from diffusers import StableDiffusionPipeline`.
 """
+from . import callbacks, utils  # noqa: F401 (minidiff.utils.load_image, minidiff.callbacks..., as in diffusers)
 from .models.auto import AutoModel
 from .models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from .models.taesd import AutoencoderTiny

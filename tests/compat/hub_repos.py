@@ -13,8 +13,8 @@ import shutil
 import diffusers
 import torch
 
-import pipes
-from minidiff.toy.common import LORA_DIR, MODEL_DIR
+import utils as pipes
+from minidiff.assets import LORA_DIR, MODEL_DIR
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SD15 = "stable-diffusion-v1-5/stable-diffusion-v1-5"

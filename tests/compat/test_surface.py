@@ -15,8 +15,8 @@ import minidiff
 from minidiff import (AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline,
                       StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
 from minidiff.callbacks import MultiPipelineCallbacks, SDCFGCutoffCallback
-from minidiff.toy.common import MODEL_DIR
-from pipes import assert_same_image
+from minidiff.assets import MODEL_DIR
+from utils import assert_same_image
 
 FAST = dict(num_inference_steps=3, guidance_scale=4.0)
 
