@@ -54,6 +54,7 @@ def parse_args(argv):
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g.add_argument("--allow-pickle", action="store_true", help="read pickle checkpoints/LoRAs (.bin, .ckpt; with "
                    "torch.load(weights_only=True)); refused by default")
+    g.add_argument("--verbose", action="store_true", help="on an error, show the whole traceback")
     from .compress import add_cli as add_compress
     add_compress(sub)
     return p.parse_args(argv)
@@ -80,6 +81,10 @@ def check_args(a):
             raise SystemExit(f"minidiff: --sampler: {e}") from None
     if a.model is not None and not os.path.exists(a.model) and a.model.count("/") != 1:
         raise SystemExit(f"minidiff: --model {a.model!r} is neither a local folder nor a Hub repo id (owner/name)")
+    if a.lora is not None and not os.path.exists(a.lora):
+        from .weights.hub import looks_like_path
+        if looks_like_path(a.lora) or a.lora.lower().endswith((".safetensors", ".bin", ".pt", ".ckpt")):
+            raise SystemExit(f"minidiff: --lora {a.lora}: no such file")
     if a.vae is not None and not os.path.exists(a.vae) and a.vae.count("/") != 1:
         raise SystemExit(f"minidiff: --vae {a.vae!r} is neither a local file or folder nor a Hub repo id (owner/name)")
 
@@ -229,11 +234,14 @@ def main(argv=None):
             apply_png(a)
         a.seed = 0 if a.seed is None else a.seed
         check_args(a)
-        from .errors import MinidiffError
         try:
             generate(a)
-        except (MinidiffError, FileNotFoundError) as e:  # documented errors: their message, without a traceback
-            raise SystemExit(f"minidiff: {e}") from None
+        except (ValueError, OSError, TypeError, RuntimeError, KeyError) as e:
+            if a.verbose:
+                raise
+            # the library's messages say what is wrong and what to pass: one line, the traceback on --verbose
+            message = " ".join(str(e).split()) or type(e).__name__
+            raise SystemExit(f"minidiff: {message} (--verbose shows the traceback)") from None
     elif a.command == "compress":
         from .compress import run_cli
         run_cli(a)

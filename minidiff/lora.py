@@ -404,17 +404,86 @@ def _wrap(model, path):
 
 
 def _activate(models, names, weights):
-    for _, layer in _all_layers(models):
-        layer.active_names = list(names)  # what get_active_adapters reports
-        for n, w in zip(names, weights):
-            if n in layer.adapters:
-                layer.adapter_weights[n] = w
-        layer.active = [n for n in names if n in layer.adapters]
+    """Make `names` the active adapters; `weights[i]` is adapter i's weight: a number, or a function of the
+    layer's module path (block-wise UNet weights)."""
+    for _, model in lora_components(models).items():
+        for path, layer in [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALayer)]:
+            layer.active_names = list(names)  # what get_active_adapters reports
+            for n, w in zip(names, weights):
+                if n in layer.adapters:
+                    layer.adapter_weights[n] = w(path) if callable(w) else w
+            layer.active = [n for n in names if n in layer.adapters]
+
+
+def _attention_path(name):
+    """diffusers' block names in set_adapters weights: "mid", "down.block_1.0", "up.block_0.2" -> module paths."""
+    if name == "mid":
+        return "mid_block.attentions.0"
+    updown, block, attn = name.split(".")
+    return f"{updown}_blocks.{block.replace('block_', '')}.attentions.{attn}"
+
+
+def block_weights(unet, scales, default=1.0):
+    """{attention module path: weight} from diffusers' documented per-block form, e.g. {"down": 0.9,
+    "mid": 1.0, "up": {"block_0": 0.6, "block_1": [0.4, 0.8, 1.0]}}: a number for a whole side, per block,
+    or per transformer of a block; whatever is left out gets `default` (diffusers' expansion rules)."""
+    with_attention = {"down": [i for i, b in enumerate(unet.down_blocks) if hasattr(b, "attentions")],
+                      "up": [i for i, b in enumerate(unet.up_blocks) if hasattr(b, "attentions")]}
+    per_block = {"down": unet.config.layers_per_block, "up": unet.config.layers_per_block + 1}
+    if isinstance(per_block["down"], (list, tuple)):
+        raise ValueError("block-wise LoRA weights need one layers_per_block for the whole UNet")
+    unknown = set(scales) - {"down", "mid", "up"}
+    if unknown:
+        raise ValueError(f"block-wise LoRA weights: unknown keys {sorted(unknown)} (use 'down', 'mid', 'up')")
+    out = {}
+    mid = scales.get("mid", default)
+    if isinstance(mid, list):
+        if len(mid) != 1:
+            raise ValueError(f"block-wise LoRA weights: 'mid' has one transformer, got {len(mid)} weights")
+        mid = mid[0]
+    out["mid"] = mid
+    for side in ("down", "up"):
+        given = scales.get(side, default)
+        if not isinstance(given, dict):
+            given = {f"block_{i}": given for i in with_attention[side]}
+        bad = set(given) - {f"block_{i}" for i in with_attention[side]}
+        if bad:
+            raise ValueError(f"block-wise LoRA weights: {side} has no attention block(s) {sorted(bad)} (blocks with "
+                             f"attention: {[f'block_{i}' for i in with_attention[side]]})")
+        for i in with_attention[side]:
+            w = given.get(f"block_{i}", default)
+            w = w if isinstance(w, list) else [w]
+            if len(w) == 1:
+                w = w * per_block[side]
+            if len(w) != per_block[side]:
+                raise ValueError(f"block-wise LoRA weights: {side}.block_{i} has {per_block[side]} transformers, "
+                                 f"got {len(w)} weights")
+            for j, v in enumerate(w):
+                out[f"{side}.block_{i}.{j}"] = v
+    for v in out.values():
+        if not isinstance(v, (int, float)):
+            raise ValueError(f"block-wise LoRA weight {v!r}: use numbers")
+    return {_attention_path(k): float(v) for k, v in out.items()}
+
+
+def _weight_by_path(weights):
+    """The weight of a LoRA layer at a module path, as diffusers (PEFT's get_module_weight) finds it: its
+    attention's, else that of the attention with the same index in its block, else 1.0."""
+    def weight(path):
+        for prefix, w in weights.items():
+            if path.startswith(prefix + "."):
+                return w
+        parts = path.split(".")
+        if len(parts) > 3:
+            return weights.get(f"{parts[0]}.{parts[1]}.attentions.{parts[3]}", 1.0)
+        return 1.0
+    return weight
 
 
 def set_adapters(target, adapter_names, adapter_weights=None):
     """Use these adapters together, each scaled by its weight: a number, a list (one per adapter), or per
-    adapter a dict {component: weight} (a component left out gets 1.0)."""
+    adapter a dict {component: weight} (a component left out gets 1.0), where the UNet's weight may itself be
+    per block as diffusers documents ({"down": ..., "mid": ..., "up": {"block_0": [..]}})."""
     models = lora_components(target)
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
@@ -424,6 +493,10 @@ def set_adapters(target, adapter_names, adapter_weights=None):
     missing = [n for n in names if n not in loaded]
     if missing:
         raise ArgumentError(f"adapters {missing} are not loaded (loaded: {sorted(loaded)})")
+    for w, n in zip(weights, names):
+        if isinstance(w, dict) and not set(w) & set(COMPONENTS) and set(w) & {"down", "mid", "up"}:
+            raise ArgumentError(f"adapter_weights for {n!r}: put block-wise weights under 'unet', e.g. "
+                             "{'unet': {'down': 0.9, 'up': {'block_0': 0.6}}}")
     for component, model in models.items():
         per_component = []
         for n, w in zip(names, weights):
@@ -431,12 +504,21 @@ def set_adapters(target, adapter_names, adapter_weights=None):
                 unknown = set(w) - set(COMPONENTS)
                 if unknown:
                     raise ArgumentError(f"adapter_weights for {n!r}: unknown components {sorted(unknown)} "
-                                     f"(use {list(COMPONENTS)}; block-wise UNet weights are not supported)")
+                                     f"(use {list(COMPONENTS)})")
                 w = w.get(component)
-            if w is not None and not isinstance(w, (int, float)):
-                raise ArgumentError(f"adapter weight {w!r} for {n!r}: use a number (block-wise weights are not supported)")
-            per_component.append(1.0 if w is None else float(w))
+            if isinstance(w, dict):
+                if component != "unet":
+                    raise ArgumentError(f"adapter weight for {n!r} on {component}: block-wise weights are for the UNet")
+                w = _weight_by_path(block_weights(model, w))
+            elif w is not None and not isinstance(w, (int, float)):
+                raise ArgumentError(f"adapter weight {w!r} for {n!r}: use a number, or for the UNet a dict of blocks")
+            per_component.append(1.0 if w is None else w if callable(w) else float(w))
         _activate({component: model}, names, per_component)
+
+
+def fused_adapters(target):
+    """Names of the adapters fused into the weights (diffusers' pipe.fused_loras)."""
+    return {n for _, layer in _all_layers(target) for n in layer.fused}
 
 
 def disable_lora(target):

@@ -128,12 +128,20 @@ def converted_fast(vocab, merges, unk_token, added_tokens):
 class CLIPTokenizer:
     use_fast = False  # CLIPTokenizerFast: tokenize with tokenizer.json's pipeline (see the module docstring)
 
-    def __init__(self, vocab, merges, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                 unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77, added_tokens=None,
-                 padding_side="right", clean_up_tokenization_spaces=False, fast=None):
-        """vocab: {token: id}; merges: [(left, right)] by rank; added_tokens: {content: {"id", "lstrip",
-        "rstrip", "special"}} for tokens cut out of the raw text before cleanup (the special tokens are
-        added to it). `fast`: a `tokenizers.Tokenizer` (tokenizer.json) that then does steps 1-3."""
+    def __init__(self, vocab_file, merges_file, errors="replace", unk_token="<|endoftext|>",
+                 bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                 model_max_length=77, added_tokens=None, padding_side="right", clean_up_tokenization_spaces=False,
+                 fast=None):
+        """vocab_file, merges_file: the paths of vocab.json and merges.txt, as transformers'
+        CLIPTokenizer(vocab_file, merges_file, ...) takes them, or already read: {token: id} and
+        [(left, right)] by rank. added_tokens: {content: {"id", "lstrip", "rstrip", "special"}} for tokens cut
+        out of the raw text before cleanup (the special tokens are added to it). Bytes that are not UTF-8
+        decode as U+FFFD (transformers' errors="replace", the only mode). `fast`: a `tokenizers.Tokenizer`
+        (tokenizer.json) that then does steps 1-3."""
+        if errors != "replace":
+            raise ValueError(f"CLIPTokenizer: errors={errors!r} is not supported (only 'replace')")
+        vocab = read_vocab(vocab_file) if isinstance(vocab_file, (str, os.PathLike)) else vocab_file
+        merges = read_merges(merges_file) if isinstance(merges_file, (str, os.PathLike)) else merges_file
         self._fast = fast
         if fast is not None:  # its own truncation/padding settings would cut the text before ours
             fast.no_truncation()

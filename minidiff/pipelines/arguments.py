@@ -147,7 +147,9 @@ def check_memory(what, need, device):
 def check_arguments(pipe, args):
     """Check the arguments of a pipeline call (`args`: the call's locals()) by name; see the module docstring."""
     for name in STEP_ARGS:
-        if name in args and not (name == "num_inference_steps" and args.get("timesteps")):
+        # timesteps= or sigmas= stand for the step count (diffusers lets num_inference_steps be None then)
+        if name in args and not (name == "num_inference_steps" and (args.get("timesteps") is not None
+                                                                     or args.get("sigmas") is not None)):
             check_int(name, args[name], 1, MAX_STEPS)
     for name in SIZE_ARGS:
         if name in args:

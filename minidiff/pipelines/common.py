@@ -6,6 +6,7 @@ A pipeline is a plain object holding its components; its __call__ is the whole a
 import importlib
 import inspect
 import json
+import logging
 import os
 import sys
 import time
@@ -18,9 +19,13 @@ from PIL import Image
 
 from ..errors import ArgumentError, ArgumentTypeError, FileFormatError
 from ..tokenizer_files import check_tokenizers_fit
+from .. import loading
 from ..models.base import ModelOutput
 from ..schedulers.common import randn_tensor
-from ..weights.hub import read_json
+from ..weights.config import AttrDict
+from ..weights.hub import hub_options, read_json
+
+logger = logging.getLogger("minidiff")
 
 # model_index.json names classes; this is where each one lives in minidiff. Several Hub names map to one class.
 COMPONENT_MODULES = {
@@ -91,19 +96,41 @@ class DiffusionPipeline:
         """Build the pipeline from a Hub repo id or a local folder holding model_index.json.
 
         Keyword arguments named after a component replace it (`vae=AutoencoderTiny.from_pretrained(...)`,
-        `text_encoder=None`); other keyword arguments go to the pipeline's constructor.
+        `text_encoder=None`); other keyword arguments go to the pipeline's constructor. diffusers' loading
+        arguments are taken as diffusers takes them (see minidiff/loading.py): cache_dir, revision, token,
+        local_files_only, force_download, use_safetensors, low_cpu_mem_usage, device_map (one device), and
+        torch_dtype as one dtype or a dict {component or "default": dtype}.
         """
         repo_or_path = os.fspath(repo_or_path)
-        index = read_json(repo_or_path, "model_index.json")
+        where = f"{cls.__name__}.from_pretrained({repo_or_path!r})"
+        opts = loading.pop_loading(kwargs)
+        hub, device, allow_pickle = loading.model_options(opts, None, device, allow_pickle, where)
+        with hub_options(**hub):
+            index = read_json(repo_or_path, "model_index.json")
+            pick = cls.pipeline_class(index, os.path.join(repo_or_path, "model_index.json"))
+            if pick is not cls:  # DiffusionPipeline and the AutoPipelines pick the class the repo names
+                return pick.from_pretrained(repo_or_path, torch_dtype=torch_dtype, variant=variant, device=device,
+                                            allow_pickle=allow_pickle, **opts, **kwargs)
+            pipe = cls._from_index(repo_or_path, index, torch_dtype, variant, device, allow_pickle, kwargs)
+        pipe._name_or_path = repo_or_path
+        return pipe
+
+    @classmethod
+    def pipeline_class(cls, index, where):
+        """The class that builds a repo: the one named by its model_index.json for DiffusionPipeline, else cls."""
+        if cls is not DiffusionPipeline:
+            return cls
+        from . import PIPELINES
+        name = index.get("_class_name")
+        if name not in PIPELINES:
+            raise FileFormatError(f"{where}: pipeline class {name!r} is not implemented by minidiff "
+                             f"(known: {', '.join(sorted(PIPELINES))})")
+        return PIPELINES[name]
+
+    @classmethod
+    def _from_index(cls, repo_or_path, index, torch_dtype, variant, device, allow_pickle, kwargs):
         where = os.path.join(repo_or_path, "model_index.json")
-        if cls is DiffusionPipeline:  # the generic entry point picks the class the repo names
-            from . import PIPELINES
-            name = index.get("_class_name")
-            if name not in PIPELINES:
-                raise FileFormatError(f"{where}: pipeline class {name!r} is not implemented by minidiff "
-                                 f"(known: {', '.join(sorted(PIPELINES))})")
-            return PIPELINES[name].from_pretrained(repo_or_path, torch_dtype=torch_dtype, variant=variant,
-                                                   device=device, allow_pickle=allow_pickle, **kwargs)
+        names = [k for k in index if not k.startswith("_")]
         init_params = inspect.signature(cls.__init__).parameters
         components, options = {}, {}
         variants = _variants(repo_or_path, index, kwargs, variant, allow_pickle, where)
@@ -120,14 +147,16 @@ class DiffusionPipeline:
             else:
                 klass = component_class(value[1], f"{where} ({key})")
                 if hasattr(klass, "config_class"):  # a model with weights
+                    dtype = loading.dtype_for(torch_dtype, key, names, f"{cls.__name__}.from_pretrained")
                     components[key] = klass.from_pretrained(repo_or_path, subfolder=key, variant=variants[key],
-                                                            torch_dtype=torch_dtype, device=device,
+                                                            torch_dtype=dtype, device=device,
                                                             allow_pickle=allow_pickle)
                 else:  # a scheduler or a tokenizer
                     components[key] = klass.from_pretrained(repo_or_path, subfolder=key)
         unknown = [k for k in kwargs if k not in init_params]
         if unknown:
-            raise ArgumentTypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {unknown}")
+            raise ArgumentTypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {unknown} (not supported "
+                            "by minidiff)")
         for name in cls.component_names:
             if name not in components and name not in kwargs and name not in cls.optional_components:
                 raise FileFormatError(f"{where} has no {name!r} component, which {cls.__name__} needs")
@@ -147,8 +176,40 @@ class DiffusionPipeline:
         return load_pipeline(cls, path, config=config, original_config=original_config, prediction_type=prediction_type,
                              torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle, **kwargs)
 
-    def save_pretrained(self, folder):
-        """Write the pipeline in the Hub layout (model_index.json + one folder per component)."""
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """A `cls` pipeline sharing `pipeline`'s components (no copy), as diffusers' from_pipe: keyword
+        arguments named after a component replace it; `torch_dtype` casts the new pipeline."""
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        cls = cls.pipeline_class({"_class_name": type(pipeline).__name__}, f"from_pipe({type(pipeline).__name__})")
+        params = inspect.signature(cls.__init__).parameters
+        parts = {k: v for k, v in pipeline.components.items() if k in params}
+        parts.update({k: kwargs.pop(k) for k in list(kwargs) if k in params})
+        for name, value in pipeline.extra_config().items():  # pipeline options: force_zeros_for_empty_prompt, ...
+            if name in params and name not in parts:
+                parts[name] = value
+        if kwargs:
+            raise TypeError(f"{cls.__name__}.from_pipe got unexpected arguments {sorted(kwargs)} (not supported "
+                            "by minidiff)")
+        missing = [p for p, v in params.items() if p != "self" and v.default is inspect.Parameter.empty
+                   and p not in parts]
+        if missing:
+            raise ValueError(f"{cls.__name__}.from_pipe({type(pipeline).__name__}): the pipeline has no {missing}")
+        new = cls(**parts)
+        new._offload_device = pipeline._offload_device
+        new._progress_disable = pipeline._progress_disable
+        new._name_or_path = getattr(pipeline, "_name_or_path", None)
+        return new.to(torch_dtype) if torch_dtype is not None else new
+
+    def save_pretrained(self, folder, safe_serialization=True, variant=None, push_to_hub=False, **kwargs):
+        """Write the pipeline in the Hub layout (model_index.json + one folder per component); `variant`
+        names the weight files as diffusers does (diffusion_pytorch_model.fp16.safetensors)."""
+        if not safe_serialization:
+            raise ValueError("save_pretrained(safe_serialization=False): minidiff writes only .safetensors files "
+                             "(pickle files can run code when loaded)")
+        if push_to_hub or kwargs:
+            raise TypeError(f"save_pretrained: {'push_to_hub ' if push_to_hub else ''}{sorted(kwargs)} not "
+                            "supported by minidiff (it writes a local folder; upload it with huggingface_hub)")
         os.makedirs(folder, exist_ok=True)
         index = {"_class_name": type(self).__name__, "_diffusers_version": "0.39.0"}
         for name in self.component_names:
@@ -156,9 +217,11 @@ class DiffusionPipeline:
             if comp is None:
                 index[name] = [None, None]
                 continue
-            lib = "transformers" if type(comp).__name__.startswith("CLIP") else "diffusers"
-            index[name] = [lib, type(comp).__name__]
-            comp.save_pretrained(os.path.join(folder, name))
+            index[name] = list(_library_and_class(comp))
+            if variant is not None and isinstance(comp, torch.nn.Module):
+                comp.save_pretrained(os.path.join(folder, name), variant=variant)
+            else:
+                comp.save_pretrained(os.path.join(folder, name))
         index.update(self.extra_config())
         with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
@@ -168,6 +231,27 @@ class DiffusionPipeline:
         return {}
 
     @property
+    def config(self):
+        """model_index.json as diffusers' pipe.config shows it: each component's (library, class), the options.
+        (A pipeline that sets its own `self.config`, as Wuerstchen's do for their options, gets that back.)"""
+        if "_own_config" in self.__dict__:
+            return self._own_config
+        cfg = AttrDict(_class_name=type(self).__name__, _diffusers_version="0.39.0",
+                       _name_or_path=getattr(self, "_name_or_path", None))
+        for name in self.component_names:
+            comp = getattr(self, name)
+            cfg[name] = (None, None) if comp is None else _library_and_class(comp)
+        cfg.update(self.extra_config())
+        return cfg
+
+    @config.setter
+    def config(self, value):
+        self._own_config = value
+
+    def __repr__(self):
+        return f"{type(self).__name__} {json.dumps(dict(self.config), indent=2, sort_keys=True, default=str)}"
+
+    @property
     def components(self):
         return {name: getattr(self, name) for name in self.component_names}
 
@@ -175,7 +259,20 @@ class DiffusionPipeline:
         return [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
 
     # ---- devices ------------------------------------------------------------------------------
-    def to(self, device=None, dtype=None):
+    def to(self, *args, **kwargs):
+        """pipe.to(device), pipe.to(dtype), pipe.to(device, dtype), pipe.to(torch_device=..., torch_dtype=...)."""
+        device = kwargs.pop("torch_device", kwargs.pop("device", None))
+        dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))
+        kwargs.pop("silence_dtype_warnings", None)
+        if kwargs:
+            raise TypeError(f"to() got unexpected arguments {sorted(kwargs)}")
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            elif isinstance(a, (str, torch.device, int)) and not isinstance(a, bool):
+                device = torch.device(a)
+            else:
+                raise TypeError(f"to({a!r}): pass a device (e.g. 'cuda'), a torch.dtype, or both")
         for m in self.modules():
             m.to(device=device, dtype=dtype)
         return self
@@ -198,7 +295,11 @@ class DiffusionPipeline:
 
     def enable_model_cpu_offload(self, device="cuda"):
         """Keep every model on the CPU and move each to `device` only while it works (one at a time)."""
-        self._offload_device = torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError("enable_model_cpu_offload moves each model to the GPU while it works, and no CUDA "
+                               "device is available here: leave it out to run on the CPU")
+        self._offload_device = device
         for m in self.modules():
             m.to("cpu")
 
@@ -219,6 +320,12 @@ class DiffusionPipeline:
 
     def disable_vae_slicing(self):
         self.vae.disable_slicing()
+
+    def enable_vae_tiling(self):
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()
 
     # ---- progress -----------------------------------------------------------------------------
     def set_progress_bar_config(self, disable=False, **_):
@@ -272,7 +379,22 @@ class DiffusionPipeline:
     def get_list_adapters(self):
         from .. import lora
         return lora.get_list_adapters(self)
+
+    @property
+    def fused_loras(self):
+        from .. import lora
+        return lora.fused_adapters(self)
+
+    @property
+    def num_fused_loras(self):
+        return len(self.fused_loras)
     # ---- LoRA (end) ---------------------------------------------------------------------------
+
+
+def _library_and_class(comp):
+    """model_index.json's (library, class name) of a component, as diffusers writes it."""
+    name = type(comp).__name__
+    return ("transformers" if name.startswith("CLIP") else "diffusers", name)
 
 
 def _variants(repo_or_path, index, given, variant, allow_pickle, where):
@@ -399,6 +521,62 @@ def guidance_scale_embedding(w, dim, dtype=torch.float32):
     if dim % 2 == 1:
         emb = torch.nn.functional.pad(emb, (0, 1))
     return emb.to(dtype)
+
+
+def retrieve_timesteps(scheduler, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
+    """Set the scheduler's loop from a step count, or from custom `timesteps` or `sigmas` (then the count is
+    theirs, as in diffusers); returns (timesteps, num_inference_steps)."""
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass either `timesteps` or `sigmas`, not both")
+    accepted = inspect.signature(scheduler.set_timesteps).parameters
+    for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
+        if value is not None:
+            if name not in accepted:
+                raise ValueError(f"{type(scheduler).__name__}.set_timesteps takes no custom `{name}`: use a "
+                                 f"scheduler that does (e.g. EulerDiscreteScheduler) or num_inference_steps")
+            scheduler.set_timesteps(**{name: value}, device=device)
+            return scheduler.timesteps, len(scheduler.timesteps)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    return scheduler.timesteps, num_inference_steps
+
+
+def steps_of(num_inference_steps, timesteps=None, sigmas=None):
+    """The loop length a call asks for: the custom schedule's when given (sigmas end with the final 0)."""
+    if timesteps is not None:
+        return len(timesteps)
+    if sigmas is not None:
+        return max(len(sigmas) - 1, 1)
+    return num_inference_steps
+
+
+def callback_inputs(pipe, callback, names):
+    """The tensors a step-end callback receives: those it names (diffusers' PipelineCallback objects carry
+    their own list), each one the pipeline offers; checked before any work."""
+    if callback is None:
+        return []
+    if hasattr(callback, "tensor_inputs"):
+        names = callback.tensor_inputs
+    names = list(names if names is not None else ["latents"])
+    bad = [n for n in names if n not in pipe._callback_tensor_inputs]
+    if bad:
+        raise ValueError(f"callback_on_step_end_tensor_inputs has {bad}, which {type(pipe).__name__} does not "
+                         f"offer (it offers {pipe._callback_tensor_inputs})")
+    if not callable(callback):
+        raise ValueError(f"callback_on_step_end={callback!r} is not callable")
+    return names
+
+
+def warn_truncated(tokenizer, texts):
+    """diffusers' warning for prompts longer than the text encoder's context: it names the dropped words."""
+    limit = tokenizer.model_max_length
+    removed = []
+    for text in texts:
+        ids = tokenizer(text, truncation=False).input_ids
+        if len(ids) > limit:
+            removed.append(tokenizer.decode(ids[limit - 1:-1]))
+    if removed:
+        logger.warning("The following part of your input was truncated because CLIP can only handle sequences up "
+                       f"to {limit} tokens: {removed}")
 
 
 def prompt_batch(prompt, prompt_embeds):

@@ -13,9 +13,9 @@ from ..schedulers.common import randn_tensor
 from ..prompts import check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids, prompt_windows
 from ..textual_inversion import expand_prompt
 from .arguments import check_arguments
-from .common import PipelineOutput, preprocess_image, prompt_batch
-from .realfiles import set_timesteps
-from .stable_diffusion import StableDiffusionPipeline
+from .common import (PipelineOutput, callback_inputs, preprocess_image, prompt_batch, retrieve_timesteps, steps_of,
+                     warn_truncated)
+from .stable_diffusion import StableDiffusionPipeline, refuse_unsupported
 
 
 def _as_list(p, batch):
@@ -28,11 +28,16 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                        "image_encoder", "feature_extractor")
     optional_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "image_encoder",
                            "feature_extractor")
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
                  image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt=True,
                  requires_aesthetics_score=False, add_watermarker=None):
         # No invisible watermark: diffusers adds one only when its optional package is installed.
+        refuse_unsupported(type(self).__name__, image_encoder=image_encoder, feature_extractor=feature_extractor)
+        if add_watermarker:
+            raise ValueError(f"{type(self).__name__}: add_watermarker=True is not supported by minidiff (no "
+                             "invisible watermark): pass add_watermarker=False or leave it out")
         self.vae, self.text_encoder, self.text_encoder_2 = vae, text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2, self.unet, self.scheduler = tokenizer, tokenizer_2, unet, scheduler
         self.image_encoder = self.feature_extractor = None
@@ -54,7 +59,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                              "pooled_prompt_embeds (see encode_prompt)")
         return pairs
 
-    def _embed_xl(self, texts_per_encoder, clip_skip=None, lora_scale=None, prompt_syntax=None):
+    def _embed_xl(self, texts_per_encoder, clip_skip=None, lora_scale=None, prompt_syntax=None, warn=False):
         """Penultimate (or clip_skip-deeper) hidden states of each encoder, concatenated; pooled from the last.
         prompt_syntax="a1111": long, weighted prompts, the same number of windows for both encoders."""
         device = self._execution_device
@@ -69,6 +74,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             windows = [pad_windows(w, tok, n) for w, (tok, _) in zip(windows, pairs)]
         hidden, pooled = [], None
         for i, (texts, (tok, enc)) in enumerate(zip(texts_per_encoder, pairs)):
+            if warn and not a1111:
+                warn_truncated(tok, texts)
+
             def encode(ids):
                 with self._on_device(enc), scaled(enc, lora_scale):
                     out = enc(ids.to(device), output_hidden_states=True)
@@ -93,8 +101,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if prompt_embeds is None:
             prompt = _as_list(prompt, batch)
             prompt_2 = _as_list(prompt_2 or prompt, batch)
-            prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip, lora_scale,
-                                                                 prompt_syntax)
+            # zipped with the encoders present: a refiner (second encoder only) reads `prompt`, as in diffusers
+            prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip, lora_scale, prompt_syntax,
+                                                                 warn=True)
         elif pooled_prompt_embeds is None:
             raise ArgumentError("prompt_embeds were passed without pooled_prompt_embeds: pass both (encode_prompt "
                              "returns them)")
@@ -170,11 +179,14 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  output_type="pil", return_dict=True, cross_attention_kwargs=None, guidance_rescale=0.0,
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None,
-                 callback_on_step_end=None, prompt_syntax=None):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, sigmas=None, prompt_syntax=None):
         check_arguments(self, locals())  # every argument's type and range, before any work
         height, width = self.default_size(height, width)
-        batch = self._check(prompt, height, width, num_inference_steps, num_images_per_prompt, generator,
-                            negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        batch = self._check(prompt, height, width, steps_of(num_inference_steps, timesteps, sigmas),
+                            num_images_per_prompt, generator, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                            output_type)
+        tensor_inputs = callback_inputs(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._clip_skip = clip_skip
         device = self._execution_device
         guided = self._guided(guidance_scale)
         original_size = tuple(original_size or (height, width))
@@ -185,7 +197,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
 
-        set_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+        retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         n = batch * num_images_per_prompt
         latents = self.prepare_latents(n, height, width, cond.dtype, generator, latents)
 
@@ -200,7 +212,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         ts = self._cut_end(self.scheduler.timesteps, denoising_end, self.scheduler.config.num_train_timesteps)
         self.scheduler.set_begin_index(0)
         latents = self._denoise(latents, ts, embeds, guidance_scale, guidance_rescale, generator, eta,
-                                cross_attention_kwargs, added, callback_on_step_end)
+                                cross_attention_kwargs, added, callback_on_step_end, tensor_inputs, uncond)
         images = self._decode(latents, output_type, generator)
         return PipelineOutput(images) if return_dict else (images,)
 
@@ -239,7 +251,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                  cross_attention_kwargs=None, guidance_rescale=0.0, original_size=None, crops_coords_top_left=(0, 0),
                  target_size=None, negative_original_size=None, negative_crops_coords_top_left=(0, 0),
                  negative_target_size=None, aesthetic_score=6.0, negative_aesthetic_score=2.5, clip_skip=None,
-                 callback_on_step_end=None, prompt_syntax=None):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, sigmas=None, prompt_syntax=None):
         check_arguments(self, locals())  # every argument's type and range, before any work
         if image is None:
             raise ArgumentError("image-to-image needs `image` (an image, or the base pipeline's latents)")
@@ -250,8 +262,11 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                 raise ArgumentError(f"{name}={v!r} must be a float in (0, 1)")
         if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
             raise ArgumentError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
-        batch = self._check(prompt, None, None, num_inference_steps, num_images_per_prompt, generator,
-                            negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        batch = self._check(prompt, None, None, steps_of(num_inference_steps, timesteps, sigmas),
+                            num_images_per_prompt, generator, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                            output_type)
+        tensor_inputs = callback_inputs(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._clip_skip = clip_skip
         device = self._execution_device
         guided = self._guided(guidance_scale)
 
@@ -261,9 +276,7 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
         x = preprocess_image(image, self.vae_scale_factor, latent_channels=self.vae.config.latent_channels)
 
-        set_timesteps(self.scheduler, num_inference_steps, device, timesteps)
-        if timesteps:
-            num_inference_steps = len(timesteps)
+        _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         ts = self._start(num_inference_steps, strength, denoising_start)
         if len(ts) == 0:
             raise ArgumentError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
@@ -293,6 +306,6 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
 
         ts = self._cut_end(ts, denoising_end, self.scheduler.config.num_train_timesteps)
         latents = self._denoise(latents, ts, embeds, guidance_scale, guidance_rescale, generator, eta,
-                                cross_attention_kwargs, added, callback_on_step_end)
+                                cross_attention_kwargs, added, callback_on_step_end, tensor_inputs, uncond)
         images = self._decode(latents, output_type, generator)
         return PipelineOutput(images) if return_dict else (images,)
