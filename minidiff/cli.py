@@ -71,7 +71,9 @@ def check_args(a):
     try:
         check_cli_args(a)
     except (MinidiffError, FileNotFoundError) as e:
-        raise SystemExit(f"minidiff: {e}") from None
+        if getattr(a, "verbose", False):
+            raise
+        raise SystemExit(f"minidiff: {' '.join(str(e).split())} (--verbose shows the traceback)") from None
     if a.sampler is not None:
         from .samplers import sampler_name, scheduler_class
         try:

@@ -35,7 +35,11 @@ def check_cli_args(a):
         raise ArgumentError("--lcm with --model needs --lora (e.g. latent-consistency/lcm-lora-sdv1-5)")
     for name in ("model", "lora", "vae"):
         v = getattr(a, name, None)
-        if v is not None and not os.path.exists(v) and (v.count("/") != 1 or v.startswith((".", "/"))):
+        if v is None or os.path.exists(v):
+            continue
+        if v.startswith((".", "/", "~")) or (os.path.dirname(v) and os.path.isdir(os.path.dirname(v))):
+            raise ArgumentError(f"--{name} {v!r}: no such folder or file (a path is never looked up on the Hub)")
+        if v.count("/") != 1:
             raise ArgumentError(f"--{name} {v!r} is neither a local path nor a Hub repo id (owner/name)")
     if a.model is not None and os.path.isdir(a.model):
         check_runnable(a.model, a.negative)
