@@ -157,10 +157,8 @@ def build_sd15(root):
     build_once(f"{root}/vae", lambda: diffusers.AutoencoderKL(**SD15_VAE))
     build_once(f"{root}/text_encoder", lambda: transformers.CLIPTextModel(transformers.CLIPTextConfig(**SD15_TEXT)))
     if not os.path.exists(f"{root}/model_index.json"):
-        sys.path.insert(0, os.path.join(HERE, "..", "tests"))
-        from test_tokenizer import clip_bpe_files, write_tokenizer  # the real CLIP vocabulary, from open-clip-torch
-        vocab, merges = clip_bpe_files()
-        write_tokenizer(f"{root}/tokenizer", vocab, merges, "<|endoftext|>")
+        from minidiff.weights.single_file import clip_tokenizer  # the real CLIP vocabulary, shipped with minidiff
+        clip_tokenizer("<|endoftext|>").save_pretrained(f"{root}/tokenizer")
         diffusers.PNDMScheduler.from_config(SD15_SCHEDULER).save_pretrained(f"{root}/scheduler")
         index = {"_class_name": "StableDiffusionPipeline", "_diffusers_version": "0.39.0",
                  "feature_extractor": [None, None], "requires_safety_checker": False, "safety_checker": [None, None],

@@ -52,6 +52,8 @@ def parse_args(argv):
     g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     g.add_argument("--device", default="cpu")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    from .compress import add_cli as add_compress
+    add_compress(sub)
     return p.parse_args(argv)
 
 
@@ -124,11 +126,20 @@ def apply_png(a):
             raise SystemExit(f"minidiff: --from-png {a.from_png} was made with model {model!r}, which is neither a "
                              "local folder nor a Hub repo id (an A1111 checkpoint name?): pass --model")
         a.model = model
-    if "Sampler" in s:
-        if hasattr(a, "sampler"):
-            a.sampler = a.sampler or s["Sampler"]
-        else:
+    if "Sampler" in s and a.sampler is None:
+        from .samplers import sampler_name, scheduler_class
+        name = s["Sampler"]
+        if s.get("Schedule type", "").lower() == "karras" and not name.endswith("Karras"):
+            name += " Karras"  # A1111 1.9+ writes the Karras schedule as its own setting
+        try:
+            a.sampler = sampler_name(name)
+        except ValueError:  # e.g. minidiff's "PNDMScheduler": the model's own scheduler, said if it differs
             a.png_sampler = s["Sampler"]
+            return
+        try:
+            scheduler_class(a.sampler)
+        except ValueError as e:
+            raise SystemExit(f"minidiff: --from-png {a.from_png}: {e}; pass --sampler to choose another") from None
 
 
 def load_vae(path, current, dtype, device):
@@ -150,7 +161,7 @@ def generate(a):
     from .pipelines import DiffusionPipeline
     from .samplers import name_of, scheduler_for
     from .schedulers import LCMScheduler
-    from .toy.common import LORA_DIR as BUNDLED_LCM_LORA, MODEL_DIR as BUNDLED
+    from .assets import LORA_DIR as BUNDLED_LCM_LORA, MODEL_DIR as BUNDLED
 
     model = a.model or BUNDLED
     bundled = a.model is None
@@ -217,6 +228,9 @@ def main(argv=None):
         a.seed = 0 if a.seed is None else a.seed
         check_args(a)
         generate(a)
+    elif a.command == "compress":
+        from .compress import run_cli
+        run_cli(a)
 
 
 if __name__ == "__main__":

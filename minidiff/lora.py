@@ -338,8 +338,8 @@ def load_lora_weights(target, repo_id_or_file_or_dict, weight_name=None, adapter
         w = layer.weight
         if isinstance(tensors[0], str):
             kind, factors, scale = tensors
-            layer.adapters[adapter_name] = LyCORISAdapter(kind, {k: v.to(w.device, w.dtype) for k, v in factors.items()},
-                                                          scale)
+            factors = {k: v.to(w.device, w.dtype) for k, v in factors.items()}
+            layer.adapters[adapter_name] = LyCORISAdapter(kind, factors, scale)
         else:
             down, up, up_bias, scale = tensors
             layer.adapters[adapter_name] = LoRAAdapter(down.to(w.device, w.dtype), up.to(w.device, w.dtype),
@@ -365,7 +365,8 @@ def _lycoris_problem(t, module):
         return f"factors make a delta of shape {tuple(d.shape)}, not the weight's {tuple(module.weight.shape)}"
     b = t.factors.get("diff_b")
     if b is not None and (module.bias is None or tuple(b.shape) != tuple(module.bias.shape)):
-        return f"diff_b {tuple(b.shape)} does not fit the bias {None if module.bias is None else tuple(module.bias.shape)}"
+        bias = None if module.bias is None else tuple(module.bias.shape)
+        return f"diff_b {tuple(b.shape)} does not fit the bias {bias}"
     return None
 
 

@@ -14,6 +14,7 @@ against). Models build their norms from the two layers at the bottom, `ops.Group
 torch's classes with the same parameter names (so checkpoint keys do not change) that compute here.
 """
 import contextlib
+import math
 
 import torch
 import torch.nn.functional as F
@@ -102,8 +103,15 @@ def ref_lora_conv2d(x, weight, bias, stride, padding, dilation, loras):
     return out
 
 
+def ref_lut_weight(packed, lut, nbits, shape):
+    """A palettised weight (minidiff.compress): unpack the n-bit indices, gather each weight from its group's LUT."""
+    from minidiff.compress import depalettise, unpack  # the packing format lives beside the palettiser
+    return depalettise(unpack(packed, nbits, math.prod(shape)).reshape(shape), lut)
+
+
 REFERENCES = {"attention": ref_attention, "group_norm": ref_group_norm, "layer_norm": ref_layer_norm,
-              "geglu": ref_geglu, "lora_linear": ref_lora_linear, "lora_conv2d": ref_lora_conv2d}
+              "geglu": ref_geglu, "lora_linear": ref_lora_linear, "lora_conv2d": ref_lora_conv2d,
+              "lut_weight": ref_lut_weight}
 
 # ----------------------------------------------------------------------------- the seam
 
@@ -113,6 +121,7 @@ layer_norm = ref_layer_norm
 geglu = ref_geglu
 lora_linear = ref_lora_linear
 lora_conv2d = ref_lora_conv2d
+lut_weight = ref_lut_weight
 
 
 def current():

@@ -6,12 +6,12 @@ Plain (the library's default, as diffusers): the prompt is tokenized, cut to the
 A1111 (`prompt_syntax="a1111"`, the CLI's default), as the AUTOMATIC1111 web UI reads a prompt:
   - weights: `(word)` x1.1, `((word))` x1.21, `(word:1.3)`, `[word]` /1.1, `\\(` `\\)` `\\[` `\\]` `\\\\` for
     the literal characters; an unclosed bracket weighs to the end of the prompt;
-  - windows: the tokens are cut into windows of 75, each encoded as its own 77-token sequence with its
-    start and end tokens; `BREAK` closes a window early; a window that fills up within 20 tokens of a
-    comma is cut after the comma instead (A1111's comma backtrack); a multi-vector textual inversion
-    embedding is not split across two windows. The windows' hidden states are
-    concatenated (77 x n tokens for the UNet's cross-attention); SDXL's pooled vector is the first
-    window's; the negative prompt (or the shorter of the two) is padded with windows of the empty prompt;
+  - windows: the tokens are cut into windows of 75 (the tokenizer's model_max_length - 2), each encoded
+    as its own 77-token sequence with its start and end tokens; `BREAK` closes a window early; a window
+    that fills up within 20 tokens of a comma is cut after the comma instead (A1111's comma backtrack);
+    a multi-vector textual inversion embedding is not split across two windows. The windows' hidden
+    states are concatenated (77 x n tokens for the UNet's cross-attention); SDXL's pooled vector is the
+    first window's; the negative prompt (or the shorter of the two) is padded with empty-prompt windows;
   - each token's hidden state is multiplied by its weight, then the window is rescaled so that its mean
     is what it was before weighting (A1111's "Original" emphasis);
   - A1111's extra-network tags (`<lora:name:0.8>`) are taken out of the text, with a warning: minidiff
@@ -24,7 +24,6 @@ import warnings
 import torch
 
 SYNTAXES = (None, "plain", "a1111")
-WINDOW = 75  # tokens per window, without the start and end tokens
 COMMA_BACKTRACK = 20  # A1111's default comma_padding_backtrack
 
 # A1111's attention tokens: escapes, brackets, a ":weight)" closing, plain runs, a lone ":".
@@ -88,13 +87,15 @@ def parse_prompt_attention(text):
 
 
 def prompt_windows(tokenizer, text):
-    """A1111's windows of a prompt: [(ids, weights)], each 77 long (start, up to 75 tokens, end, padding)."""
+    """A1111's windows of a prompt: [(ids, weights)], each model_max_length (77) long: start, up to 75 tokens,
+    end, padding."""
     tags = EXTRA_NETWORK.findall(text)
     if tags:
         warnings.warn(f"the prompt names A1111 extra networks ({', '.join(f'<{k}:{v}>' for k, v in tags)}): they are "
                       "left out of the prompt and not loaded (load LoRAs with load_lora_weights, or --lora)",
                       stacklevel=2)
         text = EXTRA_NETWORK.sub("", text)
+    window = tokenizer.model_max_length - 2  # 75 for CLIP: the tokens of a window, without start and end
     comma = tokenizer.vocab.get(",</w>")  # A1111 cuts a full window after the last comma
     groups = embedding_lengths(tokenizer)
     windows, ids, weights = [], [], []
@@ -102,7 +103,7 @@ def prompt_windows(tokenizer, text):
 
     def close():
         nonlocal ids, weights, last_comma
-        pad = WINDOW - len(ids)
+        pad = window - len(ids)
         windows.append(([tokenizer.bos_token_id, *ids, tokenizer.eos_token_id] + [tokenizer.pad_token_id] * pad,
                         [1.0, *weights, 1.0] + [1.0] * pad))
         ids, weights, last_comma = [], [], -1
@@ -114,13 +115,13 @@ def prompt_windows(tokenizer, text):
         for token in tokenizer.encode_plain(piece):
             if token == comma:
                 last_comma = len(ids)
-            elif len(ids) == WINDOW and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
+            elif len(ids) == window and last_comma != -1 and len(ids) - last_comma <= COMMA_BACKTRACK:
                 cut = last_comma + 1  # the words after the last comma move to the next window
                 moved_ids, moved_w = ids[cut:], weights[cut:]
                 ids, weights = ids[:cut], weights[:cut]
                 close()
                 ids, weights = moved_ids, moved_w
-            if len(ids) == WINDOW or (token in groups and len(ids) + groups[token] > WINDOW):
+            if len(ids) == window or (token in groups and len(ids) + groups[token] > window):
                 close()  # a full window; or a multi-vector embedding that fits whole in the next one only
             ids.append(token)
             weights.append(w)
@@ -131,7 +132,8 @@ def prompt_windows(tokenizer, text):
 
 def embedding_lengths(tokenizer):
     """{id of a multi-vector textual inversion token: its number of vectors} (token, token_1, ...)."""
-    loaded = set(getattr(tokenizer, "textual_inversion_tokens", ()))
+    from .textual_inversion import user_tokens
+    loaded = set(user_tokens(tokenizer))
     out = {}
     for t in loaded:
         n = 1

@@ -41,20 +41,23 @@ COMFYUI = {"euler": "Euler", "euler_ancestral": "Euler a", "heun": "Heun", "dpm_
 
 
 def sampler_name(name):
-    """The A1111 name of `name` (an A1111 name in any case, or a ComfyUI name); unknown names are an error
-    that lists the known ones."""
+    """The A1111 name of `name` (an A1111 name in any case, or a ComfyUI name); a minidiff scheduler class name
+    (what the PNG parameters say where A1111 has no name) stays itself. Unknown names are an error that lists
+    the known ones."""
+    key = name.strip().lower()
     by_lower = {k.lower(): k for k in SAMPLERS}
-    found = by_lower.get(name.strip().lower()) or COMFYUI.get(name.strip().lower())
+    classes = {n.lower(): n for n in schedulers.__all__ if n.endswith("Scheduler")}
+    found = by_lower.get(key) or COMFYUI.get(key) or classes.get(key)
     if found is None:
         raise ValueError(f"unknown sampler {name!r}; known: {', '.join(SAMPLERS)} (or ComfyUI's "
-                         f"{', '.join(COMFYUI)})")
+                         f"{', '.join(COMFYUI)}, or a scheduler class name)")
     return found
 
 
 def scheduler_class(name):
     """(scheduler class, config keys) of sampler `name`."""
     canonical = sampler_name(name)
-    class_name, keys = SAMPLERS[canonical]
+    class_name, keys = SAMPLERS.get(canonical, (canonical, {}))
     cls = getattr(schedulers, class_name, None)
     if cls is None:
         raise ValueError(f"sampler {canonical!r} needs {class_name}, which this minidiff does not have")

@@ -26,15 +26,22 @@ DEFAULT_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 SDXL_KEYS = ("clip_l", "clip_g")  # first and second text encoder
 
 
+def user_tokens(tokenizer):
+    """The tokens added beyond the tokenizer's vocabulary that are not special: textual inversion tokens
+    (also after a save/load), in id order."""
+    added, base = getattr(tokenizer, "added_tokens", {}), len(getattr(tokenizer, "vocab", ()))
+    return [t for t, v in sorted(added.items(), key=lambda kv: kv[1]["id"]) if not v.get("special") and v["id"] >= base]
+
+
 def expand_prompt(text, tokenizer):
     """diffusers' maybe_convert_prompt: each multi-vector token in `text` becomes `token token_1 ... token_n`."""
-    multi = getattr(tokenizer, "textual_inversion_tokens", None)
-    if not multi or not any(t + "_1" in multi for t in multi):
+    added = set(user_tokens(tokenizer))
+    if not any(t + "_1" in added for t in added):
         return text
     for token in set(tokenizer.tokenize(text)):
-        if token in multi:
+        if token in added:
             replacement, i = token, 1
-            while f"{token}_{i}" in tokenizer.added_tokens:
+            while f"{token}_{i}" in added:
                 replacement += f" {token}_{i}"
                 i += 1
             text = text.replace(token, replacement)
@@ -184,7 +191,6 @@ def load_textual_inversion(pipe, pretrained_model_name_or_path, token=None, weig
 
     for tkz, enc, names, v in plans:
         tkz.add_tokens(names)
-        tkz.textual_inversion_tokens = [*getattr(tkz, "textual_inversion_tokens", []), *names]
         ids = tkz.convert_tokens_to_ids(names)
         emb = _token_embedding(enc)
         rows = max(max(ids) + 1, emb.num_embeddings)
@@ -213,7 +219,7 @@ def unload_textual_inversion(pipe, tokens=None, tokenizer=None, text_encoder=Non
     pairs = [(tokenizer, text_encoder, None)] if tokenizer is not None else _pairs(pipe)
     wanted = None if tokens is None else [tokens] if isinstance(tokens, str) else list(tokens)
     for tkz, enc, _ in pairs:
-        loaded = getattr(tkz, "textual_inversion_tokens", [])
+        loaded = user_tokens(tkz)
         if wanted is None:
             gone = list(loaded)
         else:
@@ -225,4 +231,3 @@ def unload_textual_inversion(pipe, tokens=None, tokenizer=None, text_encoder=Non
         keep = [i for i in range(_token_embedding(enc).num_embeddings) if i not in ids]
         _resize(enc, None, keep)
         tkz.remove_tokens(gone)
-        tkz.textual_inversion_tokens = [t for t in loaded if t not in gone]

@@ -8,7 +8,7 @@ from PIL import Image
 
 from minidiff import StableDiffusionPipeline
 from minidiff.cli import main
-from pipes import assert_same_image, build_sd
+from utils import assert_same_image, build_sd
 
 
 @pytest.fixture(scope="module")

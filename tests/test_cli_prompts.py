@@ -4,10 +4,11 @@ import pytest
 import torch
 from PIL import Image, PngImagePlugin
 
-from minidiff import StableDiffusionPipeline
+from minidiff import EulerAncestralDiscreteScheduler, StableDiffusionPipeline
 from minidiff.cli import main, parse_args
 from minidiff.infotext import format_infotext, parse_infotext
-from pipes import build_sd
+from minidiff.samplers import scheduler_for
+from utils import build_sd
 
 A1111_INFOTEXT = """masterpiece, a (red:1.2) house
 on a hill, [fog]
@@ -94,10 +95,36 @@ def test_from_an_a1111_png(model, tmp_path, capsys):
         main(["generate", "--from-png", str(png), "--out", str(tmp_path / "x.png")])
     out = tmp_path / "again.png"
     main(["generate", "--from-png", str(png), "--model", folder, "--out", str(out)])
-    assert "sampler 'Euler a'" in capsys.readouterr().err  # said, not silently ignored
+    assert "Sampler: Euler a" in Image.open(out).text["parameters"]
     prompt, negative, _ = parse_infotext(A1111_INFOTEXT)
-    ref = library(pipe, prompt, 5, negative_prompt=negative, prompt_syntax="a1111", clip_skip=1)
+    scheduler = pipe.scheduler
+    pipe.scheduler = scheduler_for("Euler a", scheduler.config)
+    try:
+        ref = library(pipe, prompt, 5, negative_prompt=negative, prompt_syntax="a1111", clip_skip=1)
+    finally:
+        pipe.scheduler = scheduler
     assert abs(pixels(out) - as_uint8(ref)).max() <= 1
+    # A1111 1.9+ writes the Karras schedule apart; a sampler minidiff lacks is an error, not another sampler
+    karras = tmp_path / "karras.png"
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", "a cat\nSteps: 2, Sampler: DPM++ 2M, Schedule type: Karras, CFG scale: 4, Seed: 1, "
+                                "Size: 32x24")
+    Image.new("RGB", (32, 24)).save(karras, pnginfo=info)
+    main(["generate", "--from-png", str(karras), "--model", folder, "--out", str(tmp_path / "k.png")])
+    assert "Sampler: DPM++ 2M Karras" in Image.open(tmp_path / "k.png").text["parameters"]
+    # minidiff's own PNG of a scheduler without an A1111 name (PNDM) re-creates with the model's scheduler
+    own = tmp_path / "own.png"
+    main(["generate", "a cat", "--model", folder, "--steps", "2", "--width", "32", "--height", "24", "--out", str(own)])
+    assert "Sampler: PNDMScheduler" in Image.open(own).text["parameters"]
+    main(["generate", "--from-png", str(own), "--out", str(tmp_path / "own2.png")])
+    assert (pixels(tmp_path / "own2.png") == pixels(own)).all()
+    assert "PNDMScheduler" not in capsys.readouterr().err  # the same scheduler: nothing to say
+    # a sampler minidiff lacks is said, not silently ignored, and the model's own scheduler runs
+    info = PngImagePlugin.PngInfo()
+    info.add_text("parameters", A1111_INFOTEXT.replace("Sampler: Euler a", "Sampler: DPM fast"))
+    Image.new("RGB", (32, 24)).save(png, pnginfo=info)
+    main(["generate", "--from-png", str(png), "--model", folder, "--out", str(tmp_path / "fast.png")])
+    assert "sampler 'DPM fast'" in capsys.readouterr().err
     bare = tmp_path / "bare.png"
     Image.new("RGB", (8, 8)).save(bare)
     with pytest.raises(SystemExit, match="has no 'parameters' text"):

@@ -125,3 +125,29 @@ def test_matches_k_diffusion_on_karras_sigmas(case):
     for i, (a, b) in enumerate(zip(ours, ref)):
         assert_close(a, b, rel=1e-5, name=f"{case} x at step {i}")
     assert_close(ours_out, ref_out, rel=1e-5, name=f"{case} result")
+
+
+@pytest.mark.parametrize("case", ["DPM++ 2M Karras", "DPM++ 2M SDE Karras"])
+def test_dpm_solver_matches_k_diffusion(case):
+    """DPM++ 2M (SDE) Karras: diffusers' form works on x_vp = x / sqrt(sigma^2 + 1) with log-SNR time, k-diffusion's
+    on x itself with t = -log sigma (the same time): the states agree after that rescaling."""
+    sampling, external = import_k_diffusion()
+    sde = "SDE" in case
+    n = 8
+    sched = schedulers.DPMSolverMultistepScheduler(**SD, use_karras_sigmas=True,
+                                                   algorithm_type="sde-dpmsolver++" if sde else "dpmsolver++")
+    sched.set_timesteps(n)
+    model = EpsModel(uses_t=False)  # diffusers rounds the Karras timesteps, k-diffusion's wrapper does not
+    denoiser = external.DiscreteEpsDDPMDenoiser(model, sched.alphas_cumprod, quantize=False)
+    sigmas = sampling.get_sigmas_karras(n, denoiser.sigma_min.item(), denoiser.sigma_max.item())
+    assert_close(sched.sigmas, sigmas, rel=1e-6, name="Karras sigmas")
+    noise = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+    # (diffusers starts the solvers from plain noise, init_noise_sigma 1; here both start from the same state)
+    ours, ours_out = minidiff_run(sched, model, noise * sigmas[0] / (sigmas[0] ** 2 + 1) ** 0.5, g1 if sde else None)
+    sampler = sampling.sample_dpmpp_2m_sde if sde else sampling.sample_dpmpp_2m
+    ref, ref_out = k_run(sampler, denoiser, noise * sigmas[0], sigmas, g2 if sde else None)
+    assert len(ours) == len(ref) == n
+    for i, (a, b) in enumerate(zip(ours, ref)):  # x_vp = x / sqrt(sigma^2 + 1)
+        assert_close(a, b / (sigmas[i] ** 2 + 1) ** 0.5, rel=1e-5, name=f"{case} x at step {i}")
+    assert_close(ours_out, ref_out, rel=1e-5, name=f"{case} result")

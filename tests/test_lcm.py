@@ -7,9 +7,8 @@ import torch
 
 from minidiff.pipelines.lcm import LatentConsistencyModelPipeline
 from minidiff.schedulers import EulerDiscreteScheduler, LCMScheduler
-from tests.test_lora import (assert_same_image, build_sd, images, kohya, load_both, ref_load, save, targets,
-                             unet_out)
-from tests.utils import assert_close
+from tests.utils import (assert_close, assert_same_array, build_lora_sd, images, kohya, load_both, ref_load, save,
+                         targets, unet_out)
 
 diffusers = pytest.importorskip("diffusers")
 
@@ -17,7 +16,7 @@ diffusers = pytest.importorskip("diffusers")
 @pytest.fixture(scope="module")
 def lcm_repo(tmp_path_factory):
     """A tiny LCM-distilled SD 1.x pipeline: guidance embedding of width 8 added to the time embedding."""
-    return build_sd(str(tmp_path_factory.mktemp("lcm")), scheduler=diffusers.LCMScheduler(),
+    return build_lora_sd(str(tmp_path_factory.mktemp("lcm")), scheduler=diffusers.LCMScheduler(),
                     pipeline_class=diffusers.LatentConsistencyModelPipeline, time_cond_proj_dim=8)
 
 
@@ -52,7 +51,7 @@ def test_lcm_pipeline_matches_diffusers(lcm_repo, kw):
     assert isinstance(ours.scheduler, LCMScheduler)
     calls = count_unet_calls(ours)
     kw = {"num_inference_steps": None, **kw} if "timesteps" in kw else kw
-    assert_same_image(images(ours, **kw), images(ref, **kw))
+    assert_same_array(images(ours, **kw), images(ref, **kw))
     steps = len(kw["timesteps"]) if "timesteps" in kw else kw.get("num_inference_steps", 3)  # images() runs 3
     batch = kw.get("num_images_per_prompt", 1) * (len(kw["prompt"]) if "prompt" in kw else 1)
     assert calls == [batch] * steps  # one UNet pass per step: the guidance is an embedding, not a second batch
@@ -79,7 +78,7 @@ def sd_lcm_lora(tmp_path_factory):
     """A plain SD 1.x pipeline and an LCM-LoRA-shaped file: kohya keys with diffusers names, alpha 8, rank 4, on
     the attention projections, resnet convolutions, shortcuts, samplers and time_emb_proj."""
     folder = tmp_path_factory.mktemp("sd_for_lcm")
-    repo = build_sd(str(folder / "sd"))
+    repo = build_lora_sd(str(folder / "sd"))
     unet = diffusers.UNet2DConditionModel.from_pretrained(repo, subfolder="unet")
     names = [n for n in targets(unet) if "attentions" in n or "resnets" in n or "samplers" in n]
     path = save(kohya(unet, "lora_unet_", names, alpha=8.0, seed=21), str(folder / "lcm_lora.safetensors"))
@@ -97,6 +96,6 @@ def test_lcm_lora_on_stable_diffusion(sd_lcm_lora, guidance_scale, negative_prom
     assert_close(unet_out(ours), unet_out(ref), name="unet with LCM-LoRA")
     calls = count_unet_calls(ours)
     kw = dict(num_inference_steps=4, guidance_scale=guidance_scale, negative_prompt=negative_prompt)
-    assert_same_image(images(ours, **kw), images(ref, **kw))
+    assert_same_array(images(ours, **kw), images(ref, **kw))
     # guidance 1: one UNet pass per step on the prompt alone; above 1: one batched [negative, prompt] pass per step
     assert calls == [1 if guidance_scale <= 1 else 2] * 4

@@ -11,8 +11,7 @@ from safetensors.torch import save_file
 
 import huggingface_hub
 from minidiff import AutoencoderKL, StableDiffusionPipeline
-from pipes import SD_VAE, build_sd
-from utils import assert_close, seeded_
+from utils import SD_VAE, assert_close, build_sd, seeded_
 
 
 @pytest.fixture(scope="module")

@@ -3,211 +3,28 @@ pipelines: same UNet and text-encoder outputs, same images; adapters, fusing, un
 import json
 import os
 
-import numpy as np
 import pytest
 import torch
-from safetensors.torch import save_file
 
 from minidiff import lora
-from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
-from minidiff.pipelines.stable_diffusion_xl import StableDiffusionXLPipeline
-from tests.utils import assert_close, seeded_
+from tests.utils import (assert_close, assert_same_array, build_lora_sd, build_lora_sdxl, compare_models, images,
+                         kohya, load_both, lora_effect, lora_pair, peft, ref_load, save, targets, unet_out)
 
 diffusers = pytest.importorskip("diffusers")
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("peft")
 
-# ----------------------------------------------------------------------------- tiny pipelines
-
-UNET_SD = dict(sample_size=8, in_channels=4, out_channels=4, norm_num_groups=8, cross_attention_dim=32,
-               block_out_channels=(16, 32, 32), layers_per_block=2, attention_head_dim=2,
-               down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
-               up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"))
-UNET_SDXL = dict(UNET_SD, down_block_types=("DownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
-                 up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "UpBlock2D"),
-                 use_linear_projection=True, attention_head_dim=[1, 2, 4], transformer_layers_per_block=[1, 1, 2],
-                 cross_attention_dim=64, addition_embed_type="text_time", addition_time_embed_dim=8,
-                 projection_class_embeddings_input_dim=32 + 6 * 8)
-
-
-def write_tokenizer(folder, pad="<|endoftext|>"):
-    """A CLIP tokenizer folder with a tiny vocabulary: the 2 x 256 byte symbols, a few merges, the specials last
-    (so that the end-of-text id is the largest, as the legacy pooling rule needs)."""
-    from transformers.models.clip.tokenization_clip import bytes_to_unicode
-    chars = list(bytes_to_unicode().values())
-    merges = ["p h", "o t", "ph ot", "phot o</w>", "c a", "ca t</w>"]
-    vocab = chars + [c + "</w>" for c in chars] + ["ph", "ot", "phot", "photo</w>", "ca", "cat</w>"]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    os.makedirs(folder, exist_ok=True)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump({t: i for i, t in enumerate(vocab)}, f)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump({"model_max_length": 77, "tokenizer_class": "CLIPTokenizer", "pad_token": pad, "do_lower_case": True,
-                   "bos_token": "<|startoftext|>", "eos_token": "<|endoftext|>", "unk_token": "<|endoftext|>"}, f)
-    return transformers.CLIPTokenizer.from_pretrained(folder), len(vocab)
-
-
-def text_encoder(vocab, projection=False, seed=0):
-    cfg = transformers.CLIPTextConfig(vocab_size=vocab, hidden_size=32, intermediate_size=37, projection_dim=32,
-                                      num_hidden_layers=2, num_attention_heads=4, max_position_embeddings=77,
-                                      eos_token_id=2, bos_token_id=vocab - 2, pad_token_id=1)
-    cls = transformers.CLIPTextModelWithProjection if projection else transformers.CLIPTextModel
-    return seeded_(cls(cfg).eval(), seed=seed, std=0.1)
-
-
-def vae():
-    return seeded_(diffusers.AutoencoderKL(block_out_channels=(8, 16), down_block_types=("DownEncoderBlock2D",) * 2,
-                                           up_block_types=("UpDecoderBlock2D",) * 2, latent_channels=4,
-                                           norm_num_groups=4, sample_size=16, layers_per_block=1).eval(), seed=3)
-
-
-def build_sd(folder, scheduler=None, pipeline_class=None, **unet_kw):
-    """A seeded diffusers SD 1.x pipeline saved in the Hub layout at `folder` (16 x 16 images)."""
-    tok, n = write_tokenizer(os.path.join(folder, "_tokenizer"))
-    unet = seeded_(diffusers.UNet2DConditionModel(**{**UNET_SD, **unet_kw}).eval(), seed=1)
-    cls = pipeline_class or diffusers.StableDiffusionPipeline
-    pipe = cls(vae=vae(), text_encoder=text_encoder(n), tokenizer=tok, unet=unet,
-               scheduler=scheduler or diffusers.EulerDiscreteScheduler(), safety_checker=None,
-               feature_extractor=None, requires_safety_checker=False)
-    pipe.save_pretrained(folder)
-    return folder
-
-
-def build_sdxl(folder):
-    tok, n = write_tokenizer(os.path.join(folder, "_tokenizer"))
-    tok2, _ = write_tokenizer(os.path.join(folder, "_tokenizer_2"), pad="!")
-    unet = seeded_(diffusers.UNet2DConditionModel(**UNET_SDXL).eval(), seed=2)
-    pipe = diffusers.StableDiffusionXLPipeline(vae=vae(), text_encoder=text_encoder(n),
-                                               text_encoder_2=text_encoder(n, projection=True, seed=5),
-                                               tokenizer=tok, tokenizer_2=tok2, unet=unet,
-                                               scheduler=diffusers.EulerDiscreteScheduler())
-    pipe.save_pretrained(folder)
-    return folder
+# ----------------------------------------------------------------------------- tiny pipelines (built by tests/utils.py)
 
 
 @pytest.fixture(scope="module")
 def sd_repo(tmp_path_factory):
-    return build_sd(str(tmp_path_factory.mktemp("sd")))
+    return build_lora_sd(str(tmp_path_factory.mktemp("sd")))
 
 
 @pytest.fixture(scope="module")
 def sdxl_repo(tmp_path_factory):
-    return build_sdxl(str(tmp_path_factory.mktemp("sdxl")))
-
-
-def ref_load(pipe, path, **kw):
-    """diffusers' load_lora_weights, offline: a folder and the file's name."""
-    pipe.load_lora_weights(os.path.dirname(path), weight_name=os.path.basename(path), **kw)
-
-
-def load_both(repo, xl=False):
-    ref_cls = diffusers.StableDiffusionXLPipeline if xl else diffusers.StableDiffusionPipeline
-    ours_cls = StableDiffusionXLPipeline if xl else StableDiffusionPipeline
-    ref, ours = ref_cls.from_pretrained(repo), ours_cls.from_pretrained(repo)
-    ref.set_progress_bar_config(disable=True)
-    ours.set_progress_bar_config(disable=True)
-    return ref, ours
-
-
-# ----------------------------------------------------------------------------- LoRA files
-
-def lora_pair(module, rank, g, std=0.1):
-    """Seeded (down, up) for a Linear or (LoCon) Conv2d: k x k down with the layer's kernel, 1 x 1 up."""
-    if isinstance(module, torch.nn.Conv2d):
-        return (torch.randn(rank, module.in_channels, *module.kernel_size, generator=g) * std,
-                torch.randn(module.out_channels, rank, 1, 1, generator=g) * std)
-    return (torch.randn(rank, module.in_features, generator=g) * std,
-            torch.randn(module.out_features, rank, generator=g) * std)
-
-
-def targets(model):
-    return [n for n, m in model.named_modules() if type(m) in (torch.nn.Linear, torch.nn.Conv2d)]
-
-
-def kohya(model, prefix, names, rank=4, alpha=None, seed=0, file_names=None):
-    """kohya keys `prefix + name with "_"` (or the given `file_names`), `.lora_down/.lora_up/.alpha`."""
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for i, name in enumerate(names):
-        key = prefix + (file_names[i] if file_names else name).replace(".", "_")
-        sd[key + ".lora_down.weight"], sd[key + ".lora_up.weight"] = lora_pair(model.get_submodule(name), rank, g)
-        if alpha is not None:
-            sd[key + ".alpha"] = torch.tensor(float(alpha))
-    return sd
-
-
-def peft(model, prefix, names, rank=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    sd = {}
-    for name in names:
-        sd[f"{prefix}.{name}.lora_A.weight"], sd[f"{prefix}.{name}.lora_B.weight"] = lora_pair(
-            model.get_submodule(name), rank, g)
-    return sd
-
-
-def save(sd, path, metadata=None):
-    meta = {"format": "pt"}
-    if metadata:
-        meta[lora.METADATA_KEY] = json.dumps(metadata)
-    save_file(sd, path, metadata=meta)
-    return path
-
-
-# ----------------------------------------------------------------------------- comparisons
-
-def unet_inputs(unet, batch=2):
-    g = torch.Generator().manual_seed(7)
-    cfg = unet.config
-    kw = dict(sample=torch.randn(batch, 4, 8, 8, generator=g), timestep=torch.tensor([10.0, 700.0]),
-              encoder_hidden_states=torch.randn(batch, 7, cfg.cross_attention_dim, generator=g))
-    if cfg.addition_embed_type == "text_time":
-        kw["added_cond_kwargs"] = {"text_embeds": torch.randn(batch, 32, generator=g),
-                                   "time_ids": torch.tensor([[16.0, 16.0, 0.0, 0.0, 16.0, 16.0]] * batch)}
-    return kw
-
-
-@torch.no_grad()
-def unet_out(pipe):
-    return pipe.unet(**unet_inputs(pipe.unet), return_dict=False)[0]
-
-
-@torch.no_grad()
-def text_out(encoder):
-    bos, eos = encoder.config.vocab_size - 2, encoder.config.vocab_size - 1
-    ids = torch.tensor([[bos, 5, 90, 300, 511, 12, 3, eos, eos, eos]])
-    out = encoder(ids, output_hidden_states=True)
-    return out.hidden_states[-2], out[0]
-
-
-def compare_models(ref, ours, text_encoders=("text_encoder",)):
-    assert_close(unet_out(ours), unet_out(ref), name="unet")
-    for name in text_encoders:
-        for i, (o, r) in enumerate(zip(text_out(getattr(ours, name)), text_out(getattr(ref, name)))):
-            assert_close(o, r, name=f"{name} output {i}")
-
-
-def images(pipe, **kw):
-    kw = {"prompt": "a photo of a cat", "num_inference_steps": 3, "output_type": "np",
-          "generator": torch.Generator().manual_seed(0), **kw}
-    return np.asarray(pipe(**kw).images)
-
-
-def assert_same_image(ours, ref):
-    a, b = (np.round(np.asarray(x) * 255).astype(np.int16) for x in (ours, ref))
-    assert a.shape == b.shape
-    diff = np.abs(a - b).max()
-    assert diff <= 1, f"images differ by up to {diff} / 255"
-
-
-def lora_effect(pipe, fn):
-    """How much the LoRA changes `fn(pipe)`: it must, or the comparison would prove nothing."""
-    with_lora = fn(pipe)
-    pipe.disable_lora()
-    without = fn(pipe)
-    pipe.enable_lora()
-    return (with_lora - without).abs().max() / without.abs().max()
+    return build_lora_sdxl(str(tmp_path_factory.mktemp("sdxl")))
 
 
 # ----------------------------------------------------------------------------- formats vs diffusers
@@ -227,9 +44,9 @@ def test_kohya_sd1_every_layer(tmp_path, sd_repo, alpha):
     assert isinstance(ours.unet.down_blocks[0].resnets[0].conv1, lora.LoRAConv2d)
     assert lora_effect(ours, unet_out) > 0.05
     compare_models(ref, ours)
-    assert_same_image(images(ours), images(ref))
+    assert_same_array(images(ours), images(ref))
     # cross_attention_kwargs={"scale": s} scales the UNet's and the text encoder's LoRA for the call
-    assert_same_image(images(ours, cross_attention_kwargs={"scale": 0.5}),
+    assert_same_array(images(ours, cross_attention_kwargs={"scale": 0.5}),
                       images(ref, cross_attention_kwargs={"scale": 0.5}))
 
 
@@ -277,7 +94,7 @@ def test_kohya_sdxl_sai_names(tmp_path, sdxl_repo):
     assert report.modules == counts
     assert lora_effect(ours, unet_out) > 0.05
     compare_models(ref, ours, ("text_encoder", "text_encoder_2"))
-    assert_same_image(images(ours, guidance_scale=3.0), images(ref, guidance_scale=3.0))
+    assert_same_array(images(ours, guidance_scale=3.0), images(ref, guidance_scale=3.0))
 
 
 def test_peft_with_metadata_and_text_encoders(tmp_path, sd_repo, sdxl_repo):
@@ -363,7 +180,7 @@ def test_two_adapters_with_weights(sd_repo, two_files):
         pipe.set_adapters(["lcm", "toy"], adapter_weights=[1.0, 0.8])
     assert ours.get_active_adapters() == ["lcm", "toy"]
     compare_models(ref, ours)
-    assert_same_image(images(ours), images(ref))
+    assert_same_array(images(ours), images(ref))
     # per-component weights
     for pipe in (ref, ours):
         pipe.set_adapters(["lcm", "toy"], adapter_weights=[0.5, {"unet": 0.3, "text_encoder": 1.5}])

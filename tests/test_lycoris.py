@@ -14,8 +14,7 @@ from peft.tuners.lokr import layer as peft_lokr
 from minidiff import StableDiffusionPipeline, StableDiffusionXLPipeline
 from minidiff.lora import load_lora_weights
 from minidiff.weights.lora_formats import kohya_table, sai_name, sai_prefixes
-from test_lora import build_sd, build_sdxl, targets, text_out, unet_out
-from utils import assert_close
+from utils import assert_close, build_lora_sd, build_lora_sdxl, targets, text_out, unet_out
 
 
 class Tiny(nn.Module):
@@ -152,12 +151,12 @@ def patch(model, by_path, alpha, weight=1.0):
 
 @pytest.fixture(scope="module")
 def sd_folder(tmp_path_factory):
-    return build_sd(str(tmp_path_factory.mktemp("sd_lycoris")))
+    return build_lora_sd(str(tmp_path_factory.mktemp("sd_lycoris")))
 
 
 @pytest.fixture(scope="module")
 def sdxl_folder(tmp_path_factory):
-    return build_sdxl(str(tmp_path_factory.mktemp("sdxl_lycoris")))
+    return build_lora_sdxl(str(tmp_path_factory.mktemp("sdxl_lycoris")))
 
 
 def test_sd1_every_layer_unet_and_text_encoder(sd_folder):
@@ -231,3 +230,21 @@ def test_every_key_lands_or_is_an_error():
         load_lora_weights({"unet": no_bias}, {"lora_unet_lin.diff": torch.zeros(24, 16),
                                               "lora_unet_lin.diff_b": torch.zeros(24)})
     assert kohya_table({"unet": model})["lora_unet_lin"] == ("unet", "lin")
+
+
+def test_lora_and_lycoris_adapters_together():
+    model = Tiny()
+    base = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(5)
+    f = loha(model.lin, 2, g)
+    down, up = torch.randn(3, 16, generator=g) * 0.2, torch.randn(24, 3, generator=g) * 0.2
+    load_lora_weights({"unet": model}, {f"lora_unet_lin.{k}": v for k, v in f.items()}, adapter_name="loha",
+                      verbose=False)
+    load_lora_weights({"unet": model}, {"lora_unet_lin.lora_down.weight": down, "lora_unet_lin.lora_up.weight": up},
+                      adapter_name="lora", verbose=False)
+    from minidiff.lora import set_adapters
+    set_adapters({"unet": model}, ["loha", "lora"], [0.5, 2.0])
+    x = torch.randn(4, 16)
+    with torch.no_grad():
+        want = base.lin(x) + 0.5 * x @ peft_delta(f, 2.0).T + 2.0 * (x @ down.T) @ up.T  # no alpha: scale 1
+        assert_close(model.lin(x), want, name="LoHa + LoRA")

@@ -10,8 +10,7 @@ from PIL import Image
 
 from minidiff import (DDIMScheduler, DiffusionPipeline, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler,
                       StableDiffusionImg2ImgPipeline, StableDiffusionPipeline)
-from pipes import SD15_SCHEDULER, assert_same_image, build_sd, gen
-from utils import assert_close, record_latent_path
+from utils import SD15_SCHEDULER, assert_close, assert_same_image, build_sd, gen, record_latent_path
 
 
 @pytest.fixture(scope="module")

@@ -7,8 +7,7 @@ from PIL import Image
 
 from minidiff import (AutoencoderTiny, EulerAncestralDiscreteScheduler, StableDiffusionXLImg2ImgPipeline,
                       StableDiffusionXLPipeline)
-from pipes import assert_same_image, build_sdxl, gen
-from utils import assert_close, record_latent_path, seeded_
+from utils import assert_close, assert_same_image, build_sdxl, gen, record_latent_path, seeded_
 
 
 @pytest.fixture(scope="module")

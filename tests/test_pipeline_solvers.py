@@ -6,9 +6,9 @@ import pytest
 import torch
 
 import minidiff
-from minidiff import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLPipeline
-from pipes import assert_same_image, build_sd, build_sdxl, gen
-from utils import assert_close
+from minidiff import (StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline,
+                      StableDiffusionXLPipeline)
+from utils import assert_close, assert_same_image, build_sd, build_sdxl, gen
 
 # The A1111 names these configs stand for, as diffusers' scheduler docs map them.
 SOLVERS = {
@@ -101,3 +101,22 @@ def test_sdxl_pipeline_with_solvers(sdxl, sampler):
     a, b = swapped(ours, minidiff, name, overrides), swapped(ref, diffusers, name, overrides)
     kw = dict(prompt="a castle", num_inference_steps=4, guidance_scale=4.0, height=32, width=32, output_type="np")
     assert_same_image(a(**kw, generator=gen(6)).images, b(**kw, generator=gen(6)).images)
+
+
+def test_sdxl_base_to_refiner_with_dpm_solver(sdxl, tmp_path):
+    """denoising_end / denoising_start hand-off with DPM++ 2M Karras on both sides (the refiner enters mid-way)."""
+    _, ref_base, base = sdxl
+    ref_refiner = build_sdxl(str(tmp_path), refiner=True, seed=5)
+    refiner = StableDiffusionXLImg2ImgPipeline.from_pretrained(str(tmp_path))
+    name, overrides = SOLVERS["DPM++ 2M Karras"]
+    base, ref_base = swapped(base, minidiff, name, overrides), swapped(ref_base, diffusers, name, overrides)
+    for pipe, lib in ((refiner, minidiff), (ref_refiner, diffusers)):  # (keeps requires_aesthetics_score)
+        pipe.scheduler = getattr(lib, name).from_config(pipe.scheduler.config, **overrides)
+        pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a lion", num_inference_steps=8, height=32, width=32)
+    latents = base(**kw, denoising_end=0.7, output_type="latent", generator=gen(3)).images
+    ref_latents = ref_base(**kw, denoising_end=0.7, output_type="latent", generator=gen(3)).images
+    assert_close(latents, ref_latents, name="base latents")
+    kw2 = dict(prompt="a lion", num_inference_steps=8, denoising_start=0.7, output_type="np")
+    assert_same_image(refiner(image=latents, **kw2, generator=gen(4)).images,
+                      ref_refiner(image=ref_latents, **kw2, generator=gen(4)).images)

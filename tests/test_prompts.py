@@ -1,5 +1,6 @@
 """Long and weighted prompts (minidiff/prompts.py): A1111's parser examples, windows against a hand-built
 reference from minidiff's own text encoder calls, compel for long unweighted prompts, and the pipelines."""
+import copy
 import warnings
 
 import pytest
@@ -7,8 +8,7 @@ import torch
 
 from minidiff import StableDiffusionPipeline, StableDiffusionXLPipeline
 from minidiff.prompts import parse_prompt_attention, prompt_windows
-from pipes import assert_same_image, build_sd, build_sdxl, gen
-from utils import assert_close
+from utils import assert_close, assert_same_image, build_sd, build_sdxl, gen
 
 # A1111's documented examples (modules/prompt_parser.py docstring), then BREAK as its parser gives it.
 A1111_EXAMPLES = [
@@ -98,9 +98,26 @@ def test_windows_and_weights_against_a_hand_built_reference(sd):
     assert_close(uncond[:, :77], te(hand_windows(tok, tok.encode_plain("blurry")))[0], name="negative window")
 
 
+def test_batches_pad_to_the_longest_prompt(sd, sdxl):
+    _, ours = sd
+    te, tok = ours.text_encoder, ours.tokenizer
+    cond, uncond = ours.encode_prompt(["a cat", long_prompt(100)], num_images_per_prompt=2,
+                                      negative_prompt=["fog", "rain"], prompt_syntax="a1111")
+    assert cond.shape == uncond.shape == (4, 154, 32)
+    assert_close(cond[1, 77:], te(hand_windows(tok, []))[0][0], name="batch padding window")
+    assert_close(cond[2], te(hand_windows(tok, tok.encode_plain(long_prompt(100))))[0].reshape(154, -1), name="row")
+    _, xl = sdxl  # prompt_2 longer than prompt: both encoders get its number of windows
+    c, n, p, _ = xl.encode_prompt("a cat", prompt_2=long_prompt(160), negative_prompt="fog", prompt_syntax="a1111")
+    assert c.shape == n.shape == (1, 231, 64) and p.shape == (1, 32)
+
+
 def test_break_and_comma_backtrack(sd):
     _, ours = sd
     tok = ours.tokenizer
+    short = copy.copy(tok)  # a tokenizer (and text encoder) of 20 positions, as the bundled model has: 18 a window
+    short.model_max_length = 20
+    windows = prompt_windows(short, long_prompt(30))
+    assert [len(w[0]) for w in windows] == [20, 20] and windows[1][0][1:13] == tok.encode_plain(long_prompt(30))[18:]
     windows = prompt_windows(tok, "a red cat BREAK a blue dog")
     assert len(windows) == 2
     assert windows[1][0][:5] == [tok.bos_token_id, *tok.encode_plain("a blue dog"), tok.eos_token_id]

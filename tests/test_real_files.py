@@ -78,8 +78,7 @@ def _text_encoder(real_cfg, folder, seed, projection=False):
 
 
 def _tokenizer(real_tok, folder):
-    from pipes import bpe
-    from test_tokenizer import write_tokenizer
+    from utils import bpe, write_tokenizer
     vocab, merges = bpe()
     write_tokenizer(str(folder), vocab, merges, real_tok["special_tokens_map_pad_token"])
 

@@ -21,10 +21,7 @@ from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_prior import 
 import real_layouts as real
 from minidiff.pipelines.wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, WuerstchenDecoderPipeline, WuerstchenPriorPipeline
 from minidiff.tokenizer import CLIPTokenizer
-from pipes import bpe
-from test_tokenizer import write_tokenizer
-from test_wuerstchen_pipeline import conditioned_
-from utils import assert_close, seeded_
+from utils import assert_close, bpe, conditioned_, seeded_, write_tokenizer
 
 # the real c_in 16 and c_r 64; other widths than the other Würstchen tests (c 32, c_cond 32, c_r 16, 2 heads)
 PRIOR = {**real.WUERSTCHEN_PRIOR, "c": 64, "c_cond": 40, "depth": 3, "nhead": 4}

@@ -28,10 +28,10 @@ def fake_model(x, t):
     return torch.sin(1.3 * x + float(t) / 250.0) * 0.8 + 0.1 * x
 
 
-def loop(sched, model=fake_model, seed=5, **step_kwargs):
+def loop(sched, model=fake_model, seed=5, dtype=torch.float32, **step_kwargs):
     """A pipeline's loop from seeded noise (a generator goes to schedulers whose step takes one); returns the
     step outputs."""
-    x = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma
+    x = (torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0)) * sched.init_noise_sigma).to(dtype)
     if "generator" in inspect.signature(sched.step).parameters:
         step_kwargs["generator"] = torch.Generator().manual_seed(seed)
     outs = []
@@ -256,6 +256,18 @@ def test_tcd_schedules_and_errors():
         a.step(x, a.timesteps[0], x, eta=1.5)
 
 
+@pytest.mark.parametrize("name", SIGMA_NAMES + ["DDPMScheduler", "TCDScheduler"])
+def test_fp16_loops(name):
+    """fp16 latents stay fp16 and take the same values as in diffusers (its dtype promotions, not ours)."""
+    a, b = pair(name, **SD, **({"use_karras_sigmas": True} if name in SIGMA_NAMES else {}))
+    for s in (a, b):
+        s.set_timesteps(5)
+    outs_a, outs_b = loop(a, dtype=torch.float16), loop(b, dtype=torch.float16)
+    for oa, ob in zip(outs_a, outs_b):
+        assert oa[0].dtype == ob[0].dtype == torch.float16
+        assert_close(oa[0], ob[0], rel=1e-3 if name == "LMSDiscreteScheduler" else 0.0, name=name)
+
+
 # ---------------------------------------------------------------------------------------------
 # Config files, from_config, compatibles
 
@@ -317,7 +329,7 @@ def test_compatibles_like_diffusers(name):
 
 @pytest.fixture(scope="module")
 def tiny_unet():
-    from pipes import SD_UNET
+    from utils import SD_UNET
     from utils import seeded_
     unet = seeded_(diffusers.UNet2DConditionModel(**{**SD_UNET, "sample_size": 8}), 0, std=0.05).eval()
     cond = torch.randn(2, 5, 32, generator=torch.Generator().manual_seed(9))
@@ -346,6 +358,9 @@ def test_sampler_names():
     assert type(s).__name__ == "KDPM2AncestralDiscreteScheduler" and s.config.use_karras_sigmas
     assert name_of(s) == "DPM2 a Karras" and name_of(ours.HeunDiscreteScheduler()) == "Heun"
     assert sampler_name("euler_ancestral") == "Euler a" and sampler_name("lms karras") == "LMS Karras"
+    # where A1111 has no name the PNG says the class name, which reads back
+    assert sampler_name("PNDMScheduler") == "PNDMScheduler"
+    assert type(scheduler_for("PNDMScheduler", {})).__name__ == "PNDMScheduler"
     with pytest.raises(ValueError, match="unknown sampler 'Eulr'; known: Euler, Euler a, Heun"):
         sampler_name("Eulr")
     # every name the issue lists is known; each maps to the class diffusers' docs give

@@ -8,8 +8,7 @@ from PIL import Image
 
 from minidiff import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline, StableDiffusionXLImg2ImgPipeline
 from minidiff import StableDiffusionXLPipeline, schedulers
-from pipes import assert_same_image, build_sd, build_sdxl, gen
-from utils import assert_close
+from utils import assert_close, assert_same_image, build_sd, build_sdxl, gen
 
 NEW = ["HeunDiscreteScheduler", "KDPM2DiscreteScheduler", "KDPM2AncestralDiscreteScheduler", "LMSDiscreteScheduler",
        "DDPMScheduler", "TCDScheduler"]

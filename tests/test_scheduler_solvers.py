@@ -214,3 +214,17 @@ def test_solvers_from_every_other_config(name, tmp_path):
     assert a.config["beta_schedule"] == b.config["beta_schedule"] and len(a) == len(b) == 1000
     assert sorted(c.__name__ for c in a.compatibles) == sorted(c.__name__ for c in b.compatibles
                                                                 if hasattr(ours, c.__name__))
+
+
+@pytest.mark.parametrize("name, extra", [("DPMSolverMultistepScheduler", dict(algorithm_type="sde-dpmsolver++")),
+                                         ("DPMSolverMultistepScheduler", dict(thresholding=True)),
+                                         ("DPMSolverSinglestepScheduler", dict(solver_order=3)),
+                                         ("UniPCMultistepScheduler", dict(solver_order=3)),
+                                         ("DEISMultistepScheduler", dict(solver_order=3))])
+def test_solvers_in_float16(name, extra):
+    """fp16 samples and model outputs (a pipeline in float16): the same dtype handling as diffusers."""
+    a, b = both(name, **SD, **extra)
+    for s in (a, b):
+        s.set_timesteps(6)
+    outs = compare_loop(a, b, start_sample(dtype=torch.float16), fields=("prev_sample",), seed=2)
+    assert outs[-1].prev_sample.dtype == torch.float16

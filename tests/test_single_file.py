@@ -19,8 +19,7 @@ from safetensors.torch import save_file
 
 import minidiff
 from minidiff.weights import single_file as sf
-from pipes import assert_same_image, bpe, gen, tokenizer_folder
-from utils import assert_close, seeded_
+from utils import assert_close, assert_same_image, bpe, gen, seeded_, tokenizer_folder
 
 # ---- the converter: diffusers / transformers keys -> the original single-file keys --------------------
 
@@ -667,3 +666,32 @@ def test_hub_addresses_resolve_through_the_cache(family_file, monkeypatch):
                      ("stable-diffusion-v1-5/stable-diffusion-v1-5", "v1-5-pruned-emaonly.safetensors", None)]
     with pytest.raises(FileNotFoundError, match="no such file"):
         minidiff.StableDiffusionPipeline.from_single_file("/nowhere/model.safetensors")
+
+
+def test_model_classes_and_generic_entry(family_file):
+    pipe, _, path, folder = family_file("sdxl")
+    assert type(minidiff.DiffusionPipeline.from_single_file(path)) is minidiff.StableDiffusionXLPipeline
+    te2 = minidiff.CLIPTextModelWithProjection.from_single_file(path)
+    te1 = minidiff.CLIPTextModel.from_single_file(path)
+    unet = minidiff.UNet2DConditionModel.from_single_file(path, config=folder, subfolder="unet")
+    ids = torch.randint(0, 49408, (1, 77), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        assert_close(te2(ids).text_embeds, pipe.text_encoder_2(ids).text_embeds, name="bigG projection (transposed)")
+        assert_close(te1(ids)[0], pipe.text_encoder(ids)[0], name="CLIP-L")
+    assert all(torch.equal(v, unet.state_dict()[k]) for k, v in pipe.unet.state_dict().items())
+    _, _, refiner, _ = family_file("sdxl_refiner")
+    with pytest.raises(ValueError, match="has no text_encoder "):
+        minidiff.CLIPTextModel.from_single_file(refiner)
+
+
+def test_old_text_encoder_keys_without_text_model(family_file, tmp_path):
+    """Files from transformers < 4.x name the SD 1.x text encoder without `text_model.`: the same weights."""
+    pipe, _, _, _ = family_file("sd1")
+    sd = {k.replace("cond_stage_model.transformer.text_model.", "cond_stage_model.transformer."): v
+          for k, v in pipeline_to_ldm(pipe, "sd1").items()}
+    path = str(tmp_path / "old.safetensors")
+    save_file(sd, path)
+    te = minidiff.CLIPTextModel.from_single_file(path)
+    ids = torch.randint(0, 49408, (1, 77), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        assert_close(te(ids)[0], pipe.text_encoder(ids)[0], name="old-key text encoder")

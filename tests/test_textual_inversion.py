@@ -7,8 +7,7 @@ from safetensors.torch import save_file
 
 from minidiff import StableDiffusionPipeline, StableDiffusionXLPipeline
 from minidiff.textual_inversion import expand_prompt
-from pipes import assert_same_image, build_sd, build_sdxl, gen
-from utils import assert_close
+from utils import assert_close, assert_same_image, build_sd, build_sdxl, gen
 
 KW = dict(num_inference_steps=3, height=32, width=32, output_type="np")
 
@@ -55,6 +54,10 @@ def test_diffusers_file_multi_vector_matches_diffusers(tmp_path, sd_folder):
                     ref.encode_prompt(prompt, "cpu", 1, True, negative_prompt="<cat-toy>")):
         assert_close(a, b, name="prompt embeddings")
     assert_same_image(ours(prompt, generator=gen(0), **KW).images, ref(prompt, generator=gen(0), **KW).images)
+    # saved with the pipeline, the tokens and vectors come back (multi-vector expansion included)
+    ours.save_pretrained(str(tmp_path / "saved"))
+    again = StableDiffusionPipeline.from_pretrained(str(tmp_path / "saved"))
+    assert_close(again.encode_prompt(prompt)[0], ours.encode_prompt(prompt)[0], name="saved and reloaded")
     # a token no embedding defines is just text
     plain = ours.encode_prompt("a <dog-toy>", do_classifier_free_guidance=False)[0]
     assert_close(plain, ref.encode_prompt("a <dog-toy>", "cpu", 1, False)[0], name="unknown token")

@@ -1,18 +1,15 @@
 """minidiff's CLIPTokenizer vs transformers' CLIPTokenizer (slow, what diffusers loads) and
 CLIPTokenizerFast, on the real CLIP BPE vocabulary that open-clip-torch ships."""
-import gzip
-import importlib.util
 import itertools
-import json
 import os
 import random
 
 import pytest
 import torch
 import transformers
-from transformers.models.clip.tokenization_clip import bytes_to_unicode
 
 from minidiff.tokenizer import CLIPTokenizer
+from utils import clip_bpe_files, write_tokenizer
 
 BASE = [
     "a photo of an astronaut riding a horse on mars",
@@ -75,51 +72,6 @@ def make_prompts():
 
 
 PROMPTS = make_prompts()
-
-
-def clip_bpe_files():
-    """vocab and merges as CLIP builds them from its merges file (open_clip / OpenAI SimpleTokenizer)."""
-    spec = importlib.util.find_spec("open_clip")
-    assert spec is not None, ("open-clip-torch is not installed; it ships CLIP's BPE merges: "
-                              "pip install --no-deps open-clip-torch")
-    path = os.path.join(list(spec.submodule_search_locations)[0], "bpe_simple_vocab_16e6.txt.gz")
-    lines = gzip.open(path).read().decode("utf-8").split("\n")
-    merges = lines[1:49152 - 256 - 2 + 1]
-    byte_chars = list(bytes_to_unicode().values())
-    vocab = byte_chars + [c + "</w>" for c in byte_chars] + ["".join(m.split()) for m in merges]
-    vocab += ["<|startoftext|>", "<|endoftext|>"]
-    assert len(vocab) == 49408 and len(set(vocab)) == len(vocab)
-    return {t: i for i, t in enumerate(vocab)}, merges
-
-
-def write_tokenizer(folder, vocab, merges, pad_token):
-    """A Hub tokenizer folder: SD 1.x style (legacy special_tokens_map.json) or SDXL tokenizer_2 style
-    (added_tokens_decoder, pad "!")."""
-    os.makedirs(folder)
-    with open(os.path.join(folder, "vocab.json"), "w", encoding="utf-8") as f:
-        json.dump(vocab, f, ensure_ascii=False)
-    with open(os.path.join(folder, "merges.txt"), "w", encoding="utf-8") as f:
-        f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
-    special = {"lstrip": False, "normalized": True, "rstrip": False, "single_word": False}
-    config = {"add_prefix_space": False, "do_lower_case": True, "errors": "replace", "model_max_length": 77,
-              "tokenizer_class": "CLIPTokenizer", "pad_token": pad_token}
-    if pad_token == "!":
-        config["clean_up_tokenization_spaces"] = True
-        config["added_tokens_decoder"] = {
-            "0": {"content": "!", **special, "normalized": False, "special": True},
-            "49406": {"content": "<|startoftext|>", **special, "special": True},
-            "49407": {"content": "<|endoftext|>", **special, "special": True}}
-        config.update(bos_token="<|startoftext|>", eos_token="<|endoftext|>", unk_token="<|endoftext|>")
-    else:
-        for key, content in (("bos_token", "<|startoftext|>"), ("eos_token", "<|endoftext|>"),
-                             ("unk_token", "<|endoftext|>")):
-            config[key] = {"__type": "AddedToken", "content": content, **special}
-        with open(os.path.join(folder, "special_tokens_map.json"), "w", encoding="utf-8") as f:
-            json.dump({"bos_token": {"content": "<|startoftext|>", **special},
-                       "eos_token": {"content": "<|endoftext|>", **special},
-                       "unk_token": {"content": "<|endoftext|>", **special}, "pad_token": pad_token}, f)
-    with open(os.path.join(folder, "tokenizer_config.json"), "w", encoding="utf-8") as f:
-        json.dump(config, f)
 
 
 @pytest.fixture(scope="module")

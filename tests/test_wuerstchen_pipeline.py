@@ -21,7 +21,7 @@ from diffusers.pipelines.deprecated.wuerstchen.modeling_wuerstchen_prior import 
 import minidiff.pipelines.wuerstchen as wpipe
 from minidiff.pipelines.wuerstchen import (DEFAULT_STAGE_C_TIMESTEPS, WuerstchenCombinedPipeline,
                                            WuerstchenDecoderPipeline, WuerstchenPriorPipeline)
-from tests.utils import assert_close, seeded_
+from tests.utils import assert_close, conditioned_, seeded_
 
 MAX_LEN = 16
 WORDS = "a photo of cat dog on the moon blurry ugly red blue car".split()
@@ -65,19 +65,6 @@ def write_bpe(folder):
         f.write("#version: 0.2\n" + "\n".join(merges) + "\n")
     return transformers.CLIPTokenizerFast(os.path.join(folder, "vocab.json"), os.path.join(folder, "merges.txt"),
                                           model_max_length=MAX_LEN)
-
-
-def conditioned_(model, seed, boost=0.2):
-    """seeded_ weights, with the conditioning paths (text mappers, attention, effnet mappers) turned up: at
-    seeded_'s scale the text barely moves the output, and a swapped guidance order would go unnoticed."""
-    seeded_(model, seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    paths = ("attention", "kv_mapper", "cond_mapper", "clip_mapper", "effnet_mappers")
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if p.ndim >= 2 and any(k in name for k in paths):
-                p.copy_(torch.randn(p.shape, generator=g) * boost)
-    return model.eval()
 
 
 def text_encoder(hidden, seed):

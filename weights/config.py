@@ -8,6 +8,21 @@ build, and that is an error rather than a silently different model.
 import dataclasses
 import warnings
 
+# The keys every transformers config.json carries that do not describe the architecture: informational,
+# training-only (dropout, init), generation and output-format defaults. A text encoder's config ignores them.
+TRANSFORMERS_GENERIC_KEYS = (
+    "architectures", "torch_dtype", "dtype", "transformers_version", "initializer_range", "initializer_factor",
+    "dropout", "output_attentions", "output_hidden_states", "return_dict", "torchscript", "use_bfloat16",
+    "chunk_size_feed_forward", "tie_word_embeddings", "cross_attention_hidden_size", "finetuning_task",
+    "id2label", "label2id", "task_specific_params", "problem_type", "tokenizer_class", "prefix", "sep_token_id",
+    "decoder_start_token_id", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
+    "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
+    "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
+    "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
+    "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
+    "begin_suppress_tokens", "tf_legacy_loss", "gradient_checkpointing",
+)
+
 
 def config_from_dict(config_cls, d, where="config.json"):
     fields = {f.name for f in dataclasses.fields(config_cls)}

@@ -158,9 +158,13 @@ def load_model(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None
         raw = read_json(repo_or_path, "config.json", subfolder)
         config = config_from_dict(cls.config_class, raw, where=os.path.join(repo_or_path, subfolder or "", "config.json"))
     files = resolve_weights(repo_or_path, cls.weight_names, subfolder, variant, allow_pickle)
+    from minidiff.compress import build_palettised, palettised_layers
+    palettised = palettised_layers(files)  # a file minidiff.compress wrote: its layers say so in the metadata
     with _no_gc():
         with torch.device("meta"), _no_init():
             model = cls(config)
+            if palettised:
+                build_palettised(model, palettised, files[0])
         load_into(model, files, torch_dtype, device, getattr(cls, "rename_key", None), allow_pickle)
     return model.eval()
 

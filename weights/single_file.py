@@ -455,11 +455,13 @@ def detect_family(f):
     return "sd1"
 
 
-def choose_prediction_type(family, f, prediction_type=None, original=None):
+def choose_prediction_type(family, f, prediction_type=None, original=None, scheduler_config=None):
     """(prediction_type, why). SD 2.x files do not say: diffusers' rule is v-prediction (the 768-v model) unless
     the checkpoint's global_step is 875000 (the 512-base training run), which only .ckpt files carry."""
     if prediction_type is not None:
         return prediction_type, "prediction_type= argument"
+    if scheduler_config is not None:
+        return scheduler_config.get("prediction_type", "epsilon"), "config= scheduler"
     if original is not None:
         p = _get(original, "model", "params", "parameterization")  # LDM
         scaling = _get(original, "model", "params", "denoiser_config", "params", "scaling_config", "target")  # SGM
@@ -678,12 +680,12 @@ def _is_diffusers_vae(shapes):
 
 
 def load_models(f, family, components, config_dicts=None, original=None, torch_dtype=None, device=None,
-                prediction_type=None, report=None):
+                prediction_type=None, report=None, scheduler_config=None):
     """Build the named models from the file, each from `config_dicts[component]` (a config.json's dict) when
     given, else from the file's shapes over the family's config. Returns ({component: model}, (prediction, why))."""
     fam = FAMILIES[family]
     parts = _parts(f)
-    pred, why = choose_prediction_type(family, f, prediction_type, original)
+    pred, why = choose_prediction_type(family, f, prediction_type, original, scheduler_config)
     if family == "sd2" and "rule" in why:
         logger.warning("%s: %s", f.path, why)
     variant = fam.get(pred, {})
@@ -749,9 +751,9 @@ def clip_tokenizer(pad_token, max_length=77):
     the vocabulary is the 256 byte symbols, the same with `</w>`, one token per merge, then the two specials."""
     import gzip
     from ..tokenizer import CLIPTokenizer, byte_to_char
-    import minidiff  # weights/ is installed as minidiff.weights, but an editable install reads it in place
-    path = os.path.join(os.path.dirname(minidiff.__file__), "assets", "clip-bpe", "merges.txt.gz")
-    with gzip.open(path, "rt", encoding="utf-8") as fh:
+    # absolute: weights/ is installed as minidiff.weights, but an editable install reads it in place
+    from minidiff.assets import CLIP_MERGES
+    with gzip.open(CLIP_MERGES, "rt", encoding="utf-8") as fh:
         merges = [tuple(line.split()) for line in fh.read().strip().split("\n")[1:]]
     chars = sorted(byte_to_char().values())  # CLIP's order: the printable bytes, then those moved past 255
     tokens = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
@@ -778,10 +780,13 @@ def load_pipeline(cls, path, config=None, original_config=None, prediction_type=
     # the models the pipeline takes from the file; a text encoder the family lacks (the refiner's first) is None
     wanted = [c for c in ("unet", "vae", "text_encoder", "text_encoder_2")
               if c in cls.component_names and c not in kwargs and (c in parts or c in ("unet", "vae"))]
-    config_dicts = {c: read_json(config, "config.json", c) for c in wanted} if config is not None else None
+    config_dicts, sched_raw = None, None
+    if config is not None:
+        config_dicts = {c: read_json(config, "config.json", c) for c in wanted}
+        sched_raw = read_json(config, "scheduler_config.json", "scheduler") if "scheduler" not in kwargs else None
     report = Report(f.path)
     components, (pred, why) = load_models(f, family, wanted, config_dicts, original, torch_dtype, device,
-                                          prediction_type, report)
+                                          prediction_type, report, sched_raw)
     for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
         if encoder not in cls.component_names:
             continue
@@ -795,18 +800,17 @@ def load_pipeline(cls, path, config=None, original_config=None, prediction_type=
         else:
             components[tokenizer] = clip_tokenizer(fam["tokenizer_pad"][tokenizer])
     if "scheduler" not in kwargs:
-        override = {"prediction_type": pred}
-        if config is not None:
-            raw = read_json(config, "scheduler_config.json", "scheduler")
-            sched_cls, sched_cfg = raw["_class_name"], raw
-            if prediction_type is None:
-                override = {}
+        if sched_raw is not None:
+            sched_cls, sched_cfg = sched_raw.get("_class_name"), sched_raw
         else:
             sched_cls, sched_cfg = fam.get(pred, {}).get("scheduler") or fam["scheduler"]
             sched_cfg = dict(sched_cfg)
             if original is not None:
                 apply_original_config(original, None, None, sched_cfg)
-        components["scheduler"] = getattr(schedulers, sched_cls).from_config(sched_cfg, **override)
+        if not hasattr(schedulers, str(sched_cls)):
+            raise ArgumentError(f"{config}/scheduler/scheduler_config.json names {sched_cls!r}, which minidiff does "
+                                "not implement: pass scheduler= one of minidiff.schedulers")
+        components["scheduler"] = getattr(schedulers, sched_cls).from_config(sched_cfg, prediction_type=pred)
     if config is not None:
         index = read_json(config, "model_index.json")
         options = {k: v for k, v in index.items() if k in fam["pipeline"]}

@@ -16,6 +16,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidiff import ops
+from ..weights.config import TRANSFORMERS_GENERIC_KEYS
 from .base import Model, ModelOutput
 
 
@@ -45,19 +46,7 @@ class CLIPTextConfig:
         "is_encoder_decoder": False,
         "tie_encoder_decoder": False,
     }
-    # informational, training-only (dropout, init), generation and output-format defaults
-    IGNORED: ClassVar[tuple] = (
-        "architectures", "torch_dtype", "dtype", "transformers_version", "initializer_range", "initializer_factor",
-        "dropout", "output_attentions", "output_hidden_states", "return_dict", "torchscript", "use_bfloat16",
-        "chunk_size_feed_forward", "tie_word_embeddings", "cross_attention_hidden_size", "finetuning_task",
-        "id2label", "label2id", "task_specific_params", "problem_type", "tokenizer_class", "prefix", "sep_token_id",
-        "decoder_start_token_id", "max_length", "min_length", "do_sample", "early_stopping", "num_beams",
-        "num_beam_groups", "diversity_penalty", "temperature", "top_k", "top_p", "typical_p", "repetition_penalty",
-        "length_penalty", "no_repeat_ngram_size", "encoder_no_repeat_ngram_size", "bad_words_ids",
-        "num_return_sequences", "output_scores", "return_dict_in_generate", "forced_bos_token_id",
-        "forced_eos_token_id", "remove_invalid_values", "exponential_decay_length_penalty", "suppress_tokens",
-        "begin_suppress_tokens", "tf_legacy_loss", "gradient_checkpointing",
-    )
+    IGNORED: ClassVar[tuple] = TRANSFORMERS_GENERIC_KEYS  # informational, training and generation defaults
 
     def validate(self, where):
         if self.hidden_act not in ACTIVATIONS:

@@ -19,55 +19,6 @@ import torch.nn as nn
 from .base import ModelOutput
 from .vae import ACTIVATIONS, Autoencoder, DecoderOutput, activation
 
-UPSAMPLE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic")
-
-
-@dataclass
-class AutoencoderTinyConfig:
-    in_channels: int = 3
-    out_channels: int = 3
-    encoder_block_out_channels: tuple = (64, 64, 64, 64)
-    decoder_block_out_channels: tuple = (64, 64, 64, 64)
-    act_fn: str = "relu"
-    upsample_fn: str = "nearest"
-    latent_channels: int = 4
-    upsampling_scaling_factor: int = 2
-    num_encoder_blocks: tuple = (1, 3, 3, 3)
-    num_decoder_blocks: tuple = (3, 3, 3, 1)
-    latent_magnitude: float = 3
-    latent_shift: float = 0.5
-    force_upcast: bool = False
-    scaling_factor: float = 1.0
-    shift_factor: float = 0.0
-    # Legacy key pipelines read (vae_scale_factor = 2 ** (len(block_out_channels) - 1)); always the decoder's
-    # channels, whatever the file says, as diffusers does.
-    block_out_channels: tuple = None
-
-    NEUTRAL: ClassVar[dict] = {}
-    IGNORED: ClassVar[tuple] = ()
-
-    def __post_init__(self):
-        self.block_out_channels = tuple(self.decoder_block_out_channels)
-        # TAESD runs fine in float16; diffusers forces this off whatever the file says.
-        self.force_upcast = False
-
-    def validate(self, where="config"):
-        def bad(key, value, want):
-            raise ValueError(f"{where}: {key}={value!r} is not supported by minidiff's AutoencoderTiny ({want})")
-
-        for side in ("encoder", "decoder"):
-            channels, blocks = getattr(self, f"{side}_block_out_channels"), getattr(self, f"num_{side}_blocks")
-            if len(channels) != len(blocks) or not channels:
-                bad(f"{side}_block_out_channels", channels,
-                    f"need one entry per num_{side}_blocks entry ({len(blocks)})")
-            if len(set(channels)) != 1:
-                bad(f"{side}_block_out_channels", channels, "all stages must have the same width")
-        if self.act_fn not in ACTIVATIONS:
-            bad("act_fn", self.act_fn, f"supported: {', '.join(ACTIVATIONS)}")
-        if self.upsample_fn not in UPSAMPLE_MODES:
-            bad("upsample_fn", self.upsample_fn, f"supported: {', '.join(UPSAMPLE_MODES)}")
-
-
 class AutoencoderTinyBlock(nn.Module):
     """Three 3x3 convs with a residual connection, then ReLU (always ReLU, whatever act_fn says)."""
 
@@ -131,6 +82,52 @@ class AutoencoderTinyOutput(ModelOutput):
 def _ramp(n, blend):
     """Weights 0, 1/(blend-1), ..., clamped to 1: how a tile fades in over its first `blend` pixels."""
     return (torch.arange(n) / (blend - 1)).clamp(0, 1)
+
+
+@dataclass
+class AutoencoderTinyConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    encoder_block_out_channels: tuple = (64, 64, 64, 64)
+    decoder_block_out_channels: tuple = (64, 64, 64, 64)
+    act_fn: str = "relu"
+    upsample_fn: str = "nearest"
+    latent_channels: int = 4
+    upsampling_scaling_factor: int = 2
+    num_encoder_blocks: tuple = (1, 3, 3, 3)
+    num_decoder_blocks: tuple = (3, 3, 3, 1)
+    latent_magnitude: float = 3
+    latent_shift: float = 0.5
+    force_upcast: bool = False
+    scaling_factor: float = 1.0
+    shift_factor: float = 0.0
+    # Legacy key pipelines read (vae_scale_factor = 2 ** (len(block_out_channels) - 1)); always the decoder's
+    # channels, whatever the file says, as diffusers does.
+    block_out_channels: tuple = None
+
+    NEUTRAL: ClassVar[dict] = {}
+    IGNORED: ClassVar[tuple] = ()
+
+    def __post_init__(self):
+        self.block_out_channels = tuple(self.decoder_block_out_channels)
+        # TAESD runs fine in float16; diffusers forces this off whatever the file says.
+        self.force_upcast = False
+
+    def validate(self, where="config"):
+        def bad(key, value, want):
+            raise ValueError(f"{where}: {key}={value!r} is not supported by minidiff's AutoencoderTiny ({want})")
+
+        for side in ("encoder", "decoder"):
+            channels, blocks = getattr(self, f"{side}_block_out_channels"), getattr(self, f"num_{side}_blocks")
+            if len(channels) != len(blocks) or not channels:
+                bad(f"{side}_block_out_channels", channels,
+                    f"need one entry per num_{side}_blocks entry ({len(blocks)})")
+            if len(set(channels)) != 1:
+                bad(f"{side}_block_out_channels", channels, "all stages must have the same width")
+        if self.act_fn not in ACTIVATIONS:
+            bad("act_fn", self.act_fn, f"supported: {', '.join(ACTIVATIONS)}")
+        if self.upsample_fn not in UPSAMPLE_MODES:
+            bad("upsample_fn", self.upsample_fn, f"supported: {', '.join(UPSAMPLE_MODES)}")
 
 
 class AutoencoderTiny(Autoencoder):
@@ -205,3 +202,8 @@ class AutoencoderTiny(Autoencoder):
         quantised = self.scale_latents(latents).mul(255).round().byte()
         images = self.decode(self.unscale_latents(quantised / 255.0)).sample
         return DecoderOutput(images) if return_dict else (images,)
+
+
+# ----------------------------------------------------------------------------- what the config may name
+
+UPSAMPLE_MODES = ("nearest", "nearest-exact", "bilinear", "bicubic")

@@ -23,121 +23,6 @@ import torch.nn.functional as F
 from minidiff import ops
 from .base import Model, ModelOutput
 
-DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
-UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
-MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)
-
-
-@dataclass
-class UNet2DConditionConfig:
-    sample_size: object = None  # latent side (int or [h, w]); informs pipelines of the default resolution
-    in_channels: int = 4
-    out_channels: int = 4
-    center_input_sample: bool = False
-    flip_sin_to_cos: bool = True
-    freq_shift: int = 0
-    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
-    mid_block_type: object = "UNetMidBlock2DCrossAttn"
-    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
-    only_cross_attention: object = False  # bool or per block: attn1 attends to the text too
-    block_out_channels: tuple = (320, 640, 1280, 1280)
-    layers_per_block: object = 2  # int or per block
-    downsample_padding: int = 1
-    mid_block_scale_factor: float = 1.0
-    norm_num_groups: int = 32
-    norm_eps: float = 1e-5
-    cross_attention_dim: object = 1280  # int or per block
-    transformer_layers_per_block: object = 1  # int, per block, or per block and layer
-    reverse_transformer_layers_per_block: object = None  # up path, when the above is per layer
-    attention_head_dim: object = 8  # read as the number of heads (see heads_per_block)
-    num_attention_heads: object = None
-    use_linear_projection: bool = False
-    upcast_attention: bool = False
-    class_embed_type: object = None
-    addition_embed_type: object = None
-    addition_time_embed_dim: object = None
-    projection_class_embeddings_input_dim: object = None
-    time_embedding_dim: object = None
-    time_cond_proj_dim: object = None
-    conv_in_kernel: int = 3
-    conv_out_kernel: int = 3
-    mid_block_only_cross_attention: object = None  # read only by UNetMidBlock2DSimpleCrossAttn: no effect here
-
-    NEUTRAL: ClassVar[dict] = {
-        "act_fn": ("silu", "swish"),
-        "dual_cross_attention": False,
-        "encoder_hid_dim": None,
-        "encoder_hid_dim_type": None,
-        "num_class_embeds": None,
-        "resnet_time_scale_shift": "default",
-        "time_embedding_type": "positional",
-        "time_embedding_act_fn": None,
-        "timestep_post_act": None,
-        "attention_type": "default",
-        "class_embeddings_concat": False,
-    }
-    # dropout acts in training only; the rest are read only by block types minidiff does not build
-    # (the Simple*/ResnetDownsample blocks) or by addition_embed_type "text".
-    IGNORED: ClassVar[tuple] = ("dropout", "cross_attention_norm", "resnet_skip_time_act", "resnet_out_scale_factor",
-                                "addition_embed_type_num_heads")
-
-    def per_block(self, key):
-        """A config value that may be one for all blocks or a list, as a list with one entry per down block."""
-        value = getattr(self, key)
-        return list(value) if isinstance(value, (list, tuple)) else [value] * len(self.down_block_types)
-
-    def heads_per_block(self):
-        # Trap kept from diffusers: configs written before `num_attention_heads` existed call the number
-        # of heads `attention_head_dim` (SD 1.5: 8 heads of 40, 80, 160 channels).
-        if self.num_attention_heads is not None:
-            return self.per_block("num_attention_heads")
-        return self.per_block("attention_head_dim")
-
-    def validate(self, where="config.json"):
-        def bad(key, value, why):
-            raise ValueError(f"{where}: {key}={value!r} {why}")
-
-        n = len(self.down_block_types)
-        for key, allowed in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
-            for t in getattr(self, key):
-                if t not in allowed:
-                    bad(key, getattr(self, key), f"has {t!r}, not supported by minidiff (supported: {allowed})")
-        if self.mid_block_type not in MID_BLOCKS:
-            bad("mid_block_type", self.mid_block_type, f"is not supported (supported: {MID_BLOCKS})")
-        for key in ("up_block_types", "block_out_channels", "only_cross_attention", "layers_per_block",
-                    "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
-            value = getattr(self, key)
-            if isinstance(value, (list, tuple)) and len(value) != n:
-                bad(key, value, f"must have one entry per down block ({n}: {self.down_block_types})")
-        tlpb = self.transformer_layers_per_block
-        if isinstance(tlpb, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in tlpb):
-            if self.reverse_transformer_layers_per_block is None:
-                bad("transformer_layers_per_block", tlpb, "is per layer, which needs reverse_transformer_layers_per_block")
-        if self.reverse_transformer_layers_per_block is not None and len(self.reverse_transformer_layers_per_block) != n:
-            bad("reverse_transformer_layers_per_block", self.reverse_transformer_layers_per_block,
-                f"must have one entry per up block ({n})")
-        if self.norm_num_groups is None:
-            bad("norm_num_groups", None, "is not supported (an int such as 32 is)")
-        key = "attention_head_dim" if self.num_attention_heads is None else "num_attention_heads"
-        if not all(isinstance(h, int) and h > 0 for h in self.heads_per_block()):
-            bad(key, getattr(self, key), "must be a positive number of heads, or one per block")
-        if self.addition_embed_type not in (None, "text_time"):
-            bad("addition_embed_type", self.addition_embed_type, "is not supported (supported: None or 'text_time')")
-        if self.class_embed_type not in (None, "timestep", "identity", "projection"):
-            bad("class_embed_type", self.class_embed_type,
-                "is not supported (supported: None, 'timestep', 'identity', 'projection')")
-        needs_projection = self.addition_embed_type == "text_time" or self.class_embed_type == "projection"
-        if needs_projection and self.projection_class_embeddings_input_dim is None:
-            bad("projection_class_embeddings_input_dim", None, "must be set for text_time / projection embeddings")
-        if self.addition_embed_type == "text_time" and self.addition_time_embed_dim is None:
-            bad("addition_time_embed_dim", None, "must be set when addition_embed_type is 'text_time'")
-
-
-@dataclass
-class UNet2DConditionOutput(ModelOutput):
-    sample: torch.Tensor
-
-
 # ----------------------------------------------------------------------------- building blocks
 
 def timestep_embedding(t, dim, flip_sin_to_cos=True, freq_shift=1.0, max_period=10000, scale=1.0):
@@ -417,6 +302,116 @@ class UpBlock(nn.Module):
 
 # ----------------------------------------------------------------------------- the UNet
 
+@dataclass
+class UNet2DConditionOutput(ModelOutput):
+    sample: torch.Tensor
+
+
+@dataclass
+class UNet2DConditionConfig:
+    sample_size: object = None  # latent side (int or [h, w]); informs pipelines of the default resolution
+    in_channels: int = 4
+    out_channels: int = 4
+    center_input_sample: bool = False
+    flip_sin_to_cos: bool = True
+    freq_shift: int = 0
+    down_block_types: tuple = ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D")
+    mid_block_type: object = "UNetMidBlock2DCrossAttn"
+    up_block_types: tuple = ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D")
+    only_cross_attention: object = False  # bool or per block: attn1 attends to the text too
+    block_out_channels: tuple = (320, 640, 1280, 1280)
+    layers_per_block: object = 2  # int or per block
+    downsample_padding: int = 1
+    mid_block_scale_factor: float = 1.0
+    norm_num_groups: int = 32
+    norm_eps: float = 1e-5
+    cross_attention_dim: object = 1280  # int or per block
+    transformer_layers_per_block: object = 1  # int, per block, or per block and layer
+    reverse_transformer_layers_per_block: object = None  # up path, when the above is per layer
+    attention_head_dim: object = 8  # read as the number of heads (see heads_per_block)
+    num_attention_heads: object = None
+    use_linear_projection: bool = False
+    upcast_attention: bool = False
+    class_embed_type: object = None
+    addition_embed_type: object = None
+    addition_time_embed_dim: object = None
+    projection_class_embeddings_input_dim: object = None
+    time_embedding_dim: object = None
+    time_cond_proj_dim: object = None
+    conv_in_kernel: int = 3
+    conv_out_kernel: int = 3
+    mid_block_only_cross_attention: object = None  # read only by UNetMidBlock2DSimpleCrossAttn: no effect here
+
+    NEUTRAL: ClassVar[dict] = {
+        "act_fn": ("silu", "swish"),
+        "dual_cross_attention": False,
+        "encoder_hid_dim": None,
+        "encoder_hid_dim_type": None,
+        "num_class_embeds": None,
+        "resnet_time_scale_shift": "default",
+        "time_embedding_type": "positional",
+        "time_embedding_act_fn": None,
+        "timestep_post_act": None,
+        "attention_type": "default",
+        "class_embeddings_concat": False,
+    }
+    # dropout acts in training only; the rest are read only by block types minidiff does not build
+    # (the Simple*/ResnetDownsample blocks) or by addition_embed_type "text".
+    IGNORED: ClassVar[tuple] = ("dropout", "cross_attention_norm", "resnet_skip_time_act", "resnet_out_scale_factor",
+                                "addition_embed_type_num_heads")
+
+    def per_block(self, key):
+        """A config value that may be one for all blocks or a list, as a list with one entry per down block."""
+        value = getattr(self, key)
+        return list(value) if isinstance(value, (list, tuple)) else [value] * len(self.down_block_types)
+
+    def heads_per_block(self):
+        # Trap kept from diffusers: configs written before `num_attention_heads` existed call the number
+        # of heads `attention_head_dim` (SD 1.5: 8 heads of 40, 80, 160 channels).
+        if self.num_attention_heads is not None:
+            return self.per_block("num_attention_heads")
+        return self.per_block("attention_head_dim")
+
+    def validate(self, where="config.json"):
+        def bad(key, value, why):
+            raise ValueError(f"{where}: {key}={value!r} {why}")
+
+        n = len(self.down_block_types)
+        for key, allowed in (("down_block_types", DOWN_BLOCKS), ("up_block_types", UP_BLOCKS)):
+            for t in getattr(self, key):
+                if t not in allowed:
+                    bad(key, getattr(self, key), f"has {t!r}, not supported by minidiff (supported: {allowed})")
+        if self.mid_block_type not in MID_BLOCKS:
+            bad("mid_block_type", self.mid_block_type, f"is not supported (supported: {MID_BLOCKS})")
+        for key in ("up_block_types", "block_out_channels", "only_cross_attention", "layers_per_block",
+                    "cross_attention_dim", "transformer_layers_per_block", "attention_head_dim", "num_attention_heads"):
+            value = getattr(self, key)
+            if isinstance(value, (list, tuple)) and len(value) != n:
+                bad(key, value, f"must have one entry per down block ({n}: {self.down_block_types})")
+        tlpb = self.transformer_layers_per_block
+        if isinstance(tlpb, (list, tuple)) and any(isinstance(v, (list, tuple)) for v in tlpb):
+            if self.reverse_transformer_layers_per_block is None:
+                bad("transformer_layers_per_block", tlpb, "is per layer, which needs reverse_transformer_layers_per_block")
+        if self.reverse_transformer_layers_per_block is not None and len(self.reverse_transformer_layers_per_block) != n:
+            bad("reverse_transformer_layers_per_block", self.reverse_transformer_layers_per_block,
+                f"must have one entry per up block ({n})")
+        if self.norm_num_groups is None:
+            bad("norm_num_groups", None, "is not supported (an int such as 32 is)")
+        key = "attention_head_dim" if self.num_attention_heads is None else "num_attention_heads"
+        if not all(isinstance(h, int) and h > 0 for h in self.heads_per_block()):
+            bad(key, getattr(self, key), "must be a positive number of heads, or one per block")
+        if self.addition_embed_type not in (None, "text_time"):
+            bad("addition_embed_type", self.addition_embed_type, "is not supported (supported: None or 'text_time')")
+        if self.class_embed_type not in (None, "timestep", "identity", "projection"):
+            bad("class_embed_type", self.class_embed_type,
+                "is not supported (supported: None, 'timestep', 'identity', 'projection')")
+        needs_projection = self.addition_embed_type == "text_time" or self.class_embed_type == "projection"
+        if needs_projection and self.projection_class_embeddings_input_dim is None:
+            bad("projection_class_embeddings_input_dim", None, "must be set for text_time / projection embeddings")
+        if self.addition_embed_type == "text_time" and self.addition_time_embed_dim is None:
+            bad("addition_time_embed_dim", None, "must be set when addition_embed_type is 'text_time'")
+
+
 class UNet2DConditionModel(Model):
     """diffusers' UNet2DConditionModel for the SD 1.x/2.x/XL families: `unet(sample, t, text).sample`."""
 
@@ -544,3 +539,10 @@ class UNet2DConditionModel(Model):
 
         x = self.conv_out(self.conv_norm_out(x, silu=True))
         return UNet2DConditionOutput(sample=x) if return_dict else (x,)
+
+
+# ----------------------------------------------------------------------------- what the config may name
+
+DOWN_BLOCKS = ("CrossAttnDownBlock2D", "DownBlock2D")
+UP_BLOCKS = ("CrossAttnUpBlock2D", "UpBlock2D")
+MID_BLOCKS = ("UNetMidBlock2DCrossAttn", "UNetMidBlock2D", None)

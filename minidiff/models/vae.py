@@ -23,60 +23,6 @@ from .. import ops
 from ..schedulers.common import randn_tensor
 from .base import Model, ModelOutput
 
-ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "mish": nn.Mish}
-
-
-@dataclass
-class AutoencoderKLConfig:
-    in_channels: int = 3
-    out_channels: int = 3
-    down_block_types: tuple = ("DownEncoderBlock2D",)
-    up_block_types: tuple = ("UpDecoderBlock2D",)
-    block_out_channels: tuple = (64,)
-    layers_per_block: int = 1
-    act_fn: str = "silu"
-    latent_channels: int = 4
-    norm_num_groups: int = 32
-    sample_size: object = 32  # int or [height, width]; only sets the tile size of tiled decoding
-    scaling_factor: float = 0.18215
-    shift_factor: float = None
-    latents_mean: tuple = None
-    latents_std: tuple = None
-    force_upcast: bool = True
-    use_quant_conv: bool = True
-    use_post_quant_conv: bool = True
-    mid_block_add_attention: bool = True
-
-    # diffusers' AutoencoderKL has no further arguments: nothing to declare neutral or ignored.
-    NEUTRAL: ClassVar[dict] = {}
-    IGNORED: ClassVar[tuple] = ()
-
-    def validate(self, where="config"):
-        def bad(key, value, want):
-            raise ValueError(f"{where}: {key}={value!r} is not supported by minidiff's AutoencoderKL ({want})")
-
-        n = len(self.block_out_channels)
-        if n == 0:
-            bad("block_out_channels", self.block_out_channels, "need at least one block")
-        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
-            types = list(getattr(self, key))
-            if any(t != want for t in types):
-                bad(key, types, f"every block must be {want!r}")
-            if len(types) != n:
-                bad(key, types, f"need one entry per block_out_channels entry ({n})")
-        if self.act_fn not in ACTIVATIONS:
-            bad("act_fn", self.act_fn, f"supported: {', '.join(ACTIVATIONS)}")
-        if any(c % self.norm_num_groups for c in self.block_out_channels):
-            bad("norm_num_groups", self.norm_num_groups, f"must divide every block_out_channels entry "
-                f"{list(self.block_out_channels)}")
-        if (self.latents_mean is None) != (self.latents_std is None):
-            bad("latents_mean", self.latents_mean, "latents_mean and latents_std must be given together")
-        for key in ("latents_mean", "latents_std"):
-            value = getattr(self, key)
-            if value is not None and len(value) != self.latent_channels:
-                bad(key, value, f"need one value per latent channel ({self.latent_channels})")
-
-
 def activation(name):
     return ACTIVATIONS[name]()
 
@@ -434,6 +380,57 @@ class Autoencoder(Model):
                              f"height, width) with {want} = config.{key}")
 
 
+@dataclass
+class AutoencoderKLConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    down_block_types: tuple = ("DownEncoderBlock2D",)
+    up_block_types: tuple = ("UpDecoderBlock2D",)
+    block_out_channels: tuple = (64,)
+    layers_per_block: int = 1
+    act_fn: str = "silu"
+    latent_channels: int = 4
+    norm_num_groups: int = 32
+    sample_size: object = 32  # int or [height, width]; only sets the tile size of tiled decoding
+    scaling_factor: float = 0.18215
+    shift_factor: float = None
+    latents_mean: tuple = None
+    latents_std: tuple = None
+    force_upcast: bool = True
+    use_quant_conv: bool = True
+    use_post_quant_conv: bool = True
+    mid_block_add_attention: bool = True
+
+    # diffusers' AutoencoderKL has no further arguments: nothing to declare neutral or ignored.
+    NEUTRAL: ClassVar[dict] = {}
+    IGNORED: ClassVar[tuple] = ()
+
+    def validate(self, where="config"):
+        def bad(key, value, want):
+            raise ValueError(f"{where}: {key}={value!r} is not supported by minidiff's AutoencoderKL ({want})")
+
+        n = len(self.block_out_channels)
+        if n == 0:
+            bad("block_out_channels", self.block_out_channels, "need at least one block")
+        for key, want in (("down_block_types", "DownEncoderBlock2D"), ("up_block_types", "UpDecoderBlock2D")):
+            types = list(getattr(self, key))
+            if any(t != want for t in types):
+                bad(key, types, f"every block must be {want!r}")
+            if len(types) != n:
+                bad(key, types, f"need one entry per block_out_channels entry ({n})")
+        if self.act_fn not in ACTIVATIONS:
+            bad("act_fn", self.act_fn, f"supported: {', '.join(ACTIVATIONS)}")
+        if any(c % self.norm_num_groups for c in self.block_out_channels):
+            bad("norm_num_groups", self.norm_num_groups, f"must divide every block_out_channels entry "
+                f"{list(self.block_out_channels)}")
+        if (self.latents_mean is None) != (self.latents_std is None):
+            bad("latents_mean", self.latents_mean, "latents_mean and latents_std must be given together")
+        for key in ("latents_mean", "latents_std"):
+            value = getattr(self, key)
+            if value is not None and len(value) != self.latent_channels:
+                bad(key, value, f"need one value per latent channel ({self.latent_channels})")
+
+
 class AutoencoderKL(Autoencoder):
     """The VAE. `encode(x)` -> `.latent_dist`; `decode(z)` -> `.sample` (images in [-1, 1]).
 
@@ -509,3 +506,8 @@ class AutoencoderKL(Autoencoder):
         posterior = self.encode(sample).latent_dist
         z = posterior.sample(generator) if sample_posterior else posterior.mode()
         return self.decode(z, return_dict=return_dict)
+
+
+# ----------------------------------------------------------------------------- what the config may name
+
+ACTIVATIONS = {"silu": nn.SiLU, "swish": nn.SiLU, "relu": nn.ReLU, "gelu": nn.GELU, "mish": nn.Mish}

@@ -58,7 +58,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         device = self._execution_device
         pairs = self._encoders()
         # zipped with the encoders present: a refiner (second encoder only) reads `prompt`, as in diffusers
-        texts_per_encoder = [[expand_prompt(t, tok) for t in texts] for texts, (tok, _) in zip(texts_per_encoder, pairs)]
+        texts_per_encoder = [[expand_prompt(t, tok) for t in texts]
+                             for texts, (tok, _) in zip(texts_per_encoder, pairs)]
         a1111 = check_syntax(prompt_syntax) == "a1111"
         if a1111:
             windows = [[prompt_windows(tok, t) for t in texts] for texts, (tok, _) in zip(texts_per_encoder, pairs)]
@@ -70,7 +71,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 with self._on_device(enc), scaled(enc, lora_scale):
                     out = enc(ids.to(device), output_hidden_states=True)
                 # CLIPTextModelWithProjection gives text_embeds first
-                return out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)], out[0] if out[0].ndim == 2 else None
+                hidden_state = out.hidden_states[-2 if clip_skip is None else -(clip_skip + 2)]
+                return hidden_state, out[0] if out[0].ndim == 2 else None
             h, p = encode_windows(encode, windows[i]) if a1111 else encode(plain_ids(tok, texts))
             hidden.append(h)
             pooled = p if p is not None else pooled
@@ -89,7 +91,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if prompt_embeds is None:
             prompt = _as_list(prompt, batch)
             prompt_2 = _as_list(prompt_2 or prompt, batch)
-            prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip, lora_scale, prompt_syntax)
+            prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip, lora_scale,
+                                                                 prompt_syntax)
         elif pooled_prompt_embeds is None:
             raise ValueError("prompt_embeds were passed without pooled_prompt_embeds: pass both (encode_prompt "
                              "returns them)")
@@ -103,8 +106,8 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 neg, neg2 = _as_list(negative_prompt, batch), _as_list(negative_prompt_2, batch)
                 if len(neg) != batch or len(neg2) != batch:
                     raise ValueError(f"negative_prompt has {len(neg)} entries but prompt has {batch}")
-                negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed_xl([neg, neg2], lora_scale=lora_scale,
-                                                                                       prompt_syntax=prompt_syntax)
+                negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed_xl(
+                    [neg, neg2], lora_scale=lora_scale, prompt_syntax=prompt_syntax)
         elif do_classifier_free_guidance and negative_pooled_prompt_embeds is None:
             raise ValueError("negative_prompt_embeds were passed without negative_pooled_prompt_embeds")
         if do_classifier_free_guidance and negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:

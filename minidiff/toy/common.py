@@ -1,19 +1,14 @@
-"""What the three training stages share: where the shipped files live, seeding, the learning-rate
-schedule and the progress line."""
+"""What the three training stages share: where the shipped files live (minidiff.assets), seeding, the
+learning-rate schedule and the progress line."""
 import math
-import os
 import random
 import time
 
 import numpy as np
 import torch
 
+from ..assets import LORA_DIR, LORA_FILE, MODEL_DIR  # noqa: F401 (where the stages write what ships)
 from ..weights.config import config_from_dict
-
-ASSETS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets")
-MODEL_DIR = os.path.join(ASSETS, "shapes-sd")
-LORA_DIR = os.path.join(ASSETS, "shapes-sd-lcm-lora")
-LORA_FILE = "pytorch_lora_weights.safetensors"  # the name diffusers' load_lora_weights looks for first
 
 # Disjoint seeds for every use of the data generator, so that no evaluation ever sees training images.
 SEED_VAE_DATA = 1

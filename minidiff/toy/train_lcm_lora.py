@@ -29,6 +29,7 @@ import torch.nn as nn
 from ..models.clip import CLIPTextModel
 from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
+from ..schedulers import LCMScheduler
 from ..schedulers.common import predict_eps, predict_x0
 from ..tokenizer import CLIPTokenizer
 from . import shapes
@@ -45,7 +46,7 @@ DDIM_STEPS = 50  # the grid of training timesteps: LCMScheduler's original_infer
 TEACHER_SKIP = 240
 TEACHER_SUBSTEPS = 3
 TIMESTEP_SCALING = 10.0  # LCMScheduler's timestep_scaling: the boundary condition's sharpness
-SIGMA_DATA = 0.5
+LCM_SCHEDULE = LCMScheduler(timestep_scaling=TIMESTEP_SCALING)  # (its sigma_data is 0.5, as LCM's)
 HUBER_C = 0.001
 # the layers the published LCM-LoRAs adapt (module names end with these)
 TARGETS = ("to_q", "to_k", "to_v", "to_out.0", "proj_in", "proj_out", "ff.net.0.proj", "ff.net.2",
@@ -103,10 +104,8 @@ def lora_state_dict(layers, alpha):
 # --- consistency distillation -------------------------------------------------------------------
 
 def boundary_scalings(t):
-    """c_skip, c_out of the consistency function at timestep t (LCMScheduler's, with timestep_scaling)."""
-    scaled = t.float() * TIMESTEP_SCALING
-    c_skip = SIGMA_DATA ** 2 / (scaled ** 2 + SIGMA_DATA ** 2)
-    c_out = scaled / (scaled ** 2 + SIGMA_DATA ** 2) ** 0.5
+    """c_skip, c_out of the consistency function at timesteps t: the LCMScheduler's own, shaped for a batch."""
+    c_skip, c_out = LCM_SCHEDULE.boundary_scalings(t.float())
     return c_skip.view(-1, 1, 1, 1), c_out.view(-1, 1, 1, 1)
 
 

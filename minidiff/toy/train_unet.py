@@ -35,6 +35,8 @@ import torch.nn.functional as F
 from ..models.clip import CLIPTextModel
 from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
+from ..schedulers import EulerDiscreteScheduler
+from ..schedulers.common import make_betas
 from ..tokenizer import BYTE_TO_CHAR, CLIPTokenizer
 from . import shapes
 from .common import MODEL_DIR, SEED_UNET_DATA, Progress, build, cosine_lr, setup
@@ -169,13 +171,11 @@ def caption_ids(tokenizer, scenes):
 
 # --- diffusion ----------------------------------------------------------------------------------
 
-def alphas_cumprod(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012):
-    """Stable Diffusion's scaled-linear schedule (betas linear in sqrt space), rescaled to zero terminal SNR:
-    sqrt(alpha_bar) shifted to end at 0 and stretched to keep its start (Lin et al. 2023, Algorithm 1)."""
-    betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, num_train_timesteps, dtype=torch.float64) ** 2
-    root = torch.cumprod(1 - betas, 0).sqrt()
-    root = (root - root[-1]) * root[0] / (root[0] - root[-1])
-    return (root ** 2).float()
+def alphas_cumprod():
+    """alpha_bar of every training step, by the library's schedule functions from the scheduler config the model
+    ships with: Stable Diffusion's scaled-linear betas, rescaled to zero terminal SNR (Lin et al. 2023,
+    Algorithm 1), so training and sampling read one schedule."""
+    return torch.cumprod(1 - make_betas(EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).cfg), 0)
 
 
 def v_target(latents, noise, a):
