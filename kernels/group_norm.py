@@ -16,6 +16,16 @@ from minidiff.kernels._op import reference_backward, runs_kernel
 
 
 @triton.jit
+def _where(j, g, group_channels, C, HW, CHANNELS_LAST: tl.constexpr):
+    """Channel and offset (within the sample) of group g's j-th element, in memory order."""
+    if CHANNELS_LAST:
+        c = g * group_channels + j % group_channels
+        return c, (j // group_channels) * C + c
+    c = g * group_channels + j // HW
+    return c, c * HW + j % HW
+
+
+@triton.jit
 def _group_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, HW, group_channels, eps,
                        CHANNELS_LAST: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_BIAS: tl.constexpr,
                        SILU: tl.constexpr, BLOCK: tl.constexpr):
@@ -29,12 +39,7 @@ def _group_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, HW, group_channels, eps,
     for start in range(0, count, BLOCK):
         j = start + offs
         inside = j < count
-        if CHANNELS_LAST:
-            c = g * group_channels + j % group_channels
-            at = (j // group_channels) * C + c
-        else:
-            c = g * group_channels + j // HW
-            at = c * HW + j % HW
+        c, at = _where(j, g, group_channels, C, HW, CHANNELS_LAST)
         acc += tl.load(x_ptr + base + at, mask=inside, other=0.0).to(tl.float32)
     mean = tl.sum(acc, axis=0) / count
 
@@ -42,12 +47,7 @@ def _group_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, HW, group_channels, eps,
     for start in range(0, count, BLOCK):
         j = start + offs
         inside = j < count
-        if CHANNELS_LAST:
-            c = g * group_channels + j % group_channels
-            at = (j // group_channels) * C + c
-        else:
-            c = g * group_channels + j // HW
-            at = c * HW + j % HW
+        c, at = _where(j, g, group_channels, C, HW, CHANNELS_LAST)
         d = tl.load(x_ptr + base + at, mask=inside, other=0.0).to(tl.float32) - mean
         acc += tl.where(inside, d * d, 0.0)
     rstd = 1.0 / tl.sqrt(tl.sum(acc, axis=0) / count + eps)
@@ -55,12 +55,7 @@ def _group_norm_kernel(x_ptr, w_ptr, b_ptr, out_ptr, C, HW, group_channels, eps,
     for start in range(0, count, BLOCK):
         j = start + offs
         inside = j < count
-        if CHANNELS_LAST:
-            c = g * group_channels + j % group_channels
-            at = (j // group_channels) * C + c
-        else:
-            c = g * group_channels + j // HW
-            at = c * HW + j % HW
+        c, at = _where(j, g, group_channels, C, HW, CHANNELS_LAST)
         y = (tl.load(x_ptr + base + at, mask=inside, other=0.0).to(tl.float32) - mean) * rstd
         if HAS_WEIGHT:
             y = y * tl.load(w_ptr + c, mask=inside, other=1.0).to(tl.float32)

@@ -22,6 +22,23 @@ from minidiff.kernels._op import INTERPRET, reference_backward, runs_kernel
 
 
 @triton.jit
+def _accumulate(acc, a_ptr, b_ptr, m, n, k, M, N, K, sam, sak, sbn, sbk,
+                IEEE: tl.constexpr, UPCAST: tl.constexpr, BK: tl.constexpr):
+    """acc += a[m, :K] b[n, :K]^T, BK columns at a time."""
+    for start in range(0, K, BK):
+        kk = start + k
+        a = tl.load(a_ptr + m[:, None] * sam + kk[None, :] * sak, mask=(m[:, None] < M) & (kk[None, :] < K), other=0.0)
+        b = tl.load(b_ptr + n[None, :] * sbn + kk[:, None] * sbk, mask=(n[None, :] < N) & (kk[:, None] < K), other=0.0)
+        if UPCAST:  # Triton 3.9's interpreter gets bf16 dots wrong (raw bits); fp32 there only
+            a, b = a.to(tl.float32), b.to(tl.float32)
+        if IEEE:
+            acc += tl.dot(a, b, input_precision="ieee")
+        else:
+            acc += tl.dot(a, b)
+    return acc
+
+
+@triton.jit
 def _matmul2_kernel(x_ptr, w_ptr, t_ptr, u_ptr, bias_ptr, out_ptr, M, N, K, R,
                     sxm, sxk, swn, swk, stm, str_, sun, sur, som, son,
                     HAS_BIAS: tl.constexpr, IEEE: tl.constexpr, UPCAST: tl.constexpr,
@@ -31,26 +48,8 @@ def _matmul2_kernel(x_ptr, w_ptr, t_ptr, u_ptr, bias_ptr, out_ptr, M, N, K, R,
     n = tl.program_id(1) * BN + tl.arange(0, BN)
     k = tl.arange(0, BK)
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for start in range(0, K, BK):
-        kk = start + k
-        a = tl.load(x_ptr + m[:, None] * sxm + kk[None, :] * sxk, mask=(m[:, None] < M) & (kk[None, :] < K), other=0.0)
-        b = tl.load(w_ptr + n[None, :] * swn + kk[:, None] * swk, mask=(n[None, :] < N) & (kk[:, None] < K), other=0.0)
-        if UPCAST:  # Triton 3.9's interpreter gets bf16 dots wrong (raw bits); fp32 there only
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
-    for start in range(0, R, BK):
-        rr = start + k
-        a = tl.load(t_ptr + m[:, None] * stm + rr[None, :] * str_, mask=(m[:, None] < M) & (rr[None, :] < R), other=0.0)
-        b = tl.load(u_ptr + n[None, :] * sun + rr[:, None] * sur, mask=(n[None, :] < N) & (rr[:, None] < R), other=0.0)
-        if UPCAST:  # Triton 3.9's interpreter gets bf16 dots wrong (raw bits); fp32 there only
-            a, b = a.to(tl.float32), b.to(tl.float32)
-        if IEEE:
-            acc += tl.dot(a, b, input_precision="ieee")
-        else:
-            acc += tl.dot(a, b)
+    acc = _accumulate(acc, x_ptr, w_ptr, m, n, k, M, N, K, sxm, sxk, swn, swk, IEEE, UPCAST, BK)
+    acc = _accumulate(acc, t_ptr, u_ptr, m, n, k, M, N, R, stm, str_, sun, sur, IEEE, UPCAST, BK)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + n, mask=n < N, other=0.0).to(tl.float32)[None, :]
     tl.store(out_ptr + m[:, None] * som + n[None, :] * son, acc.to(out_ptr.dtype.element_ty),
