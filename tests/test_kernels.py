@@ -16,7 +16,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # Tolerances: max |kernel - fp32 reference| <= TOL[dtype] x max |reference|. The kernels compute in fp32
 # and round once; the references round at each step in fp16/bf16, hence a few ulps of the dtype.
 KERNEL_CHECKS = r"""
+import os
 import torch
+DEVICE = os.environ.get("KERNEL_TEST_DEVICE", "cpu")  # cpu: interpreted; cuda: native (bench/gpu.sh)
 from minidiff import kernels, ops
 from minidiff.kernels.group_norm import group_norm
 from minidiff.kernels.layer_norm import layer_norm
@@ -25,7 +27,7 @@ from minidiff.kernels.lora_linear import lora_linear
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 g = torch.Generator().manual_seed(0)
 def rand(*shape, std=1.0):
-    return torch.randn(*shape, generator=g) * std
+    return (torch.randn(*shape, generator=g) * std).to(DEVICE)
 def check(name, ours, ref32, dtype):
     assert ours.dtype == dtype and ours.shape == ref32.shape, (name, ours.dtype, ours.shape, ref32.shape)
     err = (ours.float() - ref32).abs().max().item()
@@ -78,7 +80,7 @@ for dt in (torch.float32, torch.float16, torch.bfloat16):
 def grads(fn, *inputs):
     inputs = [t.detach().requires_grad_(True) if t is not None else None for t in inputs]
     out = fn(*inputs)
-    (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).pow(2).sum().backward()
+    (out * torch.linspace(-1, 1, out.numel(), device=out.device).view(out.shape)).pow(2).sum().backward()
     return [t.grad for t in inputs if t is not None]
 for fn_k, fn_r, shapes in [(lambda x, w, b: group_norm(x, 3, w, b, 1e-5, silu=True),
                             lambda x, w, b: ops.ref_group_norm(x, 3, w, b, 1e-5, silu=True), [(2, 6, 5), (6,), (6,)]),
@@ -101,7 +103,7 @@ class Block(torch.nn.Module):
     def forward(self, x):
         h = self.norm1(x, silu=True).flatten(2).transpose(1, 2)
         return self.out(ops.geglu(self.proj(self.norm2(h))))
-block = Block()
+block = Block().to(DEVICE)
 lora.load_lora_weights(block, {"unet.proj.lora_A.weight": rand(2, 8), "unet.proj.lora_B.weight": rand(16, 2)}, verbose=False)
 x = rand(2, 8, 3, 3)
 with torch.no_grad():
@@ -120,12 +122,21 @@ print("ok")
 """
 
 
-def test_triton_kernels_match_references_interpreted():
-    pytest.importorskip("triton")  # the [triton] extra; the test extra installs it
-    env = {**os.environ, "TRITON_INTERPRET": "1", "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", "")}
+def run_kernel_checks(**env):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""), **env}
     r = subprocess.run([sys.executable, "-c", KERNEL_CHECKS], env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stdout[-2000:] + r.stderr[-4000:]
+
+
+def test_triton_kernels_match_references_interpreted():
+    pytest.importorskip("triton")  # the [triton] extra; the test extra installs it
+    run_kernel_checks(TRITON_INTERPRET="1", KERNEL_TEST_DEVICE="cpu")
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (bench/gpu.sh runs it)")
+def test_triton_kernels_match_references_on_cuda():
+    pytest.importorskip("triton")
+    run_kernel_checks(TRITON_INTERPRET="0", KERNEL_TEST_DEVICE="cuda")
 
 
 def with_lora(build):
