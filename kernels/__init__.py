@@ -1,7 +1,7 @@
 """Optional Triton kernels for the ops seam (see README.md).
 
     from minidiff import kernels
-    kernels.use("triton")     # group_norm(+SiLU), layer_norm, geglu, lora_linear -> fused kernels
+    kernels.use("triton")     # group_norm(+SiLU), layer_norm, geglu, lora_linear, lut_weight -> kernels
     kernels.use("reference")  # back to the plain PyTorch references (also ops.reset())
 
 or set MINIDIFF_KERNELS=triton before minidiff is imported. Kernels run on CUDA tensors; CPU tensors
@@ -14,7 +14,8 @@ import os
 from minidiff import ops
 
 # op name in the seam -> the file (module) holding its kernel wrapper of the same name
-KERNELS = {"group_norm": "group_norm", "layer_norm": "layer_norm", "geglu": "geglu", "lora_linear": "lora_linear"}
+KERNELS = {"group_norm": "group_norm", "layer_norm": "layer_norm", "geglu": "geglu", "lora_linear": "lora_linear",
+           "lut_weight": "lut"}
 CHOICES = ("triton", "reference")
 
 

@@ -107,7 +107,7 @@ def machine(device):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["sd15", "sdxl", "all"], default="all")
-    p.add_argument("--op", choices=sorted(kernels.KERNELS) + ["all"], default="all")
+    p.add_argument("--op", choices=sorted({row[1] for row in SHAPES}) + ["all"], default="all")
     p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: fp16 on CUDA, fp32 on CPU")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeat", type=int, default=20)
