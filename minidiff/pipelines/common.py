@@ -214,6 +214,16 @@ class DiffusionPipeline:
     def enable_vae_slicing(self):
         self.vae.enable_slicing()
 
+    def enable_attention_slicing(self, slice_size="auto"):
+        """Attention computed slice_size (batch x head) rows at a time, same output (minidiff/attention_slicing.py).
+        Process-wide: the ops seam is one module."""
+        from minidiff import attention_slicing
+        attention_slicing.enable_attention_slicing(slice_size)
+
+    def disable_attention_slicing(self):
+        from minidiff import attention_slicing
+        attention_slicing.disable_attention_slicing()
+
     def disable_vae_slicing(self):
         self.vae.disable_slicing()
 
