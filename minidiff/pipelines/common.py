@@ -195,14 +195,36 @@ class DiffusionPipeline:
 
     def enable_model_cpu_offload(self, device="cuda"):
         """Keep every model on the CPU and move each to `device` only while it works (one at a time)."""
-        self._offload_device = torch.device(device)
+        from minidiff import offload
+        device = offload.check_device(device, "enable_model_cpu_offload")
+        self.remove_all_hooks()
+        self._offload_device = device
         for m in self.modules():
             m.to("cpu")
+
+    def enable_sequential_cpu_offload(self, device="cuda"):
+        """Every submodule's weights on the CPU, each moved to `device` only for its own forward
+        (minidiff/offload.py): the least device memory, the most transfers. Undo: remove_all_hooks()."""
+        from minidiff import offload
+        device = offload.check_device(device, "enable_sequential_cpu_offload")
+        self.remove_all_hooks()
+        self._offload_device = device
+        self._offload_hooks = []
+        for m in self.modules():
+            m.to("cpu")
+            self._offload_hooks += offload.sequential_hooks(m, device)
+
+    def remove_all_hooks(self):
+        """Undo either offload: the models stay where they are (on the CPU); .to(device) moves them back."""
+        for h in getattr(self, "_offload_hooks", None) or []:
+            h.remove()
+        self._offload_hooks = None
+        self._offload_device = None
 
     @contextmanager
     def _on_device(self, model):
         """With offload on: `model` sits on the execution device inside the block, on the CPU after."""
-        if self._offload_device is None or model is None:
+        if self._offload_device is None or model is None or getattr(self, "_offload_hooks", None):
             yield model
             return
         model.to(self._offload_device)
