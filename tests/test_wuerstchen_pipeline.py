@@ -241,6 +241,21 @@ def test_offload_same_image_and_one_stage_at_a_time(repos, combined):
     assert [name for name, _ in moves[1::2]] == order
 
 
+def test_sequential_offload_same_image_and_undo(repos, combined):
+    """Issue 19: submodule-by-submodule offload through both pipes gives the same image; remove_all_hooks undoes it."""
+    want = combined(**COMBINED_ARGS, generator=gen(), output_type="pt").images
+    pipe = WuerstchenCombinedPipeline.from_pipes(
+        WuerstchenPriorPipeline.from_pretrained(repos["prior_dir"]),
+        WuerstchenDecoderPipeline.from_pretrained(repos["decoder_dir"]))
+    pipe.set_progress_bar_config(disable=True)
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    assert pipe.prior_pipe._offload_hooks and pipe.decoder_pipe._offload_hooks
+    assert torch.equal(pipe(**COMBINED_ARGS, generator=gen(), output_type="pt").images, want)
+    pipe.remove_all_hooks()
+    assert not pipe.prior_pipe._offload_hooks and not pipe.decoder_pipe._offload_hooks
+    assert pipe.prior_pipe._offload_device is None and pipe.decoder_pipe._offload_device is None
+
+
 def test_save_and_reload(tmp_path, combined):
     combined.save_pretrained(tmp_path / "combined")
     index = json.load(open(tmp_path / "combined" / "model_index.json"))
