@@ -3,6 +3,8 @@
 The public classes carry diffusers' names, so `from minidiff import StableDiffusionPipeline` replaces
 `from diffusers import StableDiffusionPipeline`.
 """
+from . import callbacks, utils  # noqa: F401 (minidiff.utils.load_image, minidiff.callbacks..., as in diffusers)
+from .models.auto import AutoModel
 from .models.clip import CLIPTextModel, CLIPTextModelWithProjection
 from .models.taesd import AutoencoderTiny
 from .models.unet import UNet2DConditionModel
@@ -10,7 +12,7 @@ from .models.vae import AutoencoderKL
 from .models.paella_vq import PaellaVQModel
 from .models.wuerstchen_diffnext import WuerstchenDiffNeXt
 from .models.wuerstchen_prior import WuerstchenPrior
-from .pipelines import (DiffusionPipeline, LatentConsistencyModelPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
+from .pipelines import (AutoPipelineForImage2Image, AutoPipelineForText2Image, DiffusionPipeline, LatentConsistencyModelPipeline, StableDiffusionImg2ImgPipeline, StableDiffusionPipeline,
                         StableDiffusionXLImg2ImgPipeline, StableDiffusionXLPipeline, WuerstchenCombinedPipeline,
                         WuerstchenDecoderPipeline, WuerstchenPriorPipeline)
 from .schedulers import (DDIMScheduler, EulerAncestralDiscreteScheduler, EulerDiscreteScheduler, LCMScheduler,

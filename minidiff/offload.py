@@ -13,8 +13,8 @@ def check_device(device, what):
     if device.type not in ("cpu", "meta") and not (backend is not None and hasattr(backend, "is_available")
                                                    and backend.is_available()):
         raise RuntimeError(f"{what}(device={str(device)!r}): no {device.type} device is available here "
-                           f"(torch {torch.__version__}); offload needs an accelerator to offload to "
-                           "(device='cpu' runs the same code path without moving anything, for tests)")
+                           f"(torch {torch.__version__}): offload moves the weights to that device while they work; leave "
+                           "it out to run on the CPU (device='cpu' runs the same code path, for tests)")
     return device
 
 
