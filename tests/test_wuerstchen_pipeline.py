@@ -220,12 +220,17 @@ def test_decoder_matches_diffusers(repos, combined):
         assert_close(got[k:k + 1], want, name=f"decoder latents, row {k}")
 
 
-def test_offload_same_image_and_one_stage_at_a_time(repos, combined):
-    want = combined(**COMBINED_ARGS, generator=gen(), output_type="pt").images
+def fresh_combined(repos):
     pipe = WuerstchenCombinedPipeline.from_pipes(
         WuerstchenPriorPipeline.from_pretrained(repos["prior_dir"]),
         WuerstchenDecoderPipeline.from_pretrained(repos["decoder_dir"]))
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_offload_same_image_and_one_stage_at_a_time(repos, combined):
+    want = combined(**COMBINED_ARGS, generator=gen(), output_type="pt").images
+    pipe = fresh_combined(repos)
     pipe.enable_model_cpu_offload(device="cpu")
     moves = []
     for name, model in pipe.components.items():
@@ -244,10 +249,7 @@ def test_offload_same_image_and_one_stage_at_a_time(repos, combined):
 def test_sequential_offload_same_image_and_undo(repos, combined):
     """Issue 19: submodule-by-submodule offload through both pipes gives the same image; remove_all_hooks undoes it."""
     want = combined(**COMBINED_ARGS, generator=gen(), output_type="pt").images
-    pipe = WuerstchenCombinedPipeline.from_pipes(
-        WuerstchenPriorPipeline.from_pretrained(repos["prior_dir"]),
-        WuerstchenDecoderPipeline.from_pretrained(repos["decoder_dir"]))
-    pipe.set_progress_bar_config(disable=True)
+    pipe = fresh_combined(repos)
     pipe.enable_sequential_cpu_offload(device="cpu")
     assert pipe.prior_pipe._offload_hooks and pipe.decoder_pipe._offload_hooks
     assert torch.equal(pipe(**COMBINED_ARGS, generator=gen(), output_type="pt").images, want)
