@@ -25,3 +25,9 @@ from .schedulers.ddpm_wuerstchen import DEFAULT_STAGE_C_TIMESTEPS, DDPMWuerstche
 from .tokenizer import CLIPTokenizer
 
 __version__ = "0.1.0"
+
+import os as _os
+
+if _os.environ.get("MINIDIFF_KERNELS"):  # issue 19: MINIDIFF_KERNELS=triton turns the fused kernels on at import
+    from .kernels import use_from_environment as _use_kernels_from_environment
+    _use_kernels_from_environment()

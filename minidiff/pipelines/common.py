@@ -295,18 +295,36 @@ class DiffusionPipeline:
 
     def enable_model_cpu_offload(self, device="cuda"):
         """Keep every model on the CPU and move each to `device` only while it works (one at a time)."""
-        device = torch.device(device)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise RuntimeError("enable_model_cpu_offload moves each model to the GPU while it works, and no CUDA "
-                               "device is available here: leave it out to run on the CPU")
+        from minidiff import offload
+        device = offload.check_device(device, "enable_model_cpu_offload")
+        self.remove_all_hooks()
         self._offload_device = device
         for m in self.modules():
             m.to("cpu")
 
+    def enable_sequential_cpu_offload(self, device="cuda"):
+        """Every submodule's weights on the CPU, each moved to `device` only for its own forward
+        (minidiff/offload.py): the least device memory, the most transfers. Undo: remove_all_hooks()."""
+        from minidiff import offload
+        device = offload.check_device(device, "enable_sequential_cpu_offload")
+        self.remove_all_hooks()
+        self._offload_device = device
+        self._offload_hooks = []
+        for m in self.modules():
+            m.to("cpu")
+            self._offload_hooks += offload.sequential_hooks(m, device)
+
+    def remove_all_hooks(self):
+        """Undo either offload: the models stay where they are (on the CPU); .to(device) moves them back."""
+        for h in getattr(self, "_offload_hooks", None) or []:
+            h.remove()
+        self._offload_hooks = None
+        self._offload_device = None
+
     @contextmanager
     def _on_device(self, model):
         """With offload on: `model` sits on the execution device inside the block, on the CPU after."""
-        if self._offload_device is None or model is None:
+        if self._offload_device is None or model is None or getattr(self, "_offload_hooks", None):
             yield model
             return
         model.to(self._offload_device)
@@ -317,6 +335,16 @@ class DiffusionPipeline:
 
     def enable_vae_slicing(self):
         self.vae.enable_slicing()
+
+    def enable_attention_slicing(self, slice_size="auto"):
+        """Attention computed slice_size (batch x head) rows at a time, same output (minidiff/attention_slicing.py).
+        Process-wide: the ops seam is one module."""
+        from minidiff import attention_slicing
+        attention_slicing.enable_attention_slicing(slice_size)
+
+    def disable_attention_slicing(self):
+        from minidiff import attention_slicing
+        attention_slicing.disable_attention_slicing()
 
     def disable_vae_slicing(self):
         self.vae.disable_slicing()

@@ -381,6 +381,16 @@ class WuerstchenCombinedPipeline(DiffusionPipeline):
         self.prior_pipe.enable_model_cpu_offload(device)
         self.decoder_pipe.enable_model_cpu_offload(device)
 
+    def enable_sequential_cpu_offload(self, device="cuda"):
+        self.prior_pipe.enable_sequential_cpu_offload(device)  # the pipes run the models: they hold the hooks
+        self.decoder_pipe.enable_sequential_cpu_offload(device)
+
+    def remove_all_hooks(self):
+        super().remove_all_hooks()
+        for pipe in (getattr(self, "prior_pipe", None), getattr(self, "decoder_pipe", None)):
+            if pipe is not None:
+                pipe.remove_all_hooks()
+
     def set_progress_bar_config(self, disable=False, **kw):
         super().set_progress_bar_config(disable, **kw)
         self.prior_pipe.set_progress_bar_config(disable, **kw)
