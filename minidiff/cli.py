@@ -32,7 +32,11 @@ def parse_args(argv):
     g.add_argument("--model", default=None, help="Hub repo id, local folder, or one checkpoint file "
                                                  "(.safetensors, A1111/ComfyUI layout) (default: the bundled shapes model)")
     g.add_argument("--vae", default=None, help="replace the model's VAE: a VAE-only file (e.g. "
-                                               "vae-ft-mse-840000-ema-pruned.safetensors), a VAE folder or repo")
+                                               "vae-ft-mse-840000-ema-pruned.safetensors), a VAE folder or repo "
+                                               "(AutoencoderKL or a TAESD AutoencoderTiny), or 'taesd': "
+                                               "madebyollin/taesd (taesdxl for SDXL), a fast decode for LCM/Turbo")
+    g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step; inductor "
+                                                          "caches the kernels across runs)")
     g.add_argument("--out", default="out.png", help="PNG file to write (default: out.png)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25, or 4 with --lcm)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 7.5 / bundled 5.0 / 1.0 with --lcm)")
@@ -49,7 +53,9 @@ def parse_args(argv):
     g.add_argument("--sampler", default=None, help="sampler by its A1111 or ComfyUI name, e.g. 'DPM++ 2M Karras', "
                                                    "'Euler a', 'Heun' (default: the model's own scheduler)")
     g.add_argument("--variant", default=None, help="weights variant, e.g. fp16")
-    g.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    g.add_argument("--dtype", default=None, choices=["auto", "float32", "float16", "bfloat16"],
+                   help="weights and compute dtype (default: auto = bfloat16 on a CPU with AVX512_BF16 or AMX, "
+                        "float32 on other CPUs; see minidiff/device.py; --from-png: the PNG's)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g.add_argument("--allow-pickle", action="store_true", help="read pickle checkpoints/LoRAs (.bin, .ckpt; with "
@@ -87,15 +93,15 @@ def check_args(a):
         from .weights.hub import looks_like_path
         if looks_like_path(a.lora) or a.lora.lower().endswith((".safetensors", ".bin", ".pt", ".ckpt")):
             raise SystemExit(f"minidiff: --lora {a.lora}: no such file")
-    if a.vae is not None and not os.path.exists(a.vae) and a.vae.count("/") != 1:
+    if a.vae is not None and a.vae != "taesd" and not os.path.exists(a.vae) and a.vae.count("/") != 1:
         raise SystemExit(f"minidiff: --vae {a.vae!r} is neither a local file or folder nor a Hub repo id (owner/name)")
 
 
-def png_parameters(a, steps, guidance, width, height, sampler, model):
+def png_parameters(a, steps, guidance, width, height, sampler, model, dtype=None):
     """The text block image tools (A1111, ComfyUI readers) show for a PNG: prompt, negative, settings."""
     settings = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance, "Seed": a.seed, "Size": f"{width}x{height}",
                 "Model": model, "LoRA": "LCM" if a.lcm else None, "Clip skip": a.clip_skip,
-                "Prompt syntax": a.prompt_syntax}
+                "Prompt syntax": a.prompt_syntax, "Dtype": dtype}
     return format_infotext(a.prompt, a.negative, settings)
 
 
@@ -126,6 +132,8 @@ def apply_png(a):
     # an infotext without "Prompt syntax" is A1111's own, which reads prompts its way
     a.prompt_syntax = a.prompt_syntax or s.get("Prompt syntax", "a1111")
     a.lcm = a.lcm or s.get("LoRA") == "LCM"
+    if getattr(a, "dtype", "auto") is None and s.get("Dtype") in ("float32", "float16", "bfloat16"):
+        a.dtype = s["Dtype"]  # the same dtype makes the same picture
     model = s.get("Model")
     if a.model is None and model is not None and not model.endswith("(bundled)"):
         if not (os.path.exists(model) or model.count("/") == 1):
@@ -148,22 +156,31 @@ def apply_png(a):
             raise SystemExit(f"minidiff: --from-png {a.from_png}: {e}; pass --sampler to choose another") from None
 
 
-def load_vae(path, current, dtype, device):
-    """--vae: a single file (LDM or VAE-only layout) or a VAE folder / repo (or a pipeline folder's vae/)."""
+def load_vae(path, current, dtype, device, xl=False):
+    """--vae: a single file (LDM or VAE-only layout) or a VAE folder / repo (or a pipeline folder's vae/);
+    'taesd': the tiny autoencoder for the model's family."""
+    from .models.taesd import AutoencoderTiny
     from .models.vae import AutoencoderKL
+    from .weights.hub import read_json
+    tiny = path == "taesd"
+    if tiny:
+        path = "madebyollin/taesdxl" if xl else "madebyollin/taesd"
     if os.path.isfile(path):
         vae = AutoencoderKL.from_single_file(path, torch_dtype=dtype, device=device)
         # a single file carries no scaling factor: keep the model family's (SD 0.18215, SDXL 0.13025)
         vae.config.scaling_factor = current.config.scaling_factor
         return vae
     sub = "vae" if os.path.isfile(os.path.join(path, "vae", "config.json")) else None
-    return AutoencoderKL.from_pretrained(path, subfolder=sub, torch_dtype=dtype, device=device)
+    tiny = tiny or read_json(path, "config.json", sub).get("_class_name") == "AutoencoderTiny"
+    return (AutoencoderTiny if tiny else AutoencoderKL).from_pretrained(path, subfolder=sub, torch_dtype=dtype,
+                                                                        device=device)
 
 
 def generate(a):
     import torch
     from PIL import PngImagePlugin
 
+    from .device import resolve_dtype
     from .pipelines import DiffusionPipeline
     from .samplers import name_of, scheduler_for
     from .schedulers import LCMScheduler
@@ -173,7 +190,10 @@ def generate(a):
     bundled = a.model is None
     if bundled and not os.path.isdir(BUNDLED):
         raise SystemExit(f"minidiff: the bundled model is missing from {BUNDLED}; pass --model")
-    dtype = getattr(torch, a.dtype)
+    a.dtype = a.dtype or "auto"
+    dtype = resolve_dtype(a.dtype, a.device)
+    print(f"minidiff: dtype {str(dtype).replace('torch.', '')}"
+          + (" (auto: this device's fast dtype; --dtype float32 for fp32)" if a.dtype == "auto" else ""), file=sys.stderr)
     if os.path.isfile(model):
         pipe = DiffusionPipeline.from_single_file(model, torch_dtype=dtype, device=a.device,
                                                   allow_pickle=a.allow_pickle)
@@ -181,7 +201,7 @@ def generate(a):
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=a.variant, device=a.device,
                                                  allow_pickle=a.allow_pickle)
     if a.vae:
-        pipe.vae = load_vae(a.vae, pipe.vae, dtype, a.device)
+        pipe.vae = load_vae(a.vae, pipe.vae, dtype, a.device, xl="XL" in type(pipe).__name__)
     if a.lcm:
         lora = a.lora or (BUNDLED_LCM_LORA if bundled else None)
         if lora is None:
@@ -197,6 +217,12 @@ def generate(a):
             pipe.scheduler = scheduler_for(a.sampler, pipe.scheduler.config)
         except ValueError as e:
             raise SystemExit(f"minidiff: --sampler: {e}") from None
+    if a.compile:  # nn.Module.compile (torch.compile in place): the first step compiles, later ones are fast
+        if not isinstance(getattr(pipe, "unet", None), torch.nn.Module):
+            raise SystemExit(f"minidiff: --compile compiles a UNet; {type(pipe).__name__} has none")
+        pipe.unet.compile()
+        print("minidiff: --compile: the first step compiles (minutes on a small CPU; cached for the next run)",
+              file=sys.stderr)
     steps = a.steps or (4 if a.lcm else 25)
     guidance = a.guidance if a.guidance is not None else (1.0 if a.lcm else 5.0 if bundled else 7.5)
     generator = torch.Generator("cpu").manual_seed(a.seed)
@@ -222,7 +248,8 @@ def generate(a):
     info = PngImagePlugin.PngInfo()
     sampler = a.sampler or name_of(pipe.scheduler)
     info.add_text("parameters", png_parameters(a, steps, guidance, image.width, image.height, sampler,
-                                               "minidiff/shapes-sd (bundled)" if bundled else model))
+                                               "minidiff/shapes-sd (bundled)" if bundled else model,
+                                               str(dtype).replace("torch.", "")))
     # a temporary file beside --out, moved into place when complete (never over a file that appeared meanwhile)
     from .output_file import write_new_file
     write_new_file(a.out, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=a.overwrite)

@@ -35,7 +35,7 @@ def check_cli_args(a):
         raise ArgumentError("--lcm with --model needs --lora (e.g. latent-consistency/lcm-lora-sdv1-5)")
     for name in ("model", "lora", "vae"):
         v = getattr(a, name, None)
-        if v is None or os.path.exists(v):
+        if v is None or os.path.exists(v) or (name == "vae" and v == "taesd"):
             continue
         if v.startswith((".", "/", "~")) or (os.path.dirname(v) and os.path.isdir(os.path.dirname(v))):
             raise ArgumentError(f"--{name} {v!r}: no such folder or file (a path is never looked up on the Hub)")

@@ -22,7 +22,7 @@ def test_generate_writes_png_with_parameters(model, tmp_path):
     out = tmp_path / "img.png"
     proc = subprocess.run([sys.executable, "-m", "minidiff", "generate", "a blue house", "--model", model,
                            "--steps", "2", "--guidance", "4", "--seed", "3", "--width", "32", "--height", "24",
-                           "--negative", "fog", "--out", str(out)], capture_output=True, text=True)
+                           "--negative", "fog", "--dtype", "float32", "--out", str(out)], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     assert "|####################|" in proc.stderr  # the progress bar reached the last step
     image = Image.open(out)

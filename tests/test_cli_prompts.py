@@ -67,7 +67,7 @@ def test_generate_reads_a1111_syntax_and_from_png_recreates_it(model, tmp_path):
     prompt = "a (blue:1.3) house BREAK [dark] sky" + " and trees" * 40
     out = tmp_path / "a.png"
     main(["generate", prompt, "--model", folder, "--steps", "2", "--guidance", "4", "--seed", "3", "--width", "32",
-          "--height", "24", "--negative", "fog", "--out", str(out)])
+          "--height", "24", "--negative", "fog", "--dtype", "float32", "--out", str(out)])
     params = Image.open(out).text["parameters"]
     assert "Prompt syntax: a1111" in params and params.startswith(prompt + "\nNegative prompt: fog\n")
     ref = as_uint8(library(pipe, prompt, 3, negative_prompt="fog", prompt_syntax="a1111"))
@@ -94,7 +94,7 @@ def test_from_an_a1111_png(model, tmp_path, capsys):
     with pytest.raises(SystemExit, match="model 'v1-5-pruned-emaonly'.*pass --model"):
         main(["generate", "--from-png", str(png), "--out", str(tmp_path / "x.png")])
     out = tmp_path / "again.png"
-    main(["generate", "--from-png", str(png), "--model", folder, "--out", str(out)])
+    main(["generate", "--from-png", str(png), "--model", folder, "--dtype", "float32", "--out", str(out)])
     assert "Sampler: Euler a" in Image.open(out).text["parameters"]
     prompt, negative, _ = parse_infotext(A1111_INFOTEXT)
     scheduler = pipe.scheduler

@@ -116,7 +116,7 @@ def test_cli_sampler_names(sd, tmp_path):
     folder, _ = sd
     out = tmp_path / "a.png"
     main(["generate", "a boat", "--model", folder, "--steps", "3", "--width", "32", "--height", "32", "--seed", "4",
-          "--sampler", "dpm2 a karras", "--out", str(out)])
+          "--sampler", "dpm2 a karras", "--dtype", "float32", "--out", str(out)])
     image = Image.open(out)
     assert "Sampler: DPM2 a Karras," in image.text["parameters"]
     pipe = StableDiffusionPipeline.from_pretrained(folder)

@@ -12,6 +12,7 @@ import dataclasses
 import torch.nn as nn
 
 from ..weights.hub import hub_options
+from ..device import resolve_dtype
 from ..weights.load import load_model, save_model
 
 
@@ -36,6 +37,8 @@ class Model(nn.Module):
         hub, device, allow_pickle = loading.model_options(loading_args, torch_dtype, device, allow_pickle, where)
         with hub_options(**hub):
             return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
+        shape checked first); see minidiff.weights.load.load_model."""
+        return load_model(cls, repo_or_path, subfolder, variant, resolve_dtype(torch_dtype, device), device, allow_pickle)
 
     @classmethod
     def from_single_file(cls, path, config=None, original_config=None, torch_dtype=None, device=None,
@@ -46,7 +49,8 @@ class Model(nn.Module):
             raise ValueError(f"{cls.__name__}.from_single_file: single files hold UNets, VAEs and CLIP text encoders, "
                              f"not {cls.__name__}")
         from ..weights.single_file import load_component
-        return load_component(cls, path, cls.single_file_part, config, original_config, torch_dtype, device,
+        return load_component(cls, path, cls.single_file_part, config, original_config,
+                              resolve_dtype(torch_dtype, device), device,
                               allow_pickle, subfolder)
 
     def save_pretrained(self, folder, variant=None, safe_serialization=True):
@@ -72,6 +76,16 @@ class Model(nn.Module):
     def extra_config(self):
         """Keys written to config.json beside the config's fields (none but for transformers' models)."""
         return {}
+
+    def fuse_qkv_projections(self):
+        """One matmul for each attention's q, k, v (k, v in cross-attention), as diffusers' (fused_qkv.py)."""
+        from .. import fused_qkv
+        fused_qkv.fuse_qkv_projections(self)
+
+    def unfuse_qkv_projections(self):
+        """Back to the separate projections, exactly (the fused copies are dropped)."""
+        from .. import fused_qkv
+        fused_qkv.unfuse_qkv_projections(self)
 
     @property
     def dtype(self):

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from minidiff import ops
+from minidiff import fused_qkv, ops
 from .base import Model, ModelOutput
 
 # ----------------------------------------------------------------------------- building blocks
@@ -87,6 +87,7 @@ class Attention(nn.Module):
     def __init__(self, query_dim, heads, head_dim, context_dim=None, upcast=False):
         super().__init__()
         inner = heads * head_dim
+        self.is_cross_attention = context_dim is not None  # fuse_qkv_projections fuses k, v only then
         context_dim = context_dim or query_dim
         self.heads, self.upcast = heads, upcast
         self.to_q = nn.Linear(query_dim, inner, bias=False)
@@ -95,9 +96,8 @@ class Attention(nn.Module):
         self.to_out = nn.ModuleList([nn.Linear(inner, query_dim)])  # the checkpoint's to_out.1 was dropout
 
     def forward(self, x, context=None, mask=None):
-        context = x if context is None else context
-        out = ops.attention(self.to_q(x), self.to_k(context), self.to_v(context), self.heads, mask=mask,
-                        upcast=self.upcast)
+        q, k, v = fused_qkv.project(self, x, context)  # one matmul after fuse_qkv_projections()
+        out = ops.attention(q, k, v, self.heads, mask=mask, upcast=self.upcast)
         return self.to_out[0](out)
 
 

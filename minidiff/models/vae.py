@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .. import ops
+from .. import fused_qkv, ops
 from ..schedulers.common import randn_tensor
 from .base import Model, ModelOutput
 
@@ -57,6 +57,7 @@ class ResnetBlock2D(nn.Module):
 
 class SpatialSelfAttention(nn.Module):
     """One-head self-attention over the H*W positions of a feature map, with a residual connection."""
+    heads, is_cross_attention = 1, False  # what fuse_qkv_projections reads
 
     def __init__(self, channels, groups):
         super().__init__()
@@ -69,7 +70,7 @@ class SpatialSelfAttention(nn.Module):
     def forward(self, x):
         b, c, h, w = x.shape
         tokens = self.group_norm(x).flatten(2).transpose(1, 2)  # (B, H*W, C)
-        out = ops.attention(self.to_q(tokens), self.to_k(tokens), self.to_v(tokens), heads=1)
+        out = ops.attention(*fused_qkv.project(self, tokens), heads=1)
         out = self.to_out[0](out).transpose(1, 2).reshape(b, c, h, w)
         return x + out
 

@@ -20,6 +20,7 @@ from PIL import Image
 from ..errors import ArgumentError, ArgumentTypeError, FileFormatError
 from ..tokenizer_files import check_tokenizers_fit
 from .. import loading
+from ..device import resolve_dtype
 from ..models.base import ModelOutput
 from ..schedulers.common import randn_tensor
 from ..weights.config import AttrDict
@@ -103,6 +104,8 @@ class DiffusionPipeline:
         """
         repo_or_path = os.fspath(repo_or_path)
         where = f"{cls.__name__}.from_pretrained({repo_or_path!r})"
+        if not isinstance(torch_dtype, dict):  # "auto": the device's fast dtype (minidiff/device.py)
+            torch_dtype = resolve_dtype(torch_dtype, device)
         opts = loading.pop_loading(kwargs)
         hub, device, allow_pickle = loading.model_options(opts, None, device, allow_pickle, where)
         with hub_options(**hub):
@@ -174,7 +177,7 @@ class DiffusionPipeline:
         """
         from ..weights.single_file import load_pipeline
         return load_pipeline(cls, path, config=config, original_config=original_config, prediction_type=prediction_type,
-                             torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle, **kwargs)
+                             torch_dtype=resolve_dtype(torch_dtype, device), device=device, allow_pickle=allow_pickle, **kwargs)
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
@@ -332,6 +335,17 @@ class DiffusionPipeline:
             yield model
         finally:
             model.to("cpu")
+
+    def fuse_qkv_projections(self, unet=True, vae=True):
+        """diffusers' call: fused q/k/v projections in the UNet and the VAE (minidiff/fused_qkv.py)."""
+        for name, wanted in (("unet", unet), ("vae", vae)):
+            if wanted and hasattr(getattr(self, name, None), "fuse_qkv_projections"):
+                getattr(self, name).fuse_qkv_projections()
+
+    def unfuse_qkv_projections(self, unet=True, vae=True):
+        for name, wanted in (("unet", unet), ("vae", vae)):
+            if wanted and hasattr(getattr(self, name, None), "unfuse_qkv_projections"):
+                getattr(self, name).unfuse_qkv_projections()
 
     def enable_vae_slicing(self):
         self.vae.enable_slicing()

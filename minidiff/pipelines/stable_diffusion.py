@@ -11,6 +11,7 @@ import torch
 
 from ..errors import ArgumentError
 from ..finite import check_step
+from ..device import latent_dtype
 from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from ..prompts import (check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids,
@@ -175,7 +176,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
         self._cross_attention_kwargs = cross_attention_kwargs
         self._num_timesteps = len(timesteps)
         self._interrupt = False
-        timestep_cond = self._timestep_cond(guidance_scale, latents.shape[0], latents.dtype)
+        # bf16 weights: the latents and the scheduler's math stay fp32 between steps (device.latent_dtype)
+        latents = latents.to(latent_dtype(latents.dtype))
+        timestep_cond = self._timestep_cond(guidance_scale, latents.shape[0], self.unet.dtype)
         added = dict(added_cond_kwargs) if added_cond_kwargs else None
         # only the schedulers that draw noise take a generator; only DDIM takes eta
         accepted = inspect.signature(self.scheduler.step).parameters
@@ -187,10 +190,10 @@ class StableDiffusionPipeline(DiffusionPipeline):
                     continue
                 guided = self.do_classifier_free_guidance
                 x = torch.cat([latents] * 2) if guided else latents
-                x = self.scheduler.scale_model_input(x, t)
+                x = self.scheduler.scale_model_input(x, t).to(embeds.dtype)
                 noise_pred = unet(x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond,
                                   cross_attention_kwargs=cross_attention_kwargs,
-                                  added_cond_kwargs=added, return_dict=False)[0]
+                                  added_cond_kwargs=added, return_dict=False)[0].to(latents.dtype)
                 if guided:
                     uncond, text = noise_pred.chunk(2)
                     noise_pred = uncond + self._guidance_scale * (text - uncond)
@@ -268,7 +271,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
         ts, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         n = batch * num_images_per_prompt
-        latents = self.prepare_latents(n, height, width, cond.dtype, generator, latents)
+        latents = self.prepare_latents(n, height, width, latent_dtype(cond.dtype), generator, latents)
 
         latents = self._denoise(latents, ts, embeds, guidance_scale, guidance_rescale, generator, eta,
                                 cross_attention_kwargs, callback_on_step_end=callback_on_step_end,

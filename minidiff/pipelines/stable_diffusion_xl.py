@@ -8,6 +8,7 @@ The denoising loop is Stable Diffusion's.
 import torch
 
 from ..errors import ArgumentError
+from ..device import latent_dtype
 from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from ..prompts import check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids, prompt_windows
@@ -199,7 +200,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
 
         retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         n = batch * num_images_per_prompt
-        latents = self.prepare_latents(n, height, width, cond.dtype, generator, latents)
+        latents = self.prepare_latents(n, height, width, latent_dtype(cond.dtype), generator, latents)
 
         pooled_dim = self._pooled_dim(pooled)
         time_ids = self._time_ids(original_size + tuple(crops_coords_top_left) + target_size, pooled_dim, cond.dtype)

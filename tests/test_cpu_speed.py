@@ -1,0 +1,182 @@
+"""CPU speed paths against fp32 eager: the fast-dtype default (bf16 where the CPU has bf16 units), how the
+CLI reports and records it, and that bf16 on the bundled model is the same picture as fp32."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from minidiff import StableDiffusionPipeline, device
+from minidiff.cli import main
+from minidiff.assets import MODEL_DIR
+from utils import build_sd
+
+
+@pytest.fixture
+def bf16_cpu(monkeypatch):
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+
+
+@pytest.fixture
+def plain_cpu(monkeypatch):
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
+
+
+def test_fast_dtype_follows_the_cpu_flags(monkeypatch):
+    for flags, want in (({"avx512f", "avx512_bf16"}, torch.bfloat16), ({"amx_bf16", "amx_tile"}, torch.bfloat16),
+                        ({"avx512f", "avx2"}, torch.float32)):
+        monkeypatch.setattr(device, "cpu_flags", lambda f=flags: frozenset(f))
+        assert device.fast_dtype("cpu") == want
+        assert device.resolve_dtype("auto", "cpu") == want
+    assert device.resolve_dtype(None) is None  # nothing given: the library keeps diffusers' default
+    assert device.resolve_dtype(torch.float16) == torch.float16  # the user's dtype always wins
+    assert device.resolve_dtype("bf16") == device.resolve_dtype("bfloat16") == torch.bfloat16
+    with pytest.raises(ValueError, match="torch_dtype='half'.*'auto'"):
+        device.resolve_dtype("half")
+    assert device.latent_dtype(torch.bfloat16) == torch.float32
+    assert device.latent_dtype(torch.float16) == torch.float16
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("cpu_speed_sd"))
+    build_sd(path)
+    return path
+
+
+def test_auto_dtype_and_default(folder, bf16_cpu):
+    assert StableDiffusionPipeline.from_pretrained(folder).unet.dtype == torch.float32  # diffusers' default
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype="auto")
+    assert {m.dtype for m in pipe.modules()} == {torch.bfloat16}
+    with pytest.raises(ValueError, match="torch_dtype='fast'"):
+        StableDiffusionPipeline.from_pretrained(folder, torch_dtype="fast")
+
+
+def test_cli_prints_and_records_the_dtype(folder, tmp_path, capsys, bf16_cpu):
+    out = tmp_path / "a.png"
+    main(["generate", "a red cube", "--model", folder, "--steps", "2", "--width", "32", "--height", "32",
+          "--sampler", "Euler", "--out", str(out)])
+    assert "dtype bfloat16 (auto" in capsys.readouterr().err
+    assert "Dtype: bfloat16" in Image.open(out).text["parameters"]
+    # --from-png re-creates it in the PNG's dtype, even on a CPU whose default differs
+    device.cpu_flags = lambda: frozenset({"avx2"})  # undone by the fixture's monkeypatch
+    again = tmp_path / "b.png"
+    main(["generate", "--from-png", str(out), "--out", str(again)])
+    assert "dtype bfloat16\n" in capsys.readouterr().err
+    assert (np.asarray(Image.open(again)) == np.asarray(Image.open(out))).all()
+    fp32 = tmp_path / "c.png"
+    main(["generate", "a red cube", "--model", folder, "--steps", "2", "--width", "32", "--height", "32",
+          "--out", str(fp32)])
+    assert "dtype float32 (auto" in capsys.readouterr().err
+    assert "Dtype: float32" in Image.open(fp32).text["parameters"]
+
+
+def psnr(a, b):
+    mse = np.mean((a.astype(np.float64) - b.astype(np.float64)) ** 2)
+    return 10 * np.log10(255.0 ** 2 / max(mse, 1e-12))
+
+
+def test_bf16_is_the_same_picture_on_the_bundled_model():
+    """25 Euler steps of the trained bundled model: bf16 within 35 dB PSNR of fp32 (measured ~50 dB median over
+    256 prompts, see bench/dtype_quality.py), with the latents kept fp32 between steps."""
+    prompts = ["a red circle on a white background", "a small blue square in the top left corner"]
+    seen = []
+
+    def spy(pipe, i, t, kw):
+        seen.append(kw["latents"].dtype)
+        return kw
+
+    images = {}
+    for dtype in (torch.float32, torch.bfloat16):
+        pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR, torch_dtype=dtype)
+        pipe.set_progress_bar_config(disable=True)
+        gens = [torch.Generator().manual_seed(s) for s in (11, 12)]
+        out = pipe(prompts, num_inference_steps=25, guidance_scale=5.0, generator=gens, output_type="np",
+                   callback_on_step_end=spy).images
+        images[dtype] = np.round(out * 255).astype(np.uint8)
+    assert set(seen) == {torch.float32}
+    assert images[torch.float32].std() > 10
+    for a, b in zip(images[torch.bfloat16], images[torch.float32]):
+        assert psnr(a, b) > 35, psnr(a, b)
+
+
+def test_fused_qkv_projections_match_and_unfuse_exactly(folder):
+    """diffusers' fuse_qkv_projections on minidiff's UNet and VAE: same output as unfused (fp32 rounding of one
+    matmul vs three), nothing new in the state dict, unfuse back to bit-exact; LoRA layers compute unfused."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    unet, vae = pipe.unet, pipe.vae
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 7, unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        before = unet(x, 10, ctx).sample
+        dec = vae.decode(x).sample
+        keys = set(unet.state_dict())
+        pipe.fuse_qkv_projections()
+        attn = unet.down_blocks[0].attentions[0].transformer_blocks[0]
+        assert attn.attn1.fused_weight.shape[0] == 3 * attn.attn1.to_q.out_features  # self: q, k, v
+        assert attn.attn2.fused_weight.shape[0] == 2 * attn.attn2.to_k.out_features  # cross: k, v
+        assert set(unet.state_dict()) == keys
+        torch.testing.assert_close(unet(x, 10, ctx).sample, before, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(vae.decode(x).sample, dec, atol=1e-5, rtol=1e-4)
+        # the fused path really ran: a change to the fused copy changes the output
+        attn.attn1.fused_weight.mul_(2)
+        assert (unet(x, 10, ctx).sample - before).abs().max() > 1e-3
+        pipe.unfuse_qkv_projections()
+        assert "fused_weight" not in dict(attn.attn1.named_buffers())
+        assert torch.equal(unet(x, 10, ctx).sample, before)
+
+
+def test_channels_last_matches_eager(folder):
+    """channels_last UNet and VAE (NHWC convolutions): the same image as the default layout."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt="a red cube", num_inference_steps=3, width=32, height=32, output_type="np")
+    ref = pipe(**kw, generator=torch.Generator().manual_seed(1)).images
+    for m in (pipe.unet, pipe.vae):
+        m.to(memory_format=torch.channels_last)
+    assert pipe.unet.conv_in.weight.is_contiguous(memory_format=torch.channels_last)
+    got = pipe(**kw, generator=torch.Generator().manual_seed(1)).images
+    assert np.abs(got - ref).max() < 1e-4 and ref.std() > 0.01
+
+
+def test_cli_taesd_and_compile_flags(folder, tmp_path, monkeypatch):
+    """--vae with a TAESD folder decodes with AutoencoderTiny (the library's image); --vae taesd names
+    madebyollin/taesd (taesdxl for SDXL); --compile compiles the UNet."""
+    import diffusers
+    from minidiff import AutoencoderTiny, cli
+    from utils import seeded_
+    taesd = tmp_path / "taesd"
+    seeded_(diffusers.AutoencoderTiny(encoder_block_out_channels=[8] * 4, decoder_block_out_channels=[8] * 4),
+            std=0.2).eval().save_pretrained(taesd)
+    out = tmp_path / "t.png"
+    compiled = []
+    monkeypatch.setattr(torch.nn.Module, "compile", lambda self, **kw: compiled.append(type(self).__name__))
+    main(["generate", "a red cube", "--model", folder, "--vae", str(taesd), "--steps", "2", "--width", "32",
+          "--height", "32", "--dtype", "float32", "--compile", "--out", str(out)])
+    assert compiled == ["UNet2DConditionModel"]
+    pipe = StableDiffusionPipeline.from_pretrained(folder, vae=AutoencoderTiny.from_pretrained(taesd))
+    pipe.set_progress_bar_config(disable=True)
+    ref = pipe("a red cube", num_inference_steps=2, width=32, height=32, generator=torch.Generator().manual_seed(0),
+               output_type="np").images[0]
+    got = np.asarray(Image.open(out)).astype(int)
+    assert np.abs(got - np.round(ref * 255)).max() <= 1
+    asked = []
+    monkeypatch.setattr(AutoencoderTiny, "from_pretrained", classmethod(lambda cls, path, **kw: asked.append(path)))
+    cli.load_vae("taesd", None, torch.float32, "cpu")
+    cli.load_vae("taesd", None, torch.float32, "cpu", xl=True)
+    assert asked == ["madebyollin/taesd", "madebyollin/taesdxl"]
+
+
+@pytest.mark.skipif(os.environ.get("MINIDIFF_COMPILE_TESTS") != "1",
+                    reason="torch.compile takes minutes on a small CPU: MINIDIFF_COMPILE_TESTS=1 runs it")
+def test_compiled_unet_matches_eager(folder):
+    """Opt-in: the compiled UNet against eager (fp32)."""
+    pipe = StableDiffusionPipeline.from_pretrained(folder)
+    g = torch.Generator().manual_seed(0)
+    x, ctx = torch.randn(2, 4, 8, 8, generator=g), torch.randn(2, 7, pipe.unet.config.cross_attention_dim, generator=g)
+    with torch.no_grad():
+        ref = pipe.unet(x, 10, ctx).sample
+        pipe.unet.compile()
+        torch.testing.assert_close(pipe.unet(x, 10, ctx).sample, ref, atol=1e-4, rtol=1e-4)
