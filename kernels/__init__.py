@@ -1,1 +1,48 @@
-"""Optional Triton kernels (none yet): see README.md."""
+"""Optional Triton kernels for the ops seam (see README.md).
+
+    from minidiff import kernels
+    kernels.use("triton")     # group_norm(+SiLU), layer_norm, geglu, lora_linear, lut_weight -> kernels
+    kernels.use("reference")  # back to the plain PyTorch references (also ops.reset())
+
+or set MINIDIFF_KERNELS=triton before minidiff is imported. Kernels run on CUDA tensors; CPU tensors
+take the reference (unless TRITON_INTERPRET=1, how the tests run the kernels without a GPU).
+Importing this package does not import Triton; use("triton") does, and says so when it is missing.
+"""
+import importlib
+import os
+
+from minidiff import ops
+
+# op name in the seam -> the file (module) holding its kernel wrapper of the same name
+KERNELS = {"group_norm": "group_norm", "layer_norm": "layer_norm", "geglu": "geglu", "lora_linear": "lora_linear",
+           "lut_weight": "lut"}
+CHOICES = ("triton", "reference")
+
+
+def triton_ops():
+    """{op name: kernel wrapper} for every op that has a Triton kernel (imports Triton)."""
+    try:
+        import triton  # noqa: F401
+    except ImportError as e:
+        raise ImportError("minidiff.kernels.use('triton') needs Triton: pip install 'minidiff[triton]' "
+                          "(or pip install triton)") from e
+    return {name: getattr(importlib.import_module(f"minidiff.kernels.{file}"), name) for name, file in KERNELS.items()}
+
+
+def use(kind="triton"):
+    """Turn the Triton kernels on ("triton") or off ("reference") through ops.use; returns its context
+    manager, so `with kernels.use("triton"): ...` puts back what was there before."""
+    if kind not in CHOICES:
+        raise ValueError(f"minidiff.kernels.use({kind!r}): choose one of {list(CHOICES)}")
+    if kind == "reference":
+        return ops.use(**{name: None for name in KERNELS})
+    return ops.use(**triton_ops())
+
+
+def use_from_environment():
+    """MINIDIFF_KERNELS=triton|reference (unset or empty: nothing changes), read when minidiff is imported."""
+    kind = os.environ.get("MINIDIFF_KERNELS", "").strip().lower()
+    if kind:
+        if kind not in CHOICES:
+            raise ValueError(f"MINIDIFF_KERNELS={kind!r}: use one of {list(CHOICES)} (or leave it unset)")
+        use(kind)

@@ -58,26 +58,28 @@ def parse_args(argv):
                         "float32 on other CPUs; see minidiff/device.py; --from-png: the PNG's)")
     g.add_argument("--device", default="cpu")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
+    g.add_argument("--allow-pickle", action="store_true", help="read pickle checkpoints/LoRAs (.bin, .ckpt; with "
+                   "torch.load(weights_only=True)); refused by default")
+    g.add_argument("--verbose", action="store_true", help="on an error, show the whole traceback")
     from .compress import add_cli as add_compress
     add_compress(sub)
     return p.parse_args(argv)
 
 
 def check_args(a):
+    """Every argument checked before anything is loaded (the rules: minidiff/cli_checks.py)."""
     if a.prompt is None:
         raise SystemExit("minidiff: generate needs a prompt (or --from-png image.png)")
     if a.clip_skip is not None and a.clip_skip < 1:
         raise SystemExit(f"minidiff: --clip-skip {a.clip_skip} must be >= 1 (1 = the last layer)")
-    if not a.out.lower().endswith(".png"):
-        raise SystemExit(f"minidiff: --out {a.out!r} must end in .png")
-    if os.path.exists(a.out) and not a.overwrite:
-        raise SystemExit(f"minidiff: {a.out} exists; pass --overwrite to replace it")
-    if a.steps is not None and a.steps < 1:
-        raise SystemExit(f"minidiff: --steps {a.steps} must be >= 1")
-    for name in ("width", "height"):
-        v = getattr(a, name)
-        if v is not None and (v <= 0 or v % 8):
-            raise SystemExit(f"minidiff: --{name} {v} must be a positive multiple of 8")
+    from .cli_checks import check_cli_args
+    from .errors import MinidiffError
+    try:
+        check_cli_args(a)
+    except (MinidiffError, FileNotFoundError) as e:
+        if getattr(a, "verbose", False):
+            raise
+        raise SystemExit(f"minidiff: {' '.join(str(e).split())} (--verbose shows the traceback)") from None
     if a.sampler is not None:
         from .samplers import sampler_name, scheduler_class
         try:
@@ -87,6 +89,10 @@ def check_args(a):
             raise SystemExit(f"minidiff: --sampler: {e}") from None
     if a.model is not None and not os.path.exists(a.model) and a.model.count("/") != 1:
         raise SystemExit(f"minidiff: --model {a.model!r} is neither a local folder nor a Hub repo id (owner/name)")
+    if a.lora is not None and not os.path.exists(a.lora):
+        from .weights.hub import looks_like_path
+        if looks_like_path(a.lora) or a.lora.lower().endswith((".safetensors", ".bin", ".pt", ".ckpt")):
+            raise SystemExit(f"minidiff: --lora {a.lora}: no such file")
     if a.vae is not None and a.vae != "taesd" and not os.path.exists(a.vae) and a.vae.count("/") != 1:
         raise SystemExit(f"minidiff: --vae {a.vae!r} is neither a local file or folder nor a Hub repo id (owner/name)")
 
@@ -189,21 +195,23 @@ def generate(a):
     print(f"minidiff: dtype {str(dtype).replace('torch.', '')}"
           + (" (auto: this device's fast dtype; --dtype float32 for fp32)" if a.dtype == "auto" else ""), file=sys.stderr)
     if os.path.isfile(model):
-        pipe = DiffusionPipeline.from_single_file(model, torch_dtype=dtype, device=a.device)
+        pipe = DiffusionPipeline.from_single_file(model, torch_dtype=dtype, device=a.device,
+                                                  allow_pickle=a.allow_pickle)
     else:
-        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=a.variant, device=a.device)
+        pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=a.variant, device=a.device,
+                                                 allow_pickle=a.allow_pickle)
     if a.vae:
         pipe.vae = load_vae(a.vae, pipe.vae, dtype, a.device, xl="XL" in type(pipe).__name__)
     if a.lcm:
         lora = a.lora or (BUNDLED_LCM_LORA if bundled else None)
         if lora is None:
             raise SystemExit("minidiff: --lcm with --model needs --lora (e.g. latent-consistency/lcm-lora-sdv1-5)")
-        pipe.load_lora_weights(lora, adapter_name="lcm")
+        pipe.load_lora_weights(lora, adapter_name="lcm", allow_pickle=a.allow_pickle)
         pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
     elif a.lora:
-        pipe.load_lora_weights(a.lora)
+        pipe.load_lora_weights(a.lora, allow_pickle=a.allow_pickle)
     for path in a.embedding:
-        pipe.load_textual_inversion(path, allow_pickle=getattr(a, "allow_pickle", False))
+        pipe.load_textual_inversion(path, allow_pickle=a.allow_pickle)
     if a.sampler is not None:
         try:
             pipe.scheduler = scheduler_for(a.sampler, pipe.scheduler.config)
@@ -242,8 +250,9 @@ def generate(a):
     info.add_text("parameters", png_parameters(a, steps, guidance, image.width, image.height, sampler,
                                                "minidiff/shapes-sd (bundled)" if bundled else model,
                                                str(dtype).replace("torch.", "")))
-    os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
-    image.save(a.out, pnginfo=info)
+    # a temporary file beside --out, moved into place when complete (never over a file that appeared meanwhile)
+    from .output_file import write_new_file
+    write_new_file(a.out, lambda f: image.save(f, format="PNG", pnginfo=info), overwrite=a.overwrite)
     print(f"wrote {a.out} ({image.width}x{image.height}, {steps} steps, {seconds:.2f} s)")
 
 
@@ -254,7 +263,14 @@ def main(argv=None):
             apply_png(a)
         a.seed = 0 if a.seed is None else a.seed
         check_args(a)
-        generate(a)
+        try:
+            generate(a)
+        except (ValueError, OSError, TypeError, RuntimeError, KeyError) as e:
+            if a.verbose:
+                raise
+            # the library's messages say what is wrong and what to pass: one line, the traceback on --verbose
+            message = " ".join(str(e).split()) or type(e).__name__
+            raise SystemExit(f"minidiff: {message} (--verbose shows the traceback)") from None
     elif a.command == "compress":
         from .compress import run_cli
         run_cli(a)

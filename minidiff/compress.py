@@ -119,7 +119,18 @@ def pack(indices, nbits):
 
 
 def unpack(packed, nbits, numel):
-    """Inverse of `pack`: the first `numel` nbits-wide indices of the stream, as uint8."""
+    """Inverse of `pack`: the first `numel` nbits-wide indices of the stream, as uint8.
+
+    Runs on every call of a palettised layer, so the common widths take byte-wise shifts: 1, 2, 4, 8 bits
+    never straddle a byte, and 6 bits are 4 indices in every 3 bytes."""
+    if 8 % nbits == 0:
+        shifts = torch.arange(8 - nbits, -1, -nbits, dtype=torch.uint8, device=packed.device)
+        return ((packed[:, None] >> shifts) & ((1 << nbits) - 1)).flatten()[:numel]
+    if nbits == 6:
+        b = F.pad(packed, (0, (-packed.numel()) % 3)).view(-1, 3)
+        b0, b1, b2 = b[:, 0], b[:, 1], b[:, 2]
+        out = torch.stack([b0 >> 2, ((b0 & 3) << 4) | (b1 >> 4), ((b1 & 15) << 2) | (b2 >> 6), b2 & 63], 1)
+        return out.flatten()[:numel]
     bits = (packed.to(torch.int32)[:, None] >> torch.arange(7, -1, -1, dtype=torch.int32, device=packed.device)) & 1
     bits = bits.flatten()[:numel * nbits].view(numel, nbits)
     weights = 1 << torch.arange(nbits - 1, -1, -1, dtype=torch.int32, device=packed.device)
@@ -245,8 +256,8 @@ def dequantise(model):
 
 def palettised_layers(files):
     """{name: {"nbits", "groups"}} from a weights file's metadata ({} for an ordinary file)."""
-    from minidiff.weights.safe import read_safetensors_header
-    if len(files) != 1 or not files[0].endswith(".safetensors"):
+    from minidiff.weights.safe import file_kind, read_safetensors_header
+    if len(files) != 1 or file_kind(files[0]) != "safetensors":  # by content: a pickle may be named .safetensors
         return {}
     meta = read_safetensors_header(files[0]).metadata
     if METADATA_KEY not in meta:

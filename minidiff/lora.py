@@ -24,6 +24,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .errors import ArgumentError, LoRAFileError
 from .weights import lycoris
 from .weights.lora_formats import COMPONENTS, layer_scale, parse_lora, read_lora_file, resolve_lora_file
 # also reachable as minidiff.lora.<name>, as before the file formats moved out
@@ -84,11 +85,14 @@ class LoRALayer(nn.Module):
         self.unfused = None  # (weight, bias) as they were before fusing, on the CPU
 
     def active_loras(self):
-        """(down, up, up_bias, scale) of each adapter in use, the form the ops seam's lora_* ops take."""
-        if self.fused or not self.enabled:  # a fused layer computes with W + deltas alone, as PEFT does
+        """(down, up, up_bias, scale) of each adapter in use, the form the ops seam's lora_* ops take. Adapters
+        fused into W are left out; one loaded after fuse_lora still applies, as in diffusers."""
+        if not self.enabled:
             return []
         loras = []
         for name in self.active:
+            if name in self.fused:  # already inside W
+                continue
             a = self.adapters[name]
             if isinstance(a, LoRAAdapter):
                 loras.append((a.down, a.up, a.up_bias, a.scale * self.adapter_weights[name] * self.call_scale))
@@ -97,11 +101,11 @@ class LoRALayer(nn.Module):
     def adapted_weight(self):
         """(weight, bias) with the active LyCORIS deltas added, scaled: what the layer computes with this call."""
         weight, bias = self.weight, self.bias
-        if self.fused or not self.enabled:
+        if not self.enabled:
             return weight, bias
         for name in self.active:
             a = self.adapters[name]
-            if isinstance(a, LyCORISAdapter):
+            if isinstance(a, LyCORISAdapter) and name not in self.fused:
                 s = a.scale * self.adapter_weights[name] * self.call_scale
                 weight = weight + a.delta().reshape(weight.shape) * s
                 if a.up_bias is not None:
@@ -281,54 +285,26 @@ def load_lora_weights(target, repo_id_or_file_or_dict, weight_name=None, adapter
     """
     models = lora_components(target)
     if not models:
-        raise ValueError("this pipeline has no unet or text encoder to load a LoRA into")
+        raise ArgumentError("this pipeline has no unet or text encoder to load a LoRA into")
     if isinstance(repo_id_or_file_or_dict, dict):
         state_dict, configs, where = repo_id_or_file_or_dict, {}, "the LoRA state dict"
     else:
         where = resolve_lora_file(repo_id_or_file_or_dict, weight_name, subfolder)
-        state_dict, configs = read_lora_file(where, allow_pickle)
+        # keys and shapes first, from the (bounded) header alone: no tensor is read for a file that does not fit
+        state_dict, configs = read_lora_file(where, allow_pickle, header_only=True)
     loaded = {n for names in get_list_adapters(models).values() for n in names}
     if adapter_name is None:
         adapter_name = f"default_{len(loaded)}"
     if not isinstance(adapter_name, str) or not adapter_name or "." in adapter_name:
-        raise ValueError(f"adapter_name={adapter_name!r}: use a non-empty name without '.'")
+        raise ArgumentError(f"adapter_name={adapter_name!r}: use a non-empty name without '.'")
     if adapter_name in loaded:
-        raise ValueError(f"an adapter named {adapter_name!r} is already loaded (loaded: {sorted(loaded)}): pass "
+        raise ArgumentError(f"an adapter named {adapter_name!r} is already loaded (loaded: {sorted(loaded)}): pass "
                          "another adapter_name, or delete_adapters() it first")
 
-    targets, unmatched, form = parse_lora(state_dict, models)
-    for config in configs.values():
-        if config.get("use_dora"):
-            raise ValueError(f"{where}: use_dora=True in its LoRA config: DoRA is not supported")
-    if unmatched and not allow_partial:
-        raise ValueError(f"{where}: {len(unmatched)} of {len(state_dict)} keys match no module of "
-                         f"{' / '.join(models)} ({form} format):"
-                         + _listing(f"{k}: {r}" for k, r in sorted(unmatched.items()))
-                         + "\n  (is this LoRA made for another base model? allow_partial=True loads the keys that match)")
-    adapters, wrong = {}, []
-    for (component, path), t in targets.items():
-        module = models[component].get_submodule(path)
-        if t.kind != "lora":  # LyCORIS: the delta its factors make must reshape onto the weight
-            problem = _lycoris_problem(t, module)
-            if problem:
-                wrong.append(f"{t.keys[0]} (LyCORIS {t.kind}): {problem} for {component}.{path} ({describe(module)})")
-                continue
-            adapters[(component, path)] = (t.kind, t.factors, lycoris.scale(t.kind, t.factors, t.alpha))
-            continue
-        down, up = _fit(t.down, module, "down"), _fit(t.up, module, "up")
-        want_down, want_up = expected_shapes(module, down.shape[0])
-        bias_ok = t.up_bias is None or (tuple(t.up_bias.shape) == (want_up[0],) and module.bias is not None)
-        if tuple(down.shape) != want_down or tuple(up.shape) != want_up or not bias_ok:
-            wrong.append(f"{t.keys[0]} (and its pair): down {tuple(t.down.shape)}, up {tuple(t.up.shape)}"
-                         f"{'' if t.up_bias is None else f', up bias {tuple(t.up_bias.shape)}'} do not fit "
-                         f"{component}.{path} ({describe(module)}), which needs down {want_down}, up {want_up}")
-            continue
-        adapters[(component, path)] = (down, up, t.up_bias, layer_scale(t, component, path, configs))
-    if wrong:
-        raise ValueError(f"{where}: {len(wrong)} LoRA layers do not fit the pipeline's modules (a LoRA for another "
-                         "base model, e.g. an SD 1.x LoRA on SDXL?):" + _listing(wrong, 12))
-    if not adapters:
-        raise ValueError(f"{where}: no LoRA layer to load ({len(state_dict)} keys, none matched)")
+    adapters, unmatched, form = _collect(state_dict, configs, models, where, allow_partial)
+    if any(t.is_meta for t in state_dict.values()):  # the header fits: now read the tensors
+        state_dict, configs = read_lora_file(where, allow_pickle)
+        adapters, unmatched, form = _collect(state_dict, configs, models, where, allow_partial)
 
     enabled = all(layer.enabled for _, layer in _all_layers(models))
     counts = {c: 0 for c in models}
@@ -353,6 +329,52 @@ def load_lora_weights(target, repo_id_or_file_or_dict, weight_name=None, adapter
         print(f"LoRA {adapter_name!r} ({form}): " + ", ".join(f"{c} {n} layers" for c, n in counts.items())
               + skipped, file=sys.stderr)
     return report
+
+
+def _collect(state_dict, configs, models, where, allow_partial):
+    """({(component, path): (down, up, up_bias, scale) or LyCORIS (kind, factors, scale)}, unmatched keys, format)
+    of a state dict whose every key and shape was checked against `models` (meta tensors: shapes only)."""
+    targets, unmatched, form = parse_lora(state_dict, models)
+    for config in configs.values():
+        if config.get("use_dora"):
+            raise LoRAFileError(f"{where}: use_dora=True in its LoRA config: DoRA is not supported")
+    if unmatched and not allow_partial:
+        raise LoRAFileError(f"{where}: {len(unmatched)} of {len(state_dict)} keys match no module of "
+                            f"{' / '.join(models)} ({form} format):"
+                            + _listing(f"{k}: {r}" for k, r in sorted(unmatched.items()))
+                            + "\n  (is this LoRA made for another base model? allow_partial=True loads the keys that match)")
+    adapters, wrong = {}, []
+    for (component, path), t in targets.items():
+        module = models[component].get_submodule(path)
+        if t.kind != "lora":  # LyCORIS: the delta its factors make must reshape onto the weight
+            problem = _lycoris_problem(t, module)
+            if problem:
+                wrong.append(f"{t.keys[0]} (LyCORIS {t.kind}): {problem} for {component}.{path} ({describe(module)})")
+                continue
+            adapters[(component, path)] = (t.kind, t.factors, lycoris.scale(t.kind, t.factors, t.alpha))
+            continue
+        for role, x in (("down", t.down), ("up", t.up)):
+            if x.ndim not in (2, 4):
+                raise LoRAFileError(f"{where}: {t.keys[0]} (and its pair): the {role} weight has shape "
+                                    f"{tuple(x.shape)}; a LoRA weight is a matrix or a convolution kernel")
+        if t.down.shape[0] == 0 or t.up.shape[1] == 0:
+            raise LoRAFileError(f"{where}: {t.keys[0]} (and its pair): rank 0 (down {tuple(t.down.shape)}, up "
+                                f"{tuple(t.up.shape)}); a LoRA needs rank >= 1")
+        down, up = _fit(t.down, module, "down"), _fit(t.up, module, "up")
+        want_down, want_up = expected_shapes(module, down.shape[0])
+        bias_ok = t.up_bias is None or (tuple(t.up_bias.shape) == (want_up[0],) and module.bias is not None)
+        if tuple(down.shape) != want_down or tuple(up.shape) != want_up or not bias_ok:
+            wrong.append(f"{t.keys[0]} (and its pair): down {tuple(t.down.shape)}, up {tuple(t.up.shape)}"
+                         f"{'' if t.up_bias is None else f', up bias {tuple(t.up_bias.shape)}'} do not fit "
+                         f"{component}.{path} ({describe(module)}), which needs down {want_down}, up {want_up}")
+            continue
+        adapters[(component, path)] = (down, up, t.up_bias, layer_scale(t, component, path, configs))
+    if wrong:
+        raise LoRAFileError(f"{where}: {len(wrong)} LoRA layers do not fit the pipeline's modules (a LoRA for another "
+                            "base model, e.g. an SD 1.x LoRA on SDXL?):" + _listing(wrong, 12))
+    if not adapters:
+        raise LoRAFileError(f"{where}: no LoRA layer to load ({len(state_dict)} keys, none matched)")
+    return adapters, unmatched, form
 
 
 def _lycoris_problem(t, module):
@@ -382,39 +404,121 @@ def _wrap(model, path):
 
 
 def _activate(models, names, weights):
-    for _, layer in _all_layers(models):
-        layer.active_names = list(names)  # what get_active_adapters reports
-        for n, w in zip(names, weights):
-            if n in layer.adapters:
-                layer.adapter_weights[n] = w
-        layer.active = [n for n in names if n in layer.adapters]
+    """Make `names` the active adapters; `weights[i]` is adapter i's weight: a number, or a function of the
+    layer's module path (block-wise UNet weights)."""
+    for _, model in lora_components(models).items():
+        for path, layer in [(p, m) for p, m in model.named_modules() if isinstance(m, LoRALayer)]:
+            layer.active_names = list(names)  # what get_active_adapters reports
+            for n, w in zip(names, weights):
+                if n in layer.adapters:
+                    layer.adapter_weights[n] = w(path) if callable(w) else w
+            layer.active = [n for n in names if n in layer.adapters]
+
+
+def _attention_path(name):
+    """diffusers' block names in set_adapters weights: "mid", "down.block_1.0", "up.block_0.2" -> module paths."""
+    if name == "mid":
+        return "mid_block.attentions.0"
+    updown, block, attn = name.split(".")
+    return f"{updown}_blocks.{block.replace('block_', '')}.attentions.{attn}"
+
+
+def block_weights(unet, scales, default=1.0):
+    """{attention module path: weight} from diffusers' documented per-block form, e.g. {"down": 0.9,
+    "mid": 1.0, "up": {"block_0": 0.6, "block_1": [0.4, 0.8, 1.0]}}: a number for a whole side, per block,
+    or per transformer of a block; whatever is left out gets `default` (diffusers' expansion rules)."""
+    with_attention = {"down": [i for i, b in enumerate(unet.down_blocks) if hasattr(b, "attentions")],
+                      "up": [i for i, b in enumerate(unet.up_blocks) if hasattr(b, "attentions")]}
+    per_block = {"down": unet.config.layers_per_block, "up": unet.config.layers_per_block + 1}
+    if isinstance(per_block["down"], (list, tuple)):
+        raise ValueError("block-wise LoRA weights need one layers_per_block for the whole UNet")
+    unknown = set(scales) - {"down", "mid", "up"}
+    if unknown:
+        raise ValueError(f"block-wise LoRA weights: unknown keys {sorted(unknown)} (use 'down', 'mid', 'up')")
+    out = {}
+    mid = scales.get("mid", default)
+    if isinstance(mid, list):
+        if len(mid) != 1:
+            raise ValueError(f"block-wise LoRA weights: 'mid' has one transformer, got {len(mid)} weights")
+        mid = mid[0]
+    out["mid"] = mid
+    for side in ("down", "up"):
+        given = scales.get(side, default)
+        if not isinstance(given, dict):
+            given = {f"block_{i}": given for i in with_attention[side]}
+        bad = set(given) - {f"block_{i}" for i in with_attention[side]}
+        if bad:
+            raise ValueError(f"block-wise LoRA weights: {side} has no attention block(s) {sorted(bad)} (blocks with "
+                             f"attention: {[f'block_{i}' for i in with_attention[side]]})")
+        for i in with_attention[side]:
+            w = given.get(f"block_{i}", default)
+            w = w if isinstance(w, list) else [w]
+            if len(w) == 1:
+                w = w * per_block[side]
+            if len(w) != per_block[side]:
+                raise ValueError(f"block-wise LoRA weights: {side}.block_{i} has {per_block[side]} transformers, "
+                                 f"got {len(w)} weights")
+            for j, v in enumerate(w):
+                out[f"{side}.block_{i}.{j}"] = v
+    for v in out.values():
+        if not isinstance(v, (int, float)):
+            raise ValueError(f"block-wise LoRA weight {v!r}: use numbers")
+    return {_attention_path(k): float(v) for k, v in out.items()}
+
+
+def _weight_by_path(weights):
+    """The weight of a LoRA layer at a module path, as diffusers (PEFT's get_module_weight) finds it: its
+    attention's, else that of the attention with the same index in its block, else 1.0."""
+    def weight(path):
+        for prefix, w in weights.items():
+            if path.startswith(prefix + "."):
+                return w
+        parts = path.split(".")
+        if len(parts) > 3:
+            return weights.get(f"{parts[0]}.{parts[1]}.attentions.{parts[3]}", 1.0)
+        return 1.0
+    return weight
 
 
 def set_adapters(target, adapter_names, adapter_weights=None):
     """Use these adapters together, each scaled by its weight: a number, a list (one per adapter), or per
-    adapter a dict {component: weight} (a component left out gets 1.0)."""
+    adapter a dict {component: weight} (a component left out gets 1.0), where the UNet's weight may itself be
+    per block as diffusers documents ({"down": ..., "mid": ..., "up": {"block_0": [..]}})."""
     models = lora_components(target)
     names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
     weights = adapter_weights if isinstance(adapter_weights, list) else [adapter_weights] * len(names)
     if len(weights) != len(names):
-        raise ValueError(f"adapter_weights has {len(weights)} entries for {len(names)} adapters {names}")
+        raise ArgumentError(f"adapter_weights has {len(weights)} entries for {len(names)} adapters {names}")
     loaded = {n for ns in get_list_adapters(models).values() for n in ns}
     missing = [n for n in names if n not in loaded]
     if missing:
-        raise ValueError(f"adapters {missing} are not loaded (loaded: {sorted(loaded)})")
+        raise ArgumentError(f"adapters {missing} are not loaded (loaded: {sorted(loaded)})")
+    for w, n in zip(weights, names):
+        if isinstance(w, dict) and not set(w) & set(COMPONENTS) and set(w) & {"down", "mid", "up"}:
+            raise ArgumentError(f"adapter_weights for {n!r}: put block-wise weights under 'unet', e.g. "
+                             "{'unet': {'down': 0.9, 'up': {'block_0': 0.6}}}")
     for component, model in models.items():
         per_component = []
         for n, w in zip(names, weights):
             if isinstance(w, dict):
                 unknown = set(w) - set(COMPONENTS)
                 if unknown:
-                    raise ValueError(f"adapter_weights for {n!r}: unknown components {sorted(unknown)} "
-                                     f"(use {list(COMPONENTS)}; block-wise UNet weights are not supported)")
+                    raise ArgumentError(f"adapter_weights for {n!r}: unknown components {sorted(unknown)} "
+                                     f"(use {list(COMPONENTS)})")
                 w = w.get(component)
-            if w is not None and not isinstance(w, (int, float)):
-                raise ValueError(f"adapter weight {w!r} for {n!r}: use a number (block-wise weights are not supported)")
-            per_component.append(1.0 if w is None else float(w))
+            if isinstance(w, dict):
+                if component != "unet":
+                    raise ArgumentError(f"adapter weight for {n!r} on {component}: block-wise weights are for the UNet")
+                w = _weight_by_path(block_weights(model, w))
+            elif w is not None and not isinstance(w, (int, float)):
+                raise ArgumentError(f"adapter weight {w!r} for {n!r}: use a number, or for the UNet a dict of blocks")
+            per_component.append(1.0 if w is None else w if callable(w) else float(w))
         _activate({component: model}, names, per_component)
+
+
+def fused_adapters(target):
+    """Names of the adapters fused into the weights (diffusers' pipe.fused_loras)."""
+    return {n for _, layer in _all_layers(target) for n in layer.fused}
 
 
 def disable_lora(target):
@@ -447,7 +551,7 @@ def delete_adapters(target, adapter_names):
         for name, layer in [(n, m) for n, m in model.named_modules() if isinstance(m, LoRALayer)]:
             fused = [n for n in names if n in layer.fused]
             if fused:
-                raise ValueError(f"adapters {fused} are fused into {component}.{name}: unfuse_lora() first")
+                raise ArgumentError(f"adapters {fused} are fused into {component}.{name}: unfuse_lora() first")
             for n in names:
                 if n in layer.adapters:
                     del layer.adapters[n]

@@ -26,7 +26,11 @@ from functools import lru_cache
 
 from tokenizers import AddedToken, Regex, Tokenizer, models, normalizers, pre_tokenizers
 
+from .errors import MinidiffError, TokenizerFileError
+from .tokenizer_files import (MAX_TOKENIZER_FILE, check_max_length, check_merges, check_special, check_vocab,
+                              read_merges, read_vocab, tokenizer_where)
 from .weights.hub import resolve_file
+from .weights.safe import read_json_file
 
 # Words as CLIP cuts them. The two special tokens are kept whole when cleaning makes them appear
 # (e.g. "<|ENDOFTEXT|>" lower-cased); the contractions are matched case-insensitively.
@@ -124,12 +128,20 @@ def converted_fast(vocab, merges, unk_token, added_tokens):
 class CLIPTokenizer:
     use_fast = False  # CLIPTokenizerFast: tokenize with tokenizer.json's pipeline (see the module docstring)
 
-    def __init__(self, vocab, merges, bos_token="<|startoftext|>", eos_token="<|endoftext|>",
-                 unk_token="<|endoftext|>", pad_token="<|endoftext|>", model_max_length=77, added_tokens=None,
-                 padding_side="right", clean_up_tokenization_spaces=False, fast=None):
-        """vocab: {token: id}; merges: [(left, right)] by rank; added_tokens: {content: {"id", "lstrip",
-        "rstrip", "special"}} for tokens cut out of the raw text before cleanup (the special tokens are
-        added to it). `fast`: a `tokenizers.Tokenizer` (tokenizer.json) that then does steps 1-3."""
+    def __init__(self, vocab_file, merges_file, errors="replace", unk_token="<|endoftext|>",
+                 bos_token="<|startoftext|>", eos_token="<|endoftext|>", pad_token="<|endoftext|>",
+                 model_max_length=77, added_tokens=None, padding_side="right", clean_up_tokenization_spaces=False,
+                 fast=None):
+        """vocab_file, merges_file: the paths of vocab.json and merges.txt, as transformers'
+        CLIPTokenizer(vocab_file, merges_file, ...) takes them, or already read: {token: id} and
+        [(left, right)] by rank. added_tokens: {content: {"id", "lstrip", "rstrip", "special"}} for tokens cut
+        out of the raw text before cleanup (the special tokens are added to it). Bytes that are not UTF-8
+        decode as U+FFFD (transformers' errors="replace", the only mode). `fast`: a `tokenizers.Tokenizer`
+        (tokenizer.json) that then does steps 1-3."""
+        if errors != "replace":
+            raise ValueError(f"CLIPTokenizer: errors={errors!r} is not supported (only 'replace')")
+        vocab = read_vocab(vocab_file) if isinstance(vocab_file, (str, os.PathLike)) else vocab_file
+        merges = read_merges(merges_file) if isinstance(merges_file, (str, os.PathLike)) else merges_file
         self._fast = fast
         if fast is not None:  # its own truncation/padding settings would cut the text before ours
             fast.no_truncation()
@@ -190,7 +202,19 @@ class CLIPTokenizer:
     def from_pretrained(cls, repo_or_path, subfolder=None, use_fast=None):
         """Read vocab.json + merges.txt (or tokenizer.json) and tokenizer_config.json /
         special_tokens_map.json from a local folder or a Hub repo (e.g. subfolder="tokenizer_2").
-        use_fast (default: the class's; True for CLIPTokenizerFast) tokenizes as transformers' fast tokenizer."""
+        use_fast (default: the class's; True for CLIPTokenizerFast) tokenizes as transformers' fast tokenizer.
+        Malformed files raise TokenizerFileError naming the file or folder (tokenizer_files.py)."""
+        try:
+            return cls._from_files(repo_or_path, subfolder, use_fast)
+        except (MinidiffError, FileNotFoundError):
+            raise
+        except Exception as e:  # a malformed entry in the config files, or the BPE library refusing them
+            where = tokenizer_where(repo_or_path, subfolder)
+            raise TokenizerFileError(f"{where}: the tokenizer files do not make a tokenizer "
+                                     f"({type(e).__name__}: {e})") from e
+
+    @classmethod
+    def _from_files(cls, repo_or_path, subfolder=None, use_fast=None):
         repo_or_path = os.fspath(repo_or_path)
         use_fast = cls.use_fast if use_fast is None else use_fast
 
@@ -198,23 +222,18 @@ class CLIPTokenizer:
             path = resolve_file(repo_or_path, name, subfolder, required=False)
             if path is None:
                 return None
-            with open(path, encoding="utf-8") as f:
-                try:
-                    return json.load(f)
-                except json.JSONDecodeError as e:
-                    raise ValueError(f"{path} is not valid JSON: {e}") from e
+            obj = read_json_file(path, max_bytes=MAX_TOKENIZER_FILE)
+            if not isinstance(obj, dict):
+                raise TokenizerFileError(f"{path}: a JSON object is needed, found {type(obj).__name__}")
+            return obj
 
         config = optional_json("tokenizer_config.json") or {}
         vocab_path = resolve_file(repo_or_path, "vocab.json", subfolder, required=False)
         merges_path = resolve_file(repo_or_path, "merges.txt", subfolder, required=False)
         added = {}
         if vocab_path and merges_path:
-            with open(vocab_path, encoding="utf-8") as f:
-                vocab = json.load(f)
-            with open(merges_path, encoding="utf-8") as f:
-                # the first line is the "#version" header
-                lines = f.read().strip().split("\n")[1:]
-            merges = [tuple(line.split()) for line in lines]
+            vocab = read_vocab(vocab_path)
+            merges = read_merges(merges_path)  # checked line by line, naming the file (tokenizer_files.py)
         else:
             fast = optional_json("tokenizer.json")
             if fast is None:
@@ -226,8 +245,12 @@ class CLIPTokenizer:
             if model.get("type") != "BPE":
                 raise ValueError(f"{os.path.join(repo_or_path, subfolder or '', 'tokenizer.json')}: model type "
                                  f"{model.get('type')!r} is not a BPE model; CLIPTokenizer needs CLIP's BPE")
-            vocab = model["vocab"]
-            merges = [tuple(m.split()) if isinstance(m, str) else tuple(m) for m in model["merges"]]
+            fast_path = os.path.join(repo_or_path, subfolder or "", "tokenizer.json")
+            vocab = check_vocab(model.get("vocab"), fast_path)
+            merges = model.get("merges")
+            if not isinstance(merges, list):
+                raise TokenizerFileError(f"{fast_path}: model.merges must be a list")
+            merges = check_merges([m.split() if isinstance(m, str) else m for m in merges], fast_path)
             for t in fast.get("added_tokens", []):
                 added[t["content"]] = {"id": t["id"], "lstrip": t.get("lstrip", False),
                                        "rstrip": t.get("rstrip", False), "special": t.get("special", False)}
@@ -244,6 +267,7 @@ class CLIPTokenizer:
 
         specials = {}
         for key, default in zip(SPECIAL_KEYS, ("<|startoftext|>", "<|endoftext|>", "<|endoftext|>", "<|endoftext|>")):
+            check_special(config.get(key, default), key, tokenizer_where(repo_or_path, subfolder))
             content, lstrip, rstrip = _token_content(config.get(key, default))
             specials[key] = content
             if content is not None and content not in added and (lstrip or rstrip):
@@ -255,8 +279,8 @@ class CLIPTokenizer:
             elif content is not None:
                 added[content] = {"id": None, "lstrip": lstrip, "rstrip": rstrip, "special": True}
         # a limit-less tokenizer (transformers' huge default) is CLIP's context length in practice
-        max_len = config.get("model_max_length")
-        max_len = 77 if max_len is None or max_len > 1e12 else int(max_len)
+        where = tokenizer_where(repo_or_path, subfolder)
+        max_len = check_max_length(config.get("model_max_length"), where)
         fast = None
         if use_fast:
             path = resolve_file(repo_or_path, "tokenizer.json", subfolder, required=False)

@@ -127,6 +127,8 @@ def test_float16_load_and_check_finite(tmp_path):
     assert_close(images, ref.decode(z).sample, rel=2e-2, name="fp16 decode")
     assert check_finite(images) is images
     with pytest.raises(FloatingPointError, match="decode produced NaN.*float32 or use madebyollin/sdxl-vae-fp16-fix"):
+        check_finite(torch.tensor([0.0, float("nan")]).half(), where="StableDiffusionXLPipeline")
+    with pytest.raises(FloatingPointError, match="not float16"):  # a float32 NaN is not blamed on float16
         check_finite(torch.tensor([0.0, float("nan")]), where="StableDiffusionXLPipeline")
     with pytest.raises(FloatingPointError, match="produced inf"):
         check_finite(torch.tensor([float("inf")]))

@@ -220,12 +220,17 @@ def test_decoder_matches_diffusers(repos, combined):
         assert_close(got[k:k + 1], want, name=f"decoder latents, row {k}")
 
 
-def test_offload_same_image_and_one_stage_at_a_time(repos, combined):
-    want = combined(**COMBINED_ARGS, generator=gen(), output_type="pt").images
+def fresh_combined(repos):
     pipe = WuerstchenCombinedPipeline.from_pipes(
         WuerstchenPriorPipeline.from_pretrained(repos["prior_dir"]),
         WuerstchenDecoderPipeline.from_pretrained(repos["decoder_dir"]))
     pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def test_offload_same_image_and_one_stage_at_a_time(repos, combined):
+    want = combined(**COMBINED_ARGS, generator=gen(), output_type="pt").images
+    pipe = fresh_combined(repos)
     pipe.enable_model_cpu_offload(device="cpu")
     moves = []
     for name, model in pipe.components.items():
@@ -239,6 +244,18 @@ def test_offload_same_image_and_one_stage_at_a_time(repos, combined):
     assert all(where == "cpu" for _, where in moves), moves
     assert order == ["prior_text_encoder"] * 2 + ["prior_prior"] + ["text_encoder"] * 2 + ["decoder", "vqgan"], order
     assert [name for name, _ in moves[1::2]] == order
+
+
+def test_sequential_offload_same_image_and_undo(repos, combined):
+    """Issue 19: submodule-by-submodule offload through both pipes gives the same image; remove_all_hooks undoes it."""
+    want = combined(**COMBINED_ARGS, generator=gen(), output_type="pt").images
+    pipe = fresh_combined(repos)
+    pipe.enable_sequential_cpu_offload(device="cpu")
+    assert pipe.prior_pipe._offload_hooks and pipe.decoder_pipe._offload_hooks
+    assert torch.equal(pipe(**COMBINED_ARGS, generator=gen(), output_type="pt").images, want)
+    pipe.remove_all_hooks()
+    assert not pipe.prior_pipe._offload_hooks and not pipe.decoder_pipe._offload_hooks
+    assert pipe.prior_pipe._offload_device is None and pipe.decoder_pipe._offload_device is None
 
 
 def test_save_and_reload(tmp_path, combined):

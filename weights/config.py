@@ -25,6 +25,9 @@ TRANSFORMERS_GENERIC_KEYS = (
 
 
 def config_from_dict(config_cls, d, where="config.json"):
+    from ..errors import ConfigError, MinidiffError
+    from .config_checks import check_values
+    d = check_values(config_cls, d, where)  # types and ranges first (weights/config_checks.py)
     fields = {f.name for f in dataclasses.fields(config_cls)}
     neutral = getattr(config_cls, "NEUTRAL", {})
     ignored = getattr(config_cls, "IGNORED", ())
@@ -38,13 +41,19 @@ def config_from_dict(config_cls, d, where="config.json"):
             allowed = neutral[key]
             allowed = allowed if isinstance(allowed, tuple) else (allowed,)
             if value not in allowed:
-                raise ValueError(f"{where}: {key}={value!r} is not supported by minidiff's {config_cls.__name__} "
+                raise ConfigError(f"{where}: {key}={value!r} is not supported by minidiff's {config_cls.__name__} "
                                  f"(supported: {' or '.join(repr(a) for a in allowed)})")
         elif key not in ignored:
             warnings.warn(f"{where}: unknown config key {key!r}={value!r} ignored by {config_cls.__name__}", stacklevel=3)
-    cfg = config_cls(**kwargs)
-    if hasattr(cfg, "validate"):
-        cfg.validate(where)
+    try:
+        cfg = config_cls(**kwargs)
+        if hasattr(cfg, "validate"):
+            cfg.validate(where)
+    except MinidiffError:
+        raise
+    except (ValueError, TypeError, ZeroDivisionError, IndexError, KeyError, AttributeError) as e:
+        msg = str(e) if str(e).startswith(str(where)) else f"{where}: {type(e).__name__}: {e}"
+        raise ConfigError(msg) from e
     return cfg
 
 

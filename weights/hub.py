@@ -3,7 +3,11 @@
 Only the files a model needs are fetched: its config and the weights of the chosen variant
 (a sharded checkpoint's index and its shards). HF_HUB_OFFLINE=1 and local paths need no network.
 """
+import contextlib
+import contextvars
 import os
+import re
+import socket
 
 from .safe import check_pickle, contained, read_json_file, safe_name
 
@@ -11,14 +15,67 @@ WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 
+# Hub download options of the from_pretrained call in progress (cache_dir, revision, token, local_files_only,
+# force_download): set once by the pipeline or model, read by every file lookup below it.
+_HUB_OPTIONS = contextvars.ContextVar("minidiff_hub_options", default={})
+HUB_OPTION_NAMES = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+
+
+@contextlib.contextmanager
+def hub_options(**options):
+    """Download options for every Hub lookup inside the block (None values are left out)."""
+    merged = {**_HUB_OPTIONS.get(), **{k: v for k, v in options.items() if v is not None}}
+    token = _HUB_OPTIONS.set(merged)
+    try:
+        yield
+    finally:
+        _HUB_OPTIONS.reset(token)
+
+
 def is_local(repo_or_path):
     return os.path.isdir(repo_or_path) or os.path.isfile(repo_or_path)
+
+
+def looks_like_path(name):
+    """A string meant as a folder, never a Hub repo id: starts with '.', '/', '~' (or a drive letter), has
+    more than one '/', or its first part names a folder that exists here."""
+    if name.startswith((".", "/", "~", "\\")) or re.match(r"^[A-Za-z]:[\\/]", name) or "\\" in name:
+        return True
+    parts = name.split("/")
+    return len(parts) != 2 or not all(parts) or os.path.isdir(parts[0])
+
+
+_HUB_REACHABLE = {}
+
+
+def _hub_reachable():
+    """Whether the Hub's host accepts a connection (checked once per process, 3 s at most): without a network,
+    huggingface_hub retries for about 25 s before it reads its cache."""
+    from huggingface_hub import constants
+    from urllib.parse import urlparse
+    url = urlparse(constants.ENDPOINT)
+    host, port = url.hostname, url.port or (443 if url.scheme == "https" else 80)
+    if host not in _HUB_REACHABLE:
+        try:
+            socket.create_connection((host, port), timeout=3).close()
+            _HUB_REACHABLE[host] = True
+        except OSError:
+            _HUB_REACHABLE[host] = False
+    return _HUB_REACHABLE[host]
+
+
+def _offline_error(repo, where, reason):
+    from huggingface_hub import constants
+    cache = _HUB_OPTIONS.get().get("cache_dir") or constants.HF_HUB_CACHE
+    return OSError(f"{repo}: {reason}, and {where} is not in the offline cache ({cache}); download the repo once "
+                   f"where the Hub can be reached (huggingface-cli download {repo}), or pass a local folder "
+                   "in the Hub layout (with model_index.json, or config.json for one model)")
 
 
 def resolve_file(repo_or_path, filename, subfolder=None, required=True):
     """Path of `subfolder/filename` in a local folder or a Hub repo; None if absent and not required."""
     repo_or_path = os.fspath(repo_or_path)
-    if subfolder:
+    if subfolder is not None:  # "" too: a component named "" in model_index.json
         safe_name(subfolder, repo_or_path, "subfolder")
     safe_name(filename, os.path.join(repo_or_path, subfolder or ""), "file name")
     if is_local(repo_or_path):
@@ -31,14 +88,40 @@ def resolve_file(repo_or_path, filename, subfolder=None, required=True):
             raise FileNotFoundError(f"{path} not found (looked for {filename!r} in {repo_or_path!r}"
                                     f"{f', subfolder {subfolder!r}' if subfolder else ''})")
         return None
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.utils import EntryNotFoundError, LocalEntryNotFoundError
+    if looks_like_path(repo_or_path):
+        raise FileNotFoundError(f"no such folder: {repo_or_path} (a path, so it is not looked up on the Hub)")
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.utils import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                       RepositoryNotFoundError, RevisionNotFoundError)
+    options = dict(_HUB_OPTIONS.get())
+    where = f"{subfolder + '/' if subfolder else ''}{filename}"
+    offline = constants.HF_HUB_OFFLINE or options.get("local_files_only")
+    reason = "HF_HUB_OFFLINE=1 is set" if constants.HF_HUB_OFFLINE else "local_files_only=True was passed"
+    if not offline and not _hub_reachable():
+        offline, reason = True, f"the Hub ({constants.ENDPOINT}) cannot be reached from here"
+    if offline:
+        options["local_files_only"] = True
     try:
-        return hf_hub_download(repo_or_path, filename, subfolder=subfolder or None)
-    except (EntryNotFoundError, LocalEntryNotFoundError) as e:
+        return hf_hub_download(repo_or_path, filename, subfolder=subfolder or None, **options)
+    except GatedRepoError as e:
+        raise OSError(f"{repo_or_path} is a gated repo: accept its terms on the Hub and pass token=... "
+                      "(or log in with `huggingface-cli login`)") from e
+    except RepositoryNotFoundError as e:
+        raise OSError(f"{repo_or_path} is not a Hub repo id (or it is private: pass token=...), and no local "
+                      "folder has that name") from e
+    except RevisionNotFoundError as e:
+        raise OSError(f"{repo_or_path}: revision {options.get('revision')!r} does not exist") from e
+    except LocalEntryNotFoundError as e:
+        if offline:  # nothing in the cache: say so in one line, without huggingface_hub's retries
+            if not required:
+                return None
+            raise _offline_error(repo_or_path, where, reason) from None
         if required:
-            where = f"{repo_or_path}/{subfolder + '/' if subfolder else ''}{filename}"
-            raise FileNotFoundError(f"{where} could not be found on the Hub or in the local cache ({type(e).__name__})") from e
+            raise FileNotFoundError(f"{repo_or_path}/{where} could not be found on the Hub or in the local cache") from e
+        return None
+    except EntryNotFoundError as e:
+        if required:
+            raise FileNotFoundError(f"{repo_or_path}/{where} does not exist on the Hub ({type(e).__name__})") from e
         return None
 
 

@@ -13,7 +13,7 @@ from contextlib import contextmanager
 import torch
 
 from .config import config_from_dict, config_to_dict
-from ..errors import FileFormatError
+from ..errors import ConfigError, FileFormatError
 from .hub import read_json, resolve_weights
 from .safe import check_pickle, read_safetensors_header, torch_load
 
@@ -74,7 +74,7 @@ def _listing(keys, n=12):
     return ", ".join(keys[:n]) + more
 
 
-def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=False):
+def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=False, shapes=None):
     """Assign the tensors of `files` to `model` (built on meta), checking every key and shape first.
 
     `rename(file_key) -> module_key` maps another key form of the same model (None: keys are equal);
@@ -85,7 +85,8 @@ def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=F
     dtype = dtype or torch.float32
     device = torch.device(device) if device is not None else torch.device("cpu")
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    found = {rename(k): (path, shape, k) for k, (path, shape) in _shapes(files, allow_pickle).items()}
+    shapes = shapes if shapes is not None else _shapes(files, allow_pickle)
+    found = {rename(k): (path, shape, k) for k, (path, shape) in shapes.items()}
     found.pop(None, None)
     where = files[0] if len(files) == 1 else f"{os.path.dirname(files[0])} ({len(files)} shards)"
     missing = expected.keys() - found.keys()
@@ -97,11 +98,12 @@ def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=F
         if missing:
             parts.append(f"{len(missing)} missing keys: {_listing(missing)}")
         if unexpected:
-            parts.append(f"{len(unexpected)} unexpected keys: {_listing(unexpected)}")
+            listed = unexpected if len(files) == 1 else [f"{k} (in {os.path.basename(found[k][0])})" for k in unexpected]
+            parts.append(f"{len(unexpected)} unexpected keys: {_listing(listed)}")
         if wrong:
             parts.append(f"{len(wrong)} wrong shapes: {_listing(wrong, 6)}")
         parts.append("(is the config.json beside the weights the one they were saved with?)")
-        raise ValueError("\n  ".join(parts))
+        raise ConfigError("\n  ".join(parts))
     sd = {}
     for _, k, t in _iter_tensors(files, allow_pickle):
         if rename(k) is None:
@@ -111,7 +113,7 @@ def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=F
     model.load_state_dict(sd, strict=True, assign=True)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
-        raise RuntimeError(f"{type(model).__name__}: tensors not set by {where}: {_listing(left)}")
+        raise FileFormatError(f"{type(model).__name__}: tensors not set by {where}: {_listing(left)}")
     return model
 
 
@@ -130,6 +132,26 @@ def _no_init():
     finally:
         for n, f in saved.items():
             setattr(init, n, f)
+
+
+@contextmanager
+def _bounded_build(cls, n_tensors, files):
+    """Stop building a model as soon as it has more parameters than the weights hold tensors: a config that
+    asks for a million layers fails after a few thousand modules, naming both, instead of filling memory."""
+    from torch.nn.modules.module import register_module_parameter_registration_hook
+    limit, count = 4 * n_tensors + 20_000, [0]  # slack: a near miss still gets the missing-keys listing
+
+    def hook(module, name, param):
+        count[0] += 1
+        if count[0] > limit:
+            raise ConfigError(f"{cls.__name__}: its config asks for more than {limit} parameter tensors, but "
+                              f"{files[0]}{f' (and {len(files) - 1} more shards)' if len(files) > 1 else ''} holds "
+                              f"{n_tensors}: the config.json does not belong to these weights")
+    handle = register_module_parameter_registration_hook(hook)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 @contextmanager
@@ -158,14 +180,15 @@ def load_model(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None
         raw = read_json(repo_or_path, "config.json", subfolder)
         config = config_from_dict(cls.config_class, raw, where=os.path.join(repo_or_path, subfolder or "", "config.json"))
     files = resolve_weights(repo_or_path, cls.weight_names, subfolder, variant, allow_pickle)
+    shapes = _shapes(files, allow_pickle)  # headers only: checked before anything is built
     from minidiff.compress import build_palettised, palettised_layers
     palettised = palettised_layers(files)  # a file minidiff.compress wrote: its layers say so in the metadata
     with _no_gc():
-        with torch.device("meta"), _no_init():
+        with torch.device("meta"), _no_init(), _bounded_build(cls, len(shapes), files):
             model = cls(config)
             if palettised:
                 build_palettised(model, palettised, files[0])
-        load_into(model, files, torch_dtype, device, getattr(cls, "rename_key", None), allow_pickle)
+        load_into(model, files, torch_dtype, device, getattr(cls, "rename_key", None), allow_pickle, shapes)
     return model.eval()
 
 

@@ -22,6 +22,7 @@ The models come in as plain nn.Modules; this file does not import minidiff.lora 
 layer that an earlier adapter already wrapped is recognised by the `is_lora_layer` flag of its class.
 """
 import json
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -32,7 +33,9 @@ import torch.nn as nn
 from . import lycoris
 from .hub import is_local, resolve_file
 from .load import read_state_dict
-from .safe import check_pickle, read_safetensors_header
+from ..errors import LoRAFileError
+from .lora_checks import alpha_value, check_lora_config
+from .safe import check_pickle, read_json_file, read_safetensors_header
 
 DEFAULT_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
 # Pipeline components a LoRA file can adapt, with their kohya key prefixes.
@@ -145,25 +148,39 @@ def resolve_lora_file(source, weight_name=None, subfolder=None):
         raise FileNotFoundError(f"{e}; pass weight_name=... to name the LoRA file of this repo") from e
 
 
-def read_lora_file(path, allow_pickle=False):
-    """(state dict, {component: PEFT config dict} or {}) of a LoRA file."""
+def read_lora_file(path, allow_pickle=False, header_only=False):
+    """(state dict, {component: PEFT config dict} or {}) of a LoRA file. With `header_only`, a safetensors
+    file's tensors are meta tensors of the shapes its (checked, bounded) header gives: nothing is read, so
+    keys and shapes can be checked first."""
     kind = check_pickle(path, allow_pickle)  # by content, not by name
-    state_dict = read_state_dict([path], allow_pickle=allow_pickle)
     configs = {}
     if kind == "safetensors":
-        raw = read_safetensors_header(path).metadata.get(METADATA_KEY)
+        header = read_safetensors_header(path)
+        if header_only:
+            state_dict = {k: torch.empty(shape, device="meta") for k, (shape, _) in header.tensors.items()}
+        else:
+            state_dict = read_state_dict([path], allow_pickle=allow_pickle)
+        raw = header.metadata.get(METADATA_KEY)
         if raw:
             try:
                 flat = json.loads(raw)
-            except json.JSONDecodeError as e:
-                raise ValueError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON: {e}") from e
+            except (ValueError, RecursionError) as e:
+                raise LoRAFileError(f"{path}: metadata {METADATA_KEY!r} is not valid JSON: {e}") from None
+            if not isinstance(flat, dict):
+                raise LoRAFileError(f"{path}: metadata {METADATA_KEY!r} must be a JSON object")
             for key, value in flat.items():  # "unet.lora_alpha" -> configs["unet"]["lora_alpha"]
                 component, _, option = key.partition(".")
                 configs.setdefault(component, {})[option] = value
+    else:
+        state_dict = read_state_dict([path], allow_pickle=allow_pickle)
     adapter_config = os.path.join(os.path.dirname(path), "adapter_config.json")
     if os.path.isfile(adapter_config):  # PEFT's own layout: one config for the whole file
-        with open(adapter_config, encoding="utf-8") as f:
-            configs.setdefault("*", json.load(f))
+        config = read_json_file(adapter_config)
+        if not isinstance(config, dict):
+            raise LoRAFileError(f"{adapter_config}: a JSON object is needed")
+        configs.setdefault("*", config)
+    for component, config in configs.items():
+        check_lora_config(config, f"{path} ({component} LoRA config)")
     return state_dict, configs
 
 
@@ -290,7 +307,7 @@ def parse_lora(state_dict, models):
             continue
         t.keys.append(key)
         if role == "alpha":
-            t.alpha = float(tensor.item())
+            t.alpha = alpha_value(tensor, key)
         else:
             setattr(t, role, tensor)
     for (component, path), t in list(targets.items()):
@@ -304,7 +321,7 @@ def parse_lora(state_dict, models):
                 del targets[(component, path)]
         elif t.down is None or t.up is None:
             for key in t.keys:
-                unmatched[key] = f"{'up' if t.down is None else 'down'} weight missing for this module"
+                unmatched[key] = f"{'down' if t.down is None else 'up'} weight missing for this module"
             del targets[(component, path)]
     if "kohya (SAI UNet names)" in forms:  # its text-encoder keys are plain kohya
         forms.discard("kohya")
@@ -314,9 +331,12 @@ def parse_lora(state_dict, models):
 # ----------------------------------------------------------------------------- alpha / rank
 
 def _pattern_value(patterns, path, default):
-    """PEFT's rank/alpha pattern rule: a key matches a module path that equals it or ends with "." + it."""
+    """PEFT's rank/alpha pattern rule: a key matches a module path that equals it or ends with "." + it.
+    The patterns were checked to be safe regular expressions by check_lora_config."""
+    starts = [0] + [i + 1 for i, ch in enumerate(path) if ch == "."]
     for pattern, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({pattern})$", path):
+        # PEFT's (.*\.)?(pattern)$, without the leading .* that would multiply the backtracking
+        if any(re.fullmatch(pattern, path[s:]) for s in starts):
             return value
     return default
 
@@ -330,6 +350,8 @@ def layer_scale(t, component, path, configs):
         alpha = _pattern_value(config.get("alpha_pattern"), path, config["lora_alpha"])
     if alpha is None:
         return 1.0
+    if not isinstance(alpha, (int, float)) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise LoRAFileError(f"{t.keys[0]}: alpha {alpha!r} for {component}.{path} is not a finite number")
     if config is not None and config.get("use_rslora"):
         return alpha / rank ** 0.5
     return alpha / rank

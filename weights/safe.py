@@ -8,7 +8,8 @@
   a plain JSON parse keeps the last), known dtypes, shapes and byte ranges that tile the data exactly.
 - `safe_name` / `contained`: a path that a file names (a shard in an index, a component folder in
   model_index.json) must be relative, without "..", and stay inside the repo folder once links are resolved.
-- `read_json_file(path)`: bounded size and nesting depth, strict UTF-8, no NaN/Infinity, clean errors.
+- `read_json_file(path)`: bounded size and nesting depth, strict UTF-8, no NaN (Infinity only as written by
+  Python's json for a config default such as -inf), no number literal that overflows, clean errors.
 """
 import json
 import math
@@ -230,6 +231,14 @@ def _depth(obj, limit, where):
             stack.extend((v, d + 1) for v in o)
 
 
+def _infinity_only(where):
+    def hook(name):
+        if name in ("Infinity", "-Infinity"):
+            return float(name.replace("Infinity", "inf"))
+        raise FileFormatError(f"{where}: {name} is not a JSON value")
+    return hook
+
+
 def _finite_float(where):
     def parse(s):
         v = float(s)
@@ -256,8 +265,8 @@ def read_json_file(path, max_bytes=MAX_JSON_BYTES, max_depth=MAX_JSON_DEPTH):
         text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as e:
         raise FileFormatError(f"{path} is not valid JSON: not UTF-8 (byte {e.start})") from None
-    try:
-        obj = json.loads(text, parse_constant=_no_constant(path), parse_float=_finite_float(path))
+    try:  # Infinity stays (diffusers writes DPM's lambda_min_clipped = -inf so); NaN is refused
+        obj = json.loads(text, parse_constant=_infinity_only(path), parse_float=_finite_float(path))
     except FileFormatError:
         raise
     except RecursionError:

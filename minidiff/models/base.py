@@ -11,6 +11,7 @@ import dataclasses
 
 import torch.nn as nn
 
+from ..weights.hub import hub_options
 from ..device import resolve_dtype
 from ..weights.load import load_model, save_model
 
@@ -26,8 +27,16 @@ class Model(nn.Module):
 
     @classmethod
     def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
-                        allow_pickle=False):
+                        allow_pickle=False, **loading_args):
         """Build from `config.json` on the meta device and assign the weights file's tensors (every key and
+        shape checked first); see minidiff.weights.load.load_model. diffusers' loading arguments (cache_dir,
+        revision, token, local_files_only, force_download, use_safetensors, low_cpu_mem_usage, device_map as
+        one device) are taken as minidiff/loading.py says."""
+        from .. import loading
+        where = f"{cls.__name__}.from_pretrained({repo_or_path!r})"
+        hub, device, allow_pickle = loading.model_options(loading_args, torch_dtype, device, allow_pickle, where)
+        with hub_options(**hub):
+            return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
         shape checked first); see minidiff.weights.load.load_model."""
         return load_model(cls, repo_or_path, subfolder, variant, resolve_dtype(torch_dtype, device), device, allow_pickle)
 
@@ -44,9 +53,25 @@ class Model(nn.Module):
                               resolve_dtype(torch_dtype, device), device,
                               allow_pickle, subfolder)
 
-    def save_pretrained(self, folder):
-        """Write config.json and <weight_names[0]>.safetensors, the layout from_pretrained (and diffusers) read."""
-        save_model(self, folder, weight_name=self.weight_names[0], extra_config=self.extra_config())
+    def save_pretrained(self, folder, variant=None, safe_serialization=True):
+        """Write config.json and <weight_names[0]>[.<variant>].safetensors, the layout from_pretrained (and
+        diffusers) read."""
+        if not safe_serialization:
+            raise ValueError(f"{type(self).__name__}.save_pretrained(safe_serialization=False): minidiff writes only "
+                             ".safetensors files (pickle files can run code when loaded)")
+        name = self.weight_names[0] + (f".{variant}" if variant else "")
+        save_model(self, folder, weight_name=name, extra_config=self.extra_config())
+
+    def __getattr__(self, name):
+        # diffusers' deprecated shortcut to config fields (`unet.in_channels` for `unet.config.in_channels`),
+        # still used by snippets; looked up only after nn.Module's parameters, buffers and submodules
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            config = self.__dict__.get("config")
+            if config is not None and not name.startswith("_") and hasattr(config, name):
+                return getattr(config, name)
+            raise
 
     def extra_config(self):
         """Keys written to config.json beside the config's fields (none but for transformers' models)."""

@@ -233,14 +233,11 @@ def retrieve_latents(encoder_output, generator=None, sample_mode="sample"):
     raise TypeError(f"retrieve_latents: {type(encoder_output).__name__} has neither .latent_dist nor .latents")
 
 
-def check_finite(images, where="decode"):
-    """Raise if a decoded batch holds NaN or inf, which in practice means the VAE overflowed in float16."""
-    if not torch.isfinite(images).all():
-        what = "NaN" if torch.isnan(images).any() else "inf"
-        raise FloatingPointError(
-            f"{where}: decode produced {what} (dtype {images.dtype}): the VAE overflowed in float16; load it in "
-            "float32 or use madebyollin/sdxl-vae-fp16-fix")
-    return images
+def check_finite(images, where="decode", modules=(), dtype=None):
+    """Raise NonFiniteError (a FloatingPointError) if a decoded batch holds NaN or inf, naming the likely cause:
+    float16 overflow only when the run is float16 (minidiff/finite.py)."""
+    from ..finite import check_output
+    return check_output(images, where, modules, dtype)
 
 
 def _blend_tiles(prev, tile, extent, dim):
@@ -367,7 +364,7 @@ class Autoencoder(Model):
         finally:
             if upcast:
                 self.to(torch.float16)
-        return check_finite(images, f"{type(self).__name__}.decode")
+        return check_finite(images, f"{type(self).__name__}.decode", modules=(self,))  # the cause: finite.py
 
     def _sliced(self, fn, x):
         """fn(x), one image at a time when slicing is on."""

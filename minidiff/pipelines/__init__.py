@@ -1,4 +1,5 @@
 """Pipelines: each __call__ is the whole algorithm, written out."""
+from .auto import AutoPipelineForImage2Image, AutoPipelineForText2Image
 from .common import DiffusionPipeline, PipelineOutput, StableDiffusionPipelineOutput
 from .lcm import LatentConsistencyModelPipeline
 from .stable_diffusion import StableDiffusionImg2ImgPipeline, StableDiffusionPipeline

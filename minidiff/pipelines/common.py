@@ -6,6 +6,7 @@ A pipeline is a plain object holding its components; its __call__ is the whole a
 import importlib
 import inspect
 import json
+import logging
 import os
 import sys
 import time
@@ -16,10 +17,16 @@ import numpy as np
 import torch
 from PIL import Image
 
+from ..errors import ArgumentError, ArgumentTypeError, FileFormatError
+from ..tokenizer_files import check_tokenizers_fit
+from .. import loading
 from ..device import resolve_dtype
 from ..models.base import ModelOutput
 from ..schedulers.common import randn_tensor
-from ..weights.hub import read_json
+from ..weights.config import AttrDict
+from ..weights.hub import hub_options, read_json
+
+logger = logging.getLogger("minidiff")
 
 # model_index.json names classes; this is where each one lives in minidiff. Several Hub names map to one class.
 COMPONENT_MODULES = {
@@ -54,7 +61,7 @@ def component_class(name, where):
     if name not in COMPONENT_MODULES and name in schedulers.__all__:  # every scheduler lives there
         return getattr(schedulers, name)
     if name not in COMPONENT_MODULES:
-        raise ValueError(f"{where}: component class {name!r} is not implemented by minidiff "
+        raise FileFormatError(f"{where}: component class {name!r} is not implemented by minidiff "
                          f"(known: {', '.join(sorted(COMPONENT_MODULES))})")
     module = importlib.import_module(COMPONENT_MODULES[name])
     return getattr(module, CLASS_ALIASES.get(name, name))
@@ -90,20 +97,43 @@ class DiffusionPipeline:
         """Build the pipeline from a Hub repo id or a local folder holding model_index.json.
 
         Keyword arguments named after a component replace it (`vae=AutoencoderTiny.from_pretrained(...)`,
-        `text_encoder=None`); other keyword arguments go to the pipeline's constructor.
+        `text_encoder=None`); other keyword arguments go to the pipeline's constructor. diffusers' loading
+        arguments are taken as diffusers takes them (see minidiff/loading.py): cache_dir, revision, token,
+        local_files_only, force_download, use_safetensors, low_cpu_mem_usage, device_map (one device), and
+        torch_dtype as one dtype or a dict {component or "default": dtype}.
         """
         repo_or_path = os.fspath(repo_or_path)
-        torch_dtype = resolve_dtype(torch_dtype, device)  # "auto": the device's fast dtype (minidiff/device.py)
-        index = read_json(repo_or_path, "model_index.json")
+        where = f"{cls.__name__}.from_pretrained({repo_or_path!r})"
+        if not isinstance(torch_dtype, dict):  # "auto": the device's fast dtype (minidiff/device.py)
+            torch_dtype = resolve_dtype(torch_dtype, device)
+        opts = loading.pop_loading(kwargs)
+        hub, device, allow_pickle = loading.model_options(opts, None, device, allow_pickle, where)
+        with hub_options(**hub):
+            index = read_json(repo_or_path, "model_index.json")
+            pick = cls.pipeline_class(index, os.path.join(repo_or_path, "model_index.json"))
+            if pick is not cls:  # DiffusionPipeline and the AutoPipelines pick the class the repo names
+                return pick.from_pretrained(repo_or_path, torch_dtype=torch_dtype, variant=variant, device=device,
+                                            allow_pickle=allow_pickle, **opts, **kwargs)
+            pipe = cls._from_index(repo_or_path, index, torch_dtype, variant, device, allow_pickle, kwargs)
+        pipe._name_or_path = repo_or_path
+        return pipe
+
+    @classmethod
+    def pipeline_class(cls, index, where):
+        """The class that builds a repo: the one named by its model_index.json for DiffusionPipeline, else cls."""
+        if cls is not DiffusionPipeline:
+            return cls
+        from . import PIPELINES
+        name = index.get("_class_name")
+        if name not in PIPELINES:
+            raise FileFormatError(f"{where}: pipeline class {name!r} is not implemented by minidiff "
+                             f"(known: {', '.join(sorted(PIPELINES))})")
+        return PIPELINES[name]
+
+    @classmethod
+    def _from_index(cls, repo_or_path, index, torch_dtype, variant, device, allow_pickle, kwargs):
         where = os.path.join(repo_or_path, "model_index.json")
-        if cls is DiffusionPipeline:  # the generic entry point picks the class the repo names
-            from . import PIPELINES
-            name = index.get("_class_name")
-            if name not in PIPELINES:
-                raise ValueError(f"{where}: pipeline class {name!r} is not implemented by minidiff "
-                                 f"(known: {', '.join(sorted(PIPELINES))})")
-            return PIPELINES[name].from_pretrained(repo_or_path, torch_dtype=torch_dtype, variant=variant,
-                                                   device=device, allow_pickle=allow_pickle, **kwargs)
+        names = [k for k in index if not k.startswith("_")]
         init_params = inspect.signature(cls.__init__).parameters
         components, options = {}, {}
         variants = _variants(repo_or_path, index, kwargs, variant, allow_pickle, where)
@@ -120,17 +150,20 @@ class DiffusionPipeline:
             else:
                 klass = component_class(value[1], f"{where} ({key})")
                 if hasattr(klass, "config_class"):  # a model with weights
+                    dtype = loading.dtype_for(torch_dtype, key, names, f"{cls.__name__}.from_pretrained")
                     components[key] = klass.from_pretrained(repo_or_path, subfolder=key, variant=variants[key],
-                                                            torch_dtype=torch_dtype, device=device,
+                                                            torch_dtype=dtype, device=device,
                                                             allow_pickle=allow_pickle)
                 else:  # a scheduler or a tokenizer
                     components[key] = klass.from_pretrained(repo_or_path, subfolder=key)
         unknown = [k for k in kwargs if k not in init_params]
         if unknown:
-            raise TypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {unknown}")
+            raise ArgumentTypeError(f"{cls.__name__}.from_pretrained got unexpected arguments {unknown} (not supported "
+                            "by minidiff)")
         for name in cls.component_names:
             if name not in components and name not in kwargs and name not in cls.optional_components:
-                raise ValueError(f"{where} has no {name!r} component, which {cls.__name__} needs")
+                raise FileFormatError(f"{where} has no {name!r} component, which {cls.__name__} needs")
+        check_tokenizers_fit(components, where)  # ids and lengths every text encoder can embed
         return cls(**components, **options, **kwargs)
 
     @classmethod
@@ -146,8 +179,40 @@ class DiffusionPipeline:
         return load_pipeline(cls, path, config=config, original_config=original_config, prediction_type=prediction_type,
                              torch_dtype=resolve_dtype(torch_dtype, device), device=device, allow_pickle=allow_pickle, **kwargs)
 
-    def save_pretrained(self, folder):
-        """Write the pipeline in the Hub layout (model_index.json + one folder per component)."""
+    @classmethod
+    def from_pipe(cls, pipeline, **kwargs):
+        """A `cls` pipeline sharing `pipeline`'s components (no copy), as diffusers' from_pipe: keyword
+        arguments named after a component replace it; `torch_dtype` casts the new pipeline."""
+        torch_dtype = kwargs.pop("torch_dtype", None)
+        cls = cls.pipeline_class({"_class_name": type(pipeline).__name__}, f"from_pipe({type(pipeline).__name__})")
+        params = inspect.signature(cls.__init__).parameters
+        parts = {k: v for k, v in pipeline.components.items() if k in params}
+        parts.update({k: kwargs.pop(k) for k in list(kwargs) if k in params})
+        for name, value in pipeline.extra_config().items():  # pipeline options: force_zeros_for_empty_prompt, ...
+            if name in params and name not in parts:
+                parts[name] = value
+        if kwargs:
+            raise TypeError(f"{cls.__name__}.from_pipe got unexpected arguments {sorted(kwargs)} (not supported "
+                            "by minidiff)")
+        missing = [p for p, v in params.items() if p != "self" and v.default is inspect.Parameter.empty
+                   and p not in parts]
+        if missing:
+            raise ValueError(f"{cls.__name__}.from_pipe({type(pipeline).__name__}): the pipeline has no {missing}")
+        new = cls(**parts)
+        new._offload_device = pipeline._offload_device
+        new._progress_disable = pipeline._progress_disable
+        new._name_or_path = getattr(pipeline, "_name_or_path", None)
+        return new.to(torch_dtype) if torch_dtype is not None else new
+
+    def save_pretrained(self, folder, safe_serialization=True, variant=None, push_to_hub=False, **kwargs):
+        """Write the pipeline in the Hub layout (model_index.json + one folder per component); `variant`
+        names the weight files as diffusers does (diffusion_pytorch_model.fp16.safetensors)."""
+        if not safe_serialization:
+            raise ValueError("save_pretrained(safe_serialization=False): minidiff writes only .safetensors files "
+                             "(pickle files can run code when loaded)")
+        if push_to_hub or kwargs:
+            raise TypeError(f"save_pretrained: {'push_to_hub ' if push_to_hub else ''}{sorted(kwargs)} not "
+                            "supported by minidiff (it writes a local folder; upload it with huggingface_hub)")
         os.makedirs(folder, exist_ok=True)
         index = {"_class_name": type(self).__name__, "_diffusers_version": "0.39.0"}
         for name in self.component_names:
@@ -155,9 +220,11 @@ class DiffusionPipeline:
             if comp is None:
                 index[name] = [None, None]
                 continue
-            lib = "transformers" if type(comp).__name__.startswith("CLIP") else "diffusers"
-            index[name] = [lib, type(comp).__name__]
-            comp.save_pretrained(os.path.join(folder, name))
+            index[name] = list(_library_and_class(comp))
+            if variant is not None and isinstance(comp, torch.nn.Module):
+                comp.save_pretrained(os.path.join(folder, name), variant=variant)
+            else:
+                comp.save_pretrained(os.path.join(folder, name))
         index.update(self.extra_config())
         with open(os.path.join(folder, "model_index.json"), "w", encoding="utf-8") as f:
             json.dump(index, f, indent=2)
@@ -167,6 +234,27 @@ class DiffusionPipeline:
         return {}
 
     @property
+    def config(self):
+        """model_index.json as diffusers' pipe.config shows it: each component's (library, class), the options.
+        (A pipeline that sets its own `self.config`, as Wuerstchen's do for their options, gets that back.)"""
+        if "_own_config" in self.__dict__:
+            return self._own_config
+        cfg = AttrDict(_class_name=type(self).__name__, _diffusers_version="0.39.0",
+                       _name_or_path=getattr(self, "_name_or_path", None))
+        for name in self.component_names:
+            comp = getattr(self, name)
+            cfg[name] = (None, None) if comp is None else _library_and_class(comp)
+        cfg.update(self.extra_config())
+        return cfg
+
+    @config.setter
+    def config(self, value):
+        self._own_config = value
+
+    def __repr__(self):
+        return f"{type(self).__name__} {json.dumps(dict(self.config), indent=2, sort_keys=True, default=str)}"
+
+    @property
     def components(self):
         return {name: getattr(self, name) for name in self.component_names}
 
@@ -174,7 +262,20 @@ class DiffusionPipeline:
         return [m for m in self.components.values() if isinstance(m, torch.nn.Module)]
 
     # ---- devices ------------------------------------------------------------------------------
-    def to(self, device=None, dtype=None):
+    def to(self, *args, **kwargs):
+        """pipe.to(device), pipe.to(dtype), pipe.to(device, dtype), pipe.to(torch_device=..., torch_dtype=...)."""
+        device = kwargs.pop("torch_device", kwargs.pop("device", None))
+        dtype = kwargs.pop("torch_dtype", kwargs.pop("dtype", None))
+        kwargs.pop("silence_dtype_warnings", None)
+        if kwargs:
+            raise TypeError(f"to() got unexpected arguments {sorted(kwargs)}")
+        for a in args:
+            if isinstance(a, torch.dtype):
+                dtype = a
+            elif isinstance(a, (str, torch.device, int)) and not isinstance(a, bool):
+                device = torch.device(a)
+            else:
+                raise TypeError(f"to({a!r}): pass a device (e.g. 'cuda'), a torch.dtype, or both")
         for m in self.modules():
             m.to(device=device, dtype=dtype)
         return self
@@ -197,14 +298,36 @@ class DiffusionPipeline:
 
     def enable_model_cpu_offload(self, device="cuda"):
         """Keep every model on the CPU and move each to `device` only while it works (one at a time)."""
-        self._offload_device = torch.device(device)
+        from minidiff import offload
+        device = offload.check_device(device, "enable_model_cpu_offload")
+        self.remove_all_hooks()
+        self._offload_device = device
         for m in self.modules():
             m.to("cpu")
+
+    def enable_sequential_cpu_offload(self, device="cuda"):
+        """Every submodule's weights on the CPU, each moved to `device` only for its own forward
+        (minidiff/offload.py): the least device memory, the most transfers. Undo: remove_all_hooks()."""
+        from minidiff import offload
+        device = offload.check_device(device, "enable_sequential_cpu_offload")
+        self.remove_all_hooks()
+        self._offload_device = device
+        self._offload_hooks = []
+        for m in self.modules():
+            m.to("cpu")
+            self._offload_hooks += offload.sequential_hooks(m, device)
+
+    def remove_all_hooks(self):
+        """Undo either offload: the models stay where they are (on the CPU); .to(device) moves them back."""
+        for h in getattr(self, "_offload_hooks", None) or []:
+            h.remove()
+        self._offload_hooks = None
+        self._offload_device = None
 
     @contextmanager
     def _on_device(self, model):
         """With offload on: `model` sits on the execution device inside the block, on the CPU after."""
-        if self._offload_device is None or model is None:
+        if self._offload_device is None or model is None or getattr(self, "_offload_hooks", None):
             yield model
             return
         model.to(self._offload_device)
@@ -227,8 +350,24 @@ class DiffusionPipeline:
     def enable_vae_slicing(self):
         self.vae.enable_slicing()
 
+    def enable_attention_slicing(self, slice_size="auto"):
+        """Attention computed slice_size (batch x head) rows at a time, same output (minidiff/attention_slicing.py).
+        Process-wide: the ops seam is one module."""
+        from minidiff import attention_slicing
+        attention_slicing.enable_attention_slicing(slice_size)
+
+    def disable_attention_slicing(self):
+        from minidiff import attention_slicing
+        attention_slicing.disable_attention_slicing()
+
     def disable_vae_slicing(self):
         self.vae.disable_slicing()
+
+    def enable_vae_tiling(self):
+        self.vae.enable_tiling()
+
+    def disable_vae_tiling(self):
+        self.vae.disable_tiling()
 
     # ---- progress -----------------------------------------------------------------------------
     def set_progress_bar_config(self, disable=False, **_):
@@ -282,7 +421,22 @@ class DiffusionPipeline:
     def get_list_adapters(self):
         from .. import lora
         return lora.get_list_adapters(self)
+
+    @property
+    def fused_loras(self):
+        from .. import lora
+        return lora.fused_adapters(self)
+
+    @property
+    def num_fused_loras(self):
+        return len(self.fused_loras)
     # ---- LoRA (end) ---------------------------------------------------------------------------
+
+
+def _library_and_class(comp):
+    """model_index.json's (library, class name) of a component, as diffusers writes it."""
+    name = type(comp).__name__
+    return ("transformers" if name.startswith("CLIP") else "diffusers", name)
 
 
 def _variants(repo_or_path, index, given, variant, allow_pickle, where):
@@ -326,7 +480,7 @@ def progress(iterable, desc="", disable=False, stream=None, order=1):
 def postprocess(image, output_type="pil"):
     """Decoded images in [-1, 1] (B, C, H, W) -> "pt" tensor in [0, 1], "np" (B, H, W, C) array, or PIL list."""
     if output_type not in ("pil", "np", "pt"):
-        raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
+        raise ArgumentError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
     image = (image / 2 + 0.5).clamp(0, 1)
     if output_type == "pt":
         return image
@@ -350,12 +504,12 @@ def preprocess_image(image, vae_scale_factor, height=None, width=None, latent_ch
     """
     images = image if isinstance(image, list) else [image]
     if not images:
-        raise ValueError("image is an empty list")
+        raise ArgumentError("image is an empty list")
     first = images[0]
     if isinstance(first, Image.Image):
         bad = [im.mode for im in images if im.mode != "RGB"]
         if bad:
-            raise ValueError(f"image has mode {bad[0]!r}; an RGB image is needed: pass image.convert('RGB')")
+            raise ArgumentError(f"image has mode {bad[0]!r}; an RGB image is needed: pass image.convert('RGB')")
         h = height or first.height
         w = width or first.width
         h, w = h - h % vae_scale_factor, w - w % vae_scale_factor
@@ -373,7 +527,7 @@ def preprocess_image(image, vae_scale_factor, height=None, width=None, latent_ch
             if x.shape[1] == latent_channels:
                 return x
         if x.shape[1] != 3:
-            raise ValueError(f"image has {x.shape[1]} channels; an RGB image (3 channels) or latents "
+            raise ArgumentError(f"image has {x.shape[1]} channels; an RGB image (3 channels) or latents "
                              f"({latent_channels} channels) are needed")
         h = height or x.shape[2]
         w = width or x.shape[3]
@@ -381,7 +535,7 @@ def preprocess_image(image, vae_scale_factor, height=None, width=None, latent_ch
         if (h, w) != tuple(x.shape[2:]):
             x = torch.nn.functional.interpolate(x, size=(h, w))
     else:
-        raise ValueError(f"image of type {type(first).__name__}: pass a PIL image, a numpy array or a torch tensor")
+        raise ArgumentError(f"image of type {type(first).__name__}: pass a PIL image, a numpy array or a torch tensor")
     if x.min() < 0:  # already in [-1, 1]
         return x
     return x * 2 - 1
@@ -411,34 +565,90 @@ def guidance_scale_embedding(w, dim, dtype=torch.float32):
     return emb.to(dtype)
 
 
+def retrieve_timesteps(scheduler, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
+    """Set the scheduler's loop from a step count, or from custom `timesteps` or `sigmas` (then the count is
+    theirs, as in diffusers); returns (timesteps, num_inference_steps)."""
+    if timesteps is not None and sigmas is not None:
+        raise ValueError("pass either `timesteps` or `sigmas`, not both")
+    accepted = inspect.signature(scheduler.set_timesteps).parameters
+    for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
+        if value is not None:
+            if name not in accepted:
+                raise ValueError(f"{type(scheduler).__name__}.set_timesteps takes no custom `{name}`: use a "
+                                 f"scheduler that does (e.g. EulerDiscreteScheduler) or num_inference_steps")
+            scheduler.set_timesteps(**{name: value}, device=device)
+            return scheduler.timesteps, len(scheduler.timesteps)
+    scheduler.set_timesteps(num_inference_steps, device=device)
+    return scheduler.timesteps, num_inference_steps
+
+
+def steps_of(num_inference_steps, timesteps=None, sigmas=None):
+    """The loop length a call asks for: the custom schedule's when given (sigmas end with the final 0)."""
+    if timesteps is not None:
+        return len(timesteps)
+    if sigmas is not None:
+        return max(len(sigmas) - 1, 1)
+    return num_inference_steps
+
+
+def callback_inputs(pipe, callback, names):
+    """The tensors a step-end callback receives: those it names (diffusers' PipelineCallback objects carry
+    their own list), each one the pipeline offers; checked before any work."""
+    if callback is None:
+        return []
+    if hasattr(callback, "tensor_inputs"):
+        names = callback.tensor_inputs
+    names = list(names if names is not None else ["latents"])
+    bad = [n for n in names if n not in pipe._callback_tensor_inputs]
+    if bad:
+        raise ValueError(f"callback_on_step_end_tensor_inputs has {bad}, which {type(pipe).__name__} does not "
+                         f"offer (it offers {pipe._callback_tensor_inputs})")
+    if not callable(callback):
+        raise ValueError(f"callback_on_step_end={callback!r} is not callable")
+    return names
+
+
+def warn_truncated(tokenizer, texts):
+    """diffusers' warning for prompts longer than the text encoder's context: it names the dropped words."""
+    limit = tokenizer.model_max_length
+    removed = []
+    for text in texts:
+        ids = tokenizer(text, truncation=False).input_ids
+        if len(ids) > limit:
+            removed.append(tokenizer.decode(ids[limit - 1:-1]))
+    if removed:
+        logger.warning("The following part of your input was truncated because CLIP can only handle sequences up "
+                       f"to {limit} tokens: {removed}")
+
+
 def prompt_batch(prompt, prompt_embeds):
     if prompt is None and prompt_embeds is None:
-        raise ValueError("pass `prompt` or `prompt_embeds`")
+        raise ArgumentError("pass `prompt` or `prompt_embeds`")
     if prompt is not None and prompt_embeds is not None:
-        raise ValueError("pass either `prompt` or `prompt_embeds`, not both")
+        raise ArgumentError("pass either `prompt` or `prompt_embeds`, not both")
     if prompt is None:
         return prompt_embeds.shape[0]
     if isinstance(prompt, str):
         return 1
     if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
         return len(prompt)
-    raise ValueError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
+    raise ArgumentError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
 
 
 def check_size_and_steps(height, width, num_inference_steps, vae_scale_factor):
     for name, v in (("height", height), ("width", width)):
         if v is not None and (not isinstance(v, int) or v <= 0 or v % vae_scale_factor):
-            raise ValueError(f"{name}={v!r} must be a positive multiple of {vae_scale_factor}")
+            raise ArgumentError(f"{name}={v!r} must be a positive multiple of {vae_scale_factor}")
     if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
+        raise ArgumentError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
 
 
 def check_batch(num_images_per_prompt, generator, n):
     """num_images_per_prompt, and one generator or exactly one per image of the batch of `n`."""
     if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ValueError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+        raise ArgumentError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
     if isinstance(generator, list) and len(generator) != n:
-        raise ValueError(f"{len(generator)} generators were passed for a batch of {n} images "
+        raise ArgumentError(f"{len(generator)} generators were passed for a batch of {n} images "
                          f"(prompts x num_images_per_prompt); pass one generator or exactly {n}")
 
 
@@ -446,12 +656,12 @@ def check_negative(batch, negative_prompt, negative_prompt_embeds=None, prompt_e
     """A negative prompt or negative embeddings (not both); one negative prompt, or one per prompt of the
     `batch`; negative embeddings shaped as the prompt's."""
     if negative_prompt is not None and negative_prompt_embeds is not None:
-        raise ValueError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+        raise ArgumentError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
     if negative_prompt is not None and not isinstance(negative_prompt, str):
         negative_list(negative_prompt, batch)
     if (prompt_embeds is not None and negative_prompt_embeds is not None
             and prompt_embeds.shape != negative_prompt_embeds.shape):
-        raise ValueError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+        raise ArgumentError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
                          f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
 
 
@@ -462,7 +672,7 @@ def negative_list(negative_prompt, batch_size):
     if isinstance(negative_prompt, str):
         return [negative_prompt] * batch_size
     if len(negative_prompt) != batch_size:
-        raise ValueError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}: "
+        raise ArgumentError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}: "
                          "pass one negative prompt per prompt, or a single string")
     return list(negative_prompt)
 
@@ -470,7 +680,7 @@ def negative_list(negative_prompt, batch_size):
 # ---- latents and the loop -------------------------------------------------------------------------
 def check_latents(latents, shape):
     if latents is not None and tuple(latents.shape) != tuple(shape):
-        raise ValueError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
+        raise ArgumentError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
 
 
 def initial_latents(shape, generator, device, dtype, latents, scheduler):
@@ -485,9 +695,9 @@ def initial_latents(shape, generator, device, dtype, latents, scheduler):
 def repeat_to(x, n):
     """A batch of images or latents repeated to `n` (a multiple of its size), as img2img batches its input."""
     if n < x.shape[0]:
-        raise ValueError(f"{x.shape[0]} images passed for {n} prompts x images per prompt")
+        raise ArgumentError(f"{x.shape[0]} images passed for {n} prompts x images per prompt")
     if n % x.shape[0]:
-        raise ValueError(f"cannot repeat {x.shape[0]} images to a batch of {n}")
+        raise ArgumentError(f"cannot repeat {x.shape[0]} images to a batch of {n}")
     return torch.cat([x] * (n // x.shape[0])) if n > x.shape[0] else x
 
 

@@ -8,28 +8,39 @@ pass on the prompt alone (no negative prompt). Each LCMScheduler step maps the l
 """
 import torch
 
+from ..errors import ArgumentError
 from ..lora import call_scale, scaled
-from .common import PipelineOutput
+from ..finite import check_step
+from .arguments import check_arguments
+from .common import PipelineOutput, callback_inputs
 from .stable_diffusion import StableDiffusionPipeline
 
 
 class LatentConsistencyModelPipeline(StableDiffusionPipeline):
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
     rewrites_old_scheduler_configs = False
+    _callback_tensor_inputs = ["latents", "denoised", "prompt_embeds", "w_embedding"]
+
+    @property
+    def do_classifier_free_guidance(self):
+        return False  # the guidance scale enters as an embedding: one UNet pass per step
 
     @torch.no_grad()
     def __call__(self, prompt=None, height=None, width=None, num_inference_steps=4, original_inference_steps=None,
                  timesteps=None, guidance_scale=8.5, num_images_per_prompt=1, generator=None, latents=None,
                  prompt_embeds=None, output_type="pil", return_dict=True, cross_attention_kwargs=None, clip_skip=None,
-                 callback_on_step_end=None, prompt_syntax=None):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, prompt_syntax=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         if not hasattr(self.scheduler, "boundary_scalings"):
-            raise ValueError(f"LatentConsistencyModelPipeline needs an LCMScheduler (it decodes the scheduler's "
+            raise ArgumentError(f"LatentConsistencyModelPipeline needs an LCMScheduler (it decodes the scheduler's "
                              f"denoised sample), got {type(self.scheduler).__name__}: set pipe.scheduler = "
                              "LCMScheduler.from_config(pipe.scheduler.config)")
         height, width = self.default_size(height, width)
         steps = len(timesteps) if timesteps else num_inference_steps
         batch = self._check(prompt, height, width, steps, num_images_per_prompt, generator, None, prompt_embeds,
                             None, output_type)
+        tensor_inputs = callback_inputs(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._guidance_scale, self._clip_skip, self._cross_attention_kwargs = guidance_scale, clip_skip, cross_attention_kwargs
         device = self._execution_device
         lora_scale = call_scale(cross_attention_kwargs)
 
@@ -49,19 +60,25 @@ class LatentConsistencyModelPipeline(StableDiffusionPipeline):
         # e.g. SD with an LCM-LoRA: then there is no guidance at all)
         w_embedding = self._timestep_cond(guidance_scale, n, latents.dtype)
         denoised = latents
+        self._num_timesteps = len(self.scheduler.timesteps)
+        self._interrupt = False
         with self._on_device(self.unet) as unet, scaled(unet, lora_scale):
             for i, t in enumerate(self.progress_bar(self.scheduler.timesteps)):
+                if self._interrupt:
+                    continue
                 latents = latents.to(cond.dtype)
                 model_pred = unet(latents, t, encoder_hidden_states=cond, timestep_cond=w_embedding,
                                   cross_attention_kwargs=cross_attention_kwargs, return_dict=False)[0]
                 latents, denoised = self.scheduler.step(model_pred, t, latents, generator=generator, return_dict=False)
                 if callback_on_step_end is not None:
-                    out = callback_on_step_end(self, i, t, {"latents": latents, "denoised": denoised,
-                                                            "prompt_embeds": cond, "w_embedding": w_embedding}) or {}
+                    offered = {"latents": latents, "denoised": denoised, "prompt_embeds": cond,
+                               "w_embedding": w_embedding}
+                    out = callback_on_step_end(self, i, t, {k: offered[k] for k in tensor_inputs}) or {}
                     latents = out.get("latents", latents)
                     denoised = out.get("denoised", denoised)
                     cond = out.get("prompt_embeds", cond)
                     w_embedding = out.get("w_embedding", w_embedding)
+                check_step(denoised, unet, i, len(self.scheduler.timesteps), self.modules(), guidance_scale)
 
         images = self._decode(denoised.to(cond.dtype), output_type, generator)
         return PipelineOutput(images) if return_dict else (images, None)

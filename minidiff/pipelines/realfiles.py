@@ -8,7 +8,6 @@
 - Custom `timesteps`: the scheduler gets `timesteps` alone, never with the default num_inference_steps
   (`set_timesteps`), as diffusers' `retrieve_timesteps` calls it.
 """
-import inspect
 import warnings
 
 from ..weights.hub import resolve_weights
@@ -73,14 +72,3 @@ def rewrite_old_scheduler_config(scheduler):
             FutureWarning, stacklevel=3)
         scheduler = _rewritten(scheduler, "clip_sample", False)
     return scheduler
-
-
-def set_timesteps(scheduler, num_inference_steps, device, timesteps=None):
-    """`scheduler.set_timesteps` as diffusers' retrieve_timesteps calls it: custom `timesteps` alone."""
-    if timesteps is None:
-        scheduler.set_timesteps(num_inference_steps, device=device)
-        return
-    if "timesteps" not in inspect.signature(scheduler.set_timesteps).parameters:
-        raise ValueError(f"{type(scheduler).__name__}.set_timesteps does not take custom `timesteps`: "
-                         "use a scheduler that does (Euler, LCM) or pass num_inference_steps")
-    scheduler.set_timesteps(timesteps=timesteps, device=device)

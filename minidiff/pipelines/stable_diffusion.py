@@ -9,16 +9,20 @@ import inspect
 
 import torch
 
+from ..errors import ArgumentError
+from ..finite import check_step
 from ..device import latent_dtype
 from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from ..prompts import (check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids,
                        prompt_windows)
 from ..textual_inversion import expand_prompt
-from .common import (DiffusionPipeline, PipelineOutput, check_batch, check_negative, check_size_and_steps,
-                     guidance_scale_embedding, initial_latents, negative_list, postprocess, preprocess_image,
-                     prompt_batch, repeat_to, rescale_noise_cfg, step_callback)
-from .realfiles import rewrite_old_scheduler_config, set_timesteps
+from .arguments import check_arguments
+from .common import (DiffusionPipeline, PipelineOutput, callback_inputs, check_batch, check_negative,
+                     check_size_and_steps, guidance_scale_embedding, initial_latents, negative_list, postprocess,
+                     preprocess_image, prompt_batch, repeat_to, rescale_noise_cfg, retrieve_timesteps, steps_of,
+                     warn_truncated)
+from .realfiles import rewrite_old_scheduler_config
 
 
 class StableDiffusionPipeline(DiffusionPipeline):
@@ -28,14 +32,53 @@ class StableDiffusionPipeline(DiffusionPipeline):
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
     optional_components = ("text_encoder", "tokenizer", "safety_checker", "feature_extractor")
     rewrites_old_scheduler_configs = True  # diffusers' LCM pipeline does not (see realfiles.py)
+    # what a step-end callback may ask for (callback_on_step_end_tensor_inputs), as in diffusers
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
+    _interrupt = False
+    _num_timesteps = None
+    _guidance_scale = _guidance_rescale = _clip_skip = _cross_attention_kwargs = None
 
     def __init__(self, vae, text_encoder, tokenizer, unet, scheduler, safety_checker=None, feature_extractor=None,
                  requires_safety_checker=False, image_encoder=None):
-        # minidiff runs no safety checker: those components are accepted and left unused.
+        refuse_unsupported(type(self).__name__, safety_checker=safety_checker, feature_extractor=feature_extractor,
+                           image_encoder=image_encoder)
         if self.rewrites_old_scheduler_configs:  # steps_offset 0 / clip_sample true, as diffusers' SD pipelines
             scheduler = rewrite_old_scheduler_config(scheduler)
         super().__init__(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet, scheduler=scheduler,
                          safety_checker=None, feature_extractor=None)
+        self.requires_safety_checker = requires_safety_checker
+
+    def extra_config(self):
+        return {"requires_safety_checker": self.requires_safety_checker}
+
+    # ---- what callbacks read (diffusers' properties) ------------------------------------------------
+    @property
+    def guidance_scale(self):
+        return self._guidance_scale
+
+    @property
+    def guidance_rescale(self):
+        return self._guidance_rescale
+
+    @property
+    def clip_skip(self):
+        return self._clip_skip
+
+    @property
+    def cross_attention_kwargs(self):
+        return self._cross_attention_kwargs
+
+    @property
+    def do_classifier_free_guidance(self):
+        return self._guided(self._guidance_scale)
+
+    @property
+    def num_timesteps(self):
+        return self._num_timesteps
+
+    @property
+    def interrupt(self):
+        return self._interrupt
 
     @property
     def vae_scale_factor(self):
@@ -52,7 +95,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         before the last, through the final layer norm. prompt_syntax="a1111": long, weighted prompts
         (minidiff/prompts.py)."""
         if self.text_encoder is None or self.tokenizer is None:
-            raise ValueError("this pipeline has no text encoder/tokenizer: pass prompt_embeds (and "
+            raise ArgumentError("this pipeline has no text encoder/tokenizer: pass prompt_embeds (and "
                              "negative_prompt_embeds) instead of prompts")
         texts = [expand_prompt(t, self.tokenizer) for t in texts]  # multi-vector textual inversion tokens
         if check_syntax(prompt_syntax) == "plain":
@@ -81,8 +124,10 @@ class StableDiffusionPipeline(DiffusionPipeline):
         device = device or self._execution_device
         batch = prompt_batch(prompt, prompt_embeds)
         if prompt_embeds is None:
-            prompt_embeds = self._embed([prompt] if isinstance(prompt, str) else prompt, clip_skip, lora_scale,
-                                        prompt_syntax)
+            texts = [prompt] if isinstance(prompt, str) else prompt
+            if self.tokenizer is not None and check_syntax(prompt_syntax) != "a1111":
+                warn_truncated(self.tokenizer, texts)
+            prompt_embeds = self._embed(texts, clip_skip, lora_scale, prompt_syntax)
         dtype = self.text_encoder.dtype if self.text_encoder is not None else self.unet.dtype
         prompt_embeds = prompt_embeds.to(device=device, dtype=dtype).repeat_interleave(num_images_per_prompt, dim=0)
         if do_classifier_free_guidance:
@@ -122,29 +167,51 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return guidance_scale_embedding(w, dim).to(device=self._execution_device, dtype=dtype)
 
     def _denoise(self, latents, timesteps, embeds, guidance_scale, guidance_rescale, generator, eta,
-                 cross_attention_kwargs, added_cond_kwargs=None, callback_on_step_end=None):
-        guided = self._guided(guidance_scale)
+                 cross_attention_kwargs, added_cond_kwargs=None, callback_on_step_end=None, tensor_inputs=("latents",),
+                 negative_prompt_embeds=None):
+        """The loop. A step-end callback may change the tensors it named, set `pipe._guidance_scale` (guidance
+        off from the next step: the CFG cut-off callbacks) or `pipe._interrupt = True` (the remaining steps are
+        skipped and the current latents decoded), as in diffusers."""
+        self._guidance_scale, self._guidance_rescale = guidance_scale, guidance_rescale
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._num_timesteps = len(timesteps)
+        self._interrupt = False
         # bf16 weights: the latents and the scheduler's math stay fp32 between steps (device.latent_dtype)
         latents = latents.to(latent_dtype(latents.dtype))
         timestep_cond = self._timestep_cond(guidance_scale, latents.shape[0], self.unet.dtype)
+        added = dict(added_cond_kwargs) if added_cond_kwargs else None
         # only the schedulers that draw noise take a generator; only DDIM takes eta
         accepted = inspect.signature(self.scheduler.step).parameters
         step_kwargs = {k: v for k, v in (("generator", generator), ("eta", eta)) if k in accepted}
         # cross_attention_kwargs={"scale": s} scales the LoRA adapters for this call, as in diffusers
         with self._on_device(self.unet) as unet, scaled(unet, call_scale(cross_attention_kwargs)):
             for i, t in enumerate(self.progress_bar(timesteps)):
+                if self._interrupt:
+                    continue
+                guided = self.do_classifier_free_guidance
                 x = torch.cat([latents] * 2) if guided else latents
                 x = self.scheduler.scale_model_input(x, t).to(embeds.dtype)
                 noise_pred = unet(x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond,
                                   cross_attention_kwargs=cross_attention_kwargs,
-                                  added_cond_kwargs=added_cond_kwargs, return_dict=False)[0].to(latents.dtype)
+                                  added_cond_kwargs=added, return_dict=False)[0].to(latents.dtype)
                 if guided:
                     uncond, text = noise_pred.chunk(2)
-                    noise_pred = uncond + guidance_scale * (text - uncond)
+                    noise_pred = uncond + self._guidance_scale * (text - uncond)
                     if guidance_rescale > 0:
                         noise_pred = rescale_noise_cfg(noise_pred, text, guidance_rescale)
                 latents = self.scheduler.step(noise_pred, t, latents, **step_kwargs, return_dict=False)[0]
-                latents = step_callback(callback_on_step_end, self, i, t, latents)
+                if callback_on_step_end is not None:
+                    offered = {"latents": latents, "prompt_embeds": embeds,
+                               "negative_prompt_embeds": negative_prompt_embeds}
+                    if added is not None:
+                        offered.update(add_text_embeds=added["text_embeds"], add_time_ids=added["time_ids"])
+                    out = callback_on_step_end(self, i, t, {k: offered[k] for k in tensor_inputs}) or {}
+                    latents = out.get("latents", latents)
+                    embeds = out.get("prompt_embeds", embeds)
+                    if added is not None:
+                        added["text_embeds"] = out.get("add_text_embeds", added["text_embeds"])
+                        added["time_ids"] = out.get("add_time_ids", added["time_ids"])
+                check_step(latents, unet, i, len(timesteps), self.modules(), self._guidance_scale)
         return latents
 
     def _decode(self, latents, output_type, generator=None):
@@ -161,7 +228,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         check_size_and_steps(height, width, num_inference_steps, self.vae_scale_factor)
         check_negative(batch, negative_prompt, negative_prompt_embeds, prompt_embeds)
         if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
+            raise ArgumentError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
         return batch
 
     def prepare_latents(self, n, height, width, dtype, generator=None, latents=None):
@@ -182,14 +249,18 @@ class StableDiffusionPipeline(DiffusionPipeline):
 
     # ---- text-to-image --------------------------------------------------------------------------
     @torch.no_grad()
-    def __call__(self, prompt=None, height=None, width=None, num_inference_steps=50, timesteps=None,
+    def __call__(self, prompt=None, height=None, width=None, num_inference_steps=50, timesteps=None, sigmas=None,
                  guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
                  latents=None, prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
                  cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None, callback_on_step_end=None,
-                 prompt_syntax=None):
+                 callback_on_step_end_tensor_inputs=None, prompt_syntax=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         height, width = self.default_size(height, width)
-        batch = self._check(prompt, height, width, num_inference_steps, num_images_per_prompt, generator,
-                            negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        batch = self._check(prompt, height, width, steps_of(num_inference_steps, timesteps, sigmas),
+                            num_images_per_prompt, generator, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                            output_type)
+        tensor_inputs = callback_inputs(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._clip_skip = clip_skip
         device = self._execution_device
         guided = self._guided(guidance_scale)
 
@@ -198,12 +269,13 @@ class StableDiffusionPipeline(DiffusionPipeline):
                                           lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
         embeds = torch.cat([uncond, cond]) if guided else cond  # diffusers' batch order: [uncond, cond]
 
-        set_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+        ts, _ = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         n = batch * num_images_per_prompt
         latents = self.prepare_latents(n, height, width, latent_dtype(cond.dtype), generator, latents)
 
-        latents = self._denoise(latents, self.scheduler.timesteps, embeds, guidance_scale, guidance_rescale,
-                                generator, eta, cross_attention_kwargs, callback_on_step_end=callback_on_step_end)
+        latents = self._denoise(latents, ts, embeds, guidance_scale, guidance_rescale, generator, eta,
+                                cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
+                                tensor_inputs=tensor_inputs, negative_prompt_embeds=uncond)
         images = self._decode(latents, output_type, generator)
         return PipelineOutput(images) if return_dict else (images, None)
 
@@ -212,17 +284,21 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
     """Image-to-image: encode the image, noise it to the timestep that `strength` picks, denoise from there."""
 
     @torch.no_grad()
-    def __call__(self, prompt=None, image=None, strength=0.8, num_inference_steps=50, timesteps=None,
+    def __call__(self, prompt=None, image=None, strength=0.8, num_inference_steps=50, timesteps=None, sigmas=None,
                  guidance_scale=7.5, negative_prompt=None, num_images_per_prompt=1, eta=0.0, generator=None,
                  prompt_embeds=None, negative_prompt_embeds=None, output_type="pil", return_dict=True,
                  cross_attention_kwargs=None, guidance_rescale=0.0, clip_skip=None, callback_on_step_end=None,
-                 prompt_syntax=None):
+                 callback_on_step_end_tensor_inputs=None, prompt_syntax=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         if image is None:
-            raise ValueError("image-to-image needs `image`")
+            raise ArgumentError("image-to-image needs `image`")
         if not 0 <= strength <= 1:
-            raise ValueError(f"strength={strength!r} must be in [0, 1]")
-        batch = self._check(prompt, None, None, num_inference_steps, num_images_per_prompt, generator,
-                            negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+            raise ArgumentError(f"strength={strength!r} must be in [0, 1]")
+        batch = self._check(prompt, None, None, steps_of(num_inference_steps, timesteps, sigmas),
+                            num_images_per_prompt, generator, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                            output_type)
+        tensor_inputs = callback_inputs(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._clip_skip = clip_skip
         x = preprocess_image(image, self.vae_scale_factor, latent_channels=self.vae.config.latent_channels)
         device = self._execution_device
         guided = self._guided(guidance_scale)
@@ -232,12 +308,11 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
                                           lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
         embeds = torch.cat([uncond, cond]) if guided else cond
 
-        set_timesteps(self.scheduler, num_inference_steps, device, timesteps)
-        steps = len(timesteps) if timesteps else num_inference_steps
+        _, steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         t_start = max(steps - min(int(steps * strength), steps), 0)
         ts = self.scheduler.timesteps[t_start * self.scheduler.order:]
         if len(ts) == 0:
-            raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
+            raise ArgumentError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
         self.scheduler.set_begin_index(t_start * self.scheduler.order)
 
         n = batch * num_images_per_prompt
@@ -246,6 +321,16 @@ class StableDiffusionImg2ImgPipeline(StableDiffusionPipeline):
         latents = self.scheduler.add_noise(init, noise, ts[:1].repeat(n))
 
         latents = self._denoise(latents, ts, embeds, guidance_scale, guidance_rescale, generator, eta,
-                                cross_attention_kwargs, callback_on_step_end=callback_on_step_end)
+                                cross_attention_kwargs, callback_on_step_end=callback_on_step_end,
+                                tensor_inputs=tensor_inputs, negative_prompt_embeds=uncond)
         images = self._decode(latents, output_type, generator)
         return PipelineOutput(images) if return_dict else (images, None)
+
+
+def refuse_unsupported(pipeline, **components):
+    """minidiff runs no safety checker, feature extractor or IP-Adapter image encoder: None is the only value
+    it takes for them (diffusers' safety_checker=None), anything else is refused rather than left unused."""
+    given = [k for k, v in components.items() if v is not None]
+    if given:
+        raise ValueError(f"{pipeline}: {', '.join(given)} is not run by minidiff (no safety checker, no IP-Adapter): "
+                         f"pass {given[0]}=None or leave it out")

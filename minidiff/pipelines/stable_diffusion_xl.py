@@ -7,14 +7,16 @@ The denoising loop is Stable Diffusion's.
 """
 import torch
 
+from ..errors import ArgumentError
 from ..device import latent_dtype
 from ..lora import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from ..prompts import check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids, prompt_windows
 from ..textual_inversion import expand_prompt
-from .common import PipelineOutput, preprocess_image, prompt_batch
-from .realfiles import set_timesteps
-from .stable_diffusion import StableDiffusionPipeline
+from .arguments import check_arguments
+from .common import (PipelineOutput, callback_inputs, preprocess_image, prompt_batch, retrieve_timesteps, steps_of,
+                     warn_truncated)
+from .stable_diffusion import StableDiffusionPipeline, refuse_unsupported
 
 
 def _as_list(p, batch):
@@ -27,11 +29,16 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                        "image_encoder", "feature_extractor")
     optional_components = ("text_encoder", "text_encoder_2", "tokenizer", "tokenizer_2", "image_encoder",
                            "feature_extractor")
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "add_text_embeds", "add_time_ids"]
 
     def __init__(self, vae, text_encoder, text_encoder_2, tokenizer, tokenizer_2, unet, scheduler,
                  image_encoder=None, feature_extractor=None, force_zeros_for_empty_prompt=True,
                  requires_aesthetics_score=False, add_watermarker=None):
         # No invisible watermark: diffusers adds one only when its optional package is installed.
+        refuse_unsupported(type(self).__name__, image_encoder=image_encoder, feature_extractor=feature_extractor)
+        if add_watermarker:
+            raise ValueError(f"{type(self).__name__}: add_watermarker=True is not supported by minidiff (no "
+                             "invisible watermark): pass add_watermarker=False or leave it out")
         self.vae, self.text_encoder, self.text_encoder_2 = vae, text_encoder, text_encoder_2
         self.tokenizer, self.tokenizer_2, self.unet, self.scheduler = tokenizer, tokenizer_2, unet, scheduler
         self.image_encoder = self.feature_extractor = None
@@ -49,11 +56,11 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         pairs = [(self.tokenizer, self.text_encoder), (self.tokenizer_2, self.text_encoder_2)]
         pairs = [(t, e) for t, e in pairs if e is not None]
         if not pairs or any(t is None for t, _ in pairs):
-            raise ValueError("this pipeline has no text encoders/tokenizers: pass prompt_embeds and "
+            raise ArgumentError("this pipeline has no text encoders/tokenizers: pass prompt_embeds and "
                              "pooled_prompt_embeds (see encode_prompt)")
         return pairs
 
-    def _embed_xl(self, texts_per_encoder, clip_skip=None, lora_scale=None, prompt_syntax=None):
+    def _embed_xl(self, texts_per_encoder, clip_skip=None, lora_scale=None, prompt_syntax=None, warn=False):
         """Penultimate (or clip_skip-deeper) hidden states of each encoder, concatenated; pooled from the last.
         prompt_syntax="a1111": long, weighted prompts, the same number of windows for both encoders."""
         device = self._execution_device
@@ -68,6 +75,9 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             windows = [pad_windows(w, tok, n) for w, (tok, _) in zip(windows, pairs)]
         hidden, pooled = [], None
         for i, (texts, (tok, enc)) in enumerate(zip(texts_per_encoder, pairs)):
+            if warn and not a1111:
+                warn_truncated(tok, texts)
+
             def encode(ids):
                 with self._on_device(enc), scaled(enc, lora_scale):
                     out = enc(ids.to(device), output_hidden_states=True)
@@ -92,10 +102,11 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if prompt_embeds is None:
             prompt = _as_list(prompt, batch)
             prompt_2 = _as_list(prompt_2 or prompt, batch)
-            prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip, lora_scale,
-                                                                 prompt_syntax)
+            # zipped with the encoders present: a refiner (second encoder only) reads `prompt`, as in diffusers
+            prompt_embeds, pooled_prompt_embeds = self._embed_xl([prompt, prompt_2], clip_skip, lora_scale, prompt_syntax,
+                                                                 warn=True)
         elif pooled_prompt_embeds is None:
-            raise ValueError("prompt_embeds were passed without pooled_prompt_embeds: pass both (encode_prompt "
+            raise ArgumentError("prompt_embeds were passed without pooled_prompt_embeds: pass both (encode_prompt "
                              "returns them)")
         if do_classifier_free_guidance and negative_prompt_embeds is None:
             if negative_prompt is None and self.force_zeros_for_empty_prompt:
@@ -106,11 +117,11 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                 negative_prompt_2 = negative_prompt_2 or negative_prompt
                 neg, neg2 = _as_list(negative_prompt, batch), _as_list(negative_prompt_2, batch)
                 if len(neg) != batch or len(neg2) != batch:
-                    raise ValueError(f"negative_prompt has {len(neg)} entries but prompt has {batch}")
+                    raise ArgumentError(f"negative_prompt has {len(neg)} entries but prompt has {batch}")
                 negative_prompt_embeds, negative_pooled_prompt_embeds = self._embed_xl(
                     [neg, neg2], lora_scale=lora_scale, prompt_syntax=prompt_syntax)
         elif do_classifier_free_guidance and negative_pooled_prompt_embeds is None:
-            raise ValueError("negative_prompt_embeds were passed without negative_pooled_prompt_embeds")
+            raise ArgumentError("negative_prompt_embeds were passed without negative_pooled_prompt_embeds")
         if do_classifier_free_guidance and negative_prompt_embeds.shape[1] != prompt_embeds.shape[1]:
             cond_short = prompt_embeds.shape[1] < negative_prompt_embeds.shape[1]  # long prompts: empty windows
             empty = self._embed_xl([[""], [""]], clip_skip if cond_short else None, lora_scale)[0]
@@ -133,7 +144,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             if abs(expected - passed) == self.unet.config.addition_time_embed_dim:
                 hint = (" (a refiner-style UNet takes an aesthetic score instead of the target size: set "
                         f"requires_aesthetics_score={expected < passed} on the pipeline)")
-            raise ValueError(f"the UNet's add_embedding takes {expected} features but the time ids {list(ids)} and "
+            raise ArgumentError(f"the UNet's add_embedding takes {expected} features but the time ids {list(ids)} and "
                              f"the pooled embedding ({pooled_dim}) make {passed}{hint}")
         return torch.tensor([list(ids)], dtype=dtype)
 
@@ -156,7 +167,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         if denoising_end is None:
             return timesteps
         if not (isinstance(denoising_end, float) and 0 < denoising_end < 1):
-            raise ValueError(f"denoising_end={denoising_end!r} must be a float in (0, 1)")
+            raise ArgumentError(f"denoising_end={denoising_end!r} must be a float in (0, 1)")
         cutoff = int(round(num_train_timesteps - denoising_end * num_train_timesteps))
         return timesteps[:int((timesteps >= cutoff).sum())]
 
@@ -169,10 +180,14 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
                  output_type="pil", return_dict=True, cross_attention_kwargs=None, guidance_rescale=0.0,
                  original_size=None, crops_coords_top_left=(0, 0), target_size=None, negative_original_size=None,
                  negative_crops_coords_top_left=(0, 0), negative_target_size=None, clip_skip=None,
-                 callback_on_step_end=None, prompt_syntax=None):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, sigmas=None, prompt_syntax=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         height, width = self.default_size(height, width)
-        batch = self._check(prompt, height, width, num_inference_steps, num_images_per_prompt, generator,
-                            negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+        batch = self._check(prompt, height, width, steps_of(num_inference_steps, timesteps, sigmas),
+                            num_images_per_prompt, generator, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                            output_type)
+        tensor_inputs = callback_inputs(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._clip_skip = clip_skip
         device = self._execution_device
         guided = self._guided(guidance_scale)
         original_size = tuple(original_size or (height, width))
@@ -183,7 +198,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
             prompt_embeds, negative_prompt_embeds, pooled_prompt_embeds, negative_pooled_prompt_embeds,
             clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
 
-        set_timesteps(self.scheduler, num_inference_steps, device, timesteps)
+        retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         n = batch * num_images_per_prompt
         latents = self.prepare_latents(n, height, width, latent_dtype(cond.dtype), generator, latents)
 
@@ -198,7 +213,7 @@ class StableDiffusionXLPipeline(StableDiffusionPipeline):
         ts = self._cut_end(self.scheduler.timesteps, denoising_end, self.scheduler.config.num_train_timesteps)
         self.scheduler.set_begin_index(0)
         latents = self._denoise(latents, ts, embeds, guidance_scale, guidance_rescale, generator, eta,
-                                cross_attention_kwargs, added, callback_on_step_end)
+                                cross_attention_kwargs, added, callback_on_step_end, tensor_inputs, uncond)
         images = self._decode(latents, output_type, generator)
         return PipelineOutput(images) if return_dict else (images,)
 
@@ -237,18 +252,22 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
                  cross_attention_kwargs=None, guidance_rescale=0.0, original_size=None, crops_coords_top_left=(0, 0),
                  target_size=None, negative_original_size=None, negative_crops_coords_top_left=(0, 0),
                  negative_target_size=None, aesthetic_score=6.0, negative_aesthetic_score=2.5, clip_skip=None,
-                 callback_on_step_end=None, prompt_syntax=None):
+                 callback_on_step_end=None, callback_on_step_end_tensor_inputs=None, sigmas=None, prompt_syntax=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         if image is None:
-            raise ValueError("image-to-image needs `image` (an image, or the base pipeline's latents)")
+            raise ArgumentError("image-to-image needs `image` (an image, or the base pipeline's latents)")
         if not 0 <= strength <= 1:
-            raise ValueError(f"strength={strength!r} must be in [0, 1]")
+            raise ArgumentError(f"strength={strength!r} must be in [0, 1]")
         for name, v in (("denoising_start", denoising_start), ("denoising_end", denoising_end)):
             if v is not None and not (isinstance(v, float) and 0 < v < 1):
-                raise ValueError(f"{name}={v!r} must be a float in (0, 1)")
+                raise ArgumentError(f"{name}={v!r} must be a float in (0, 1)")
         if denoising_start is not None and denoising_end is not None and denoising_start >= denoising_end:
-            raise ValueError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
-        batch = self._check(prompt, None, None, num_inference_steps, num_images_per_prompt, generator,
-                            negative_prompt, prompt_embeds, negative_prompt_embeds, output_type)
+            raise ArgumentError(f"denoising_start={denoising_start} must be below denoising_end={denoising_end}")
+        batch = self._check(prompt, None, None, steps_of(num_inference_steps, timesteps, sigmas),
+                            num_images_per_prompt, generator, negative_prompt, prompt_embeds, negative_prompt_embeds,
+                            output_type)
+        tensor_inputs = callback_inputs(self, callback_on_step_end, callback_on_step_end_tensor_inputs)
+        self._clip_skip = clip_skip
         device = self._execution_device
         guided = self._guided(guidance_scale)
 
@@ -258,12 +277,10 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
             clip_skip=clip_skip, lora_scale=call_scale(cross_attention_kwargs), prompt_syntax=prompt_syntax)
         x = preprocess_image(image, self.vae_scale_factor, latent_channels=self.vae.config.latent_channels)
 
-        set_timesteps(self.scheduler, num_inference_steps, device, timesteps)
-        if timesteps:
-            num_inference_steps = len(timesteps)
+        _, num_inference_steps = retrieve_timesteps(self.scheduler, num_inference_steps, device, timesteps, sigmas)
         ts = self._start(num_inference_steps, strength, denoising_start)
         if len(ts) == 0:
-            raise ValueError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
+            raise ArgumentError(f"strength={strength} with num_inference_steps={num_inference_steps} leaves no step to run")
         n = batch * num_images_per_prompt
         if latents is None:
             latents = self.image_latents(x, n, generator, cond.dtype)
@@ -290,6 +307,6 @@ class StableDiffusionXLImg2ImgPipeline(StableDiffusionXLPipeline):
 
         ts = self._cut_end(ts, denoising_end, self.scheduler.config.num_train_timesteps)
         latents = self._denoise(latents, ts, embeds, guidance_scale, guidance_rescale, generator, eta,
-                                cross_attention_kwargs, added, callback_on_step_end)
+                                cross_attention_kwargs, added, callback_on_step_end, tensor_inputs, uncond)
         images = self._decode(latents, output_type, generator)
         return PipelineOutput(images) if return_dict else (images,)

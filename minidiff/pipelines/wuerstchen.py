@@ -14,10 +14,13 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..errors import ArgumentError, FileFormatError
+from ..finite import check_output, check_step
+from ..models.base import ModelOutput
 from ..schedulers.ddpm_wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 from ..weights.config import AttrDict
 from ..weights.hub import read_json, resolve_file
-from ..models.base import ModelOutput
+from .arguments import check_arguments
 from .common import (DiffusionPipeline, PipelineOutput, check_batch, check_latents, check_negative, initial_latents,
                      negative_list, numpy_to_pil, prompt_batch, step_callback)
 
@@ -37,7 +40,7 @@ def encode_text(pipe, texts, device):
     """CLIP last hidden state of `texts`, padded to the tokenizer's length; the padding is masked out
     (the Würstchen stages were trained with masked text, unlike Stable Diffusion)."""
     if pipe.text_encoder is None or pipe.tokenizer is None:
-        raise ValueError(f"{type(pipe).__name__} has no text encoder/tokenizer: pass prompt_embeds instead of prompts")
+        raise ArgumentError(f"{type(pipe).__name__} has no text encoder/tokenizer: pass prompt_embeds instead of prompts")
     tokens = pipe.tokenizer(texts, padding="max_length", max_length=pipe.tokenizer.model_max_length,
                             truncation=True, return_tensors="pt")
     with pipe._on_device(pipe.text_encoder) as te:
@@ -53,16 +56,16 @@ def guide(prediction, scale):
 
 def check_schedule(num_inference_steps, timesteps, steps_name, timesteps_name):
     if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) or num_inference_steps < 1:
-        raise ValueError(f"{steps_name}={num_inference_steps!r} must be an integer >= 1 "
+        raise ArgumentError(f"{steps_name}={num_inference_steps!r} must be an integer >= 1 "
                          f"(to give explicit times pass {timesteps_name}=[1.0, ..., 0.0])")
     if timesteps is None:
         return
     ts = [float(t) for t in (timesteps.tolist() if isinstance(timesteps, torch.Tensor) else timesteps)]
     if len(ts) < 2:
-        raise ValueError(f"{timesteps_name} has {len(ts)} entries; the sampler steps from each time to the next, "
+        raise ArgumentError(f"{timesteps_name} has {len(ts)} entries; the sampler steps from each time to the next, "
                          "so it needs at least 2 (e.g. [1.0, 0.0])")
     if any(not 0 <= t <= 1 for t in ts) or any(b >= a for a, b in zip(ts, ts[1:])):
-        raise ValueError(f"{timesteps_name}={ts} must be strictly decreasing times in [0, 1] (ending at 0 "
+        raise ArgumentError(f"{timesteps_name}={ts} must be strictly decreasing times in [0, 1] (ending at 0 "
                          "for a clean result, e.g. DEFAULT_STAGE_C_TIMESTEPS)")
 
 
@@ -121,12 +124,12 @@ class WuerstchenPriorPipeline(DiffusionPipeline):
         batch = prompt_batch(prompt, prompt_embeds)
         for name, v in (("height", height), ("width", width)):
             if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
-                raise ValueError(f"{name}={v!r} must be a positive integer (pixels)")
+                raise ArgumentError(f"{name}={v!r} must be a positive integer (pixels)")
         check_schedule(num_inference_steps, timesteps, steps_name, timesteps_name)
         check_batch(num_images_per_prompt, generator, batch * num_images_per_prompt)
         check_negative(batch, negative_prompt, negative_prompt_embeds, prompt_embeds)
         if output_type is not None and output_type not in ("pt", "np", "latent"):
-            raise ValueError(f"output_type={output_type!r}: the prior returns embeddings, use 'pt' or 'np'")
+            raise ArgumentError(f"output_type={output_type!r}: the prior returns embeddings, use 'pt' or 'np'")
         check_latents(latents, self.latent_shape(batch * num_images_per_prompt, height, width))
         return batch
 
@@ -138,6 +141,7 @@ class WuerstchenPriorPipeline(DiffusionPipeline):
                  guidance_scale=8.0, negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
                  num_images_per_prompt=1, generator=None, latents=None, output_type="pt", return_dict=True,
                  callback_on_step_end=None):
+        check_arguments(self, locals())  # every argument's type and range, before any work
         batch = self.check_inputs(prompt, height, width, num_inference_steps, timesteps, negative_prompt,
                                   prompt_embeds, negative_prompt_embeds, num_images_per_prompt, generator,
                                   output_type, latents)
@@ -162,6 +166,7 @@ class WuerstchenPriorPipeline(DiffusionPipeline):
                     pred = guide(pred, guidance_scale)
                 latents = self.scheduler.step(pred, ratio, latents, generator=generator).prev_sample
                 latents = step_callback(callback_on_step_end, self, i, t, latents)
+                check_step(latents, prior, i, len(ts) - 1, self.modules(), guidance_scale)
 
         # back to the scale of the EfficientNet features stage B was trained on (as diffusers writes it)
         latents = latents * self.config.latent_mean - self.config.latent_std
@@ -195,7 +200,7 @@ class WuerstchenDecoderPipeline(DiffusionPipeline):
         multiple = cfg.patch_size * 2 ** (len(cfg.c_hidden) - 1)
         h, w = self.latent_size(embedding_height, embedding_width)
         if h % multiple or w % multiple or h == 0 or w == 0:
-            raise ValueError(f"an image embedding of {embedding_height}x{embedding_width} gives decoder latents of "
+            raise ArgumentError(f"an image embedding of {embedding_height}x{embedding_width} gives decoder latents of "
                              f"{h}x{w}, but the decoder needs multiples of {multiple} (patch {cfg.patch_size} x "
                              f"{len(cfg.c_hidden) - 1} downsamplings){hint}")
 
@@ -220,19 +225,19 @@ class WuerstchenDecoderPipeline(DiffusionPipeline):
         elif isinstance(prompt, (list, tuple)) and prompt and all(isinstance(p, str) for p in prompt):
             n_prompts = len(prompt)
         else:
-            raise ValueError(f"prompt must be a string or a non-empty list of strings (\"\" for none), got {prompt!r}")
+            raise ArgumentError(f"prompt must be a string or a non-empty list of strings (\"\" for none), got {prompt!r}")
         if len(embeddings_shape) != 4 or embeddings_shape[1] != self.decoder.config.effnet_embd:
-            raise ValueError(f"image_embeddings of shape {tuple(embeddings_shape)}: the decoder takes (batch, "
+            raise ArgumentError(f"image_embeddings of shape {tuple(embeddings_shape)}: the decoder takes (batch, "
                              f"{self.decoder.config.effnet_embd}, h, w), the prior's `.image_embeddings`")
         b = embeddings_shape[0]
         if b % n_prompts:
-            raise ValueError(f"{n_prompts} prompts for {b} image embeddings: pass one prompt, one per embedding, "
+            raise ArgumentError(f"{n_prompts} prompts for {b} image embeddings: pass one prompt, one per embedding, "
                              "or one per group of embeddings (the prior's num_images_per_prompt)")
         check_schedule(num_inference_steps, timesteps, steps_name, timesteps_name)
         check_batch(num_images_per_prompt, generator, b * num_images_per_prompt)
         check_negative(n_prompts, negative_prompt)
         if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
+            raise ArgumentError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
         self.check_latent_size(embeddings_shape[2], embeddings_shape[3], size_hint)
         check_latents(latents, self.latent_shape(b * num_images_per_prompt, *embeddings_shape[2:]))
         return n_prompts
@@ -245,12 +250,13 @@ class WuerstchenDecoderPipeline(DiffusionPipeline):
                  negative_prompt=None, num_images_per_prompt=1, generator=None, latents=None, output_type="pil",
                  return_dict=True, callback_on_step_end=None):
         """As diffusers, return_dict=False returns the images themselves, not a tuple."""
+        check_arguments(self, locals())  # every argument's type and range, before any work
         if isinstance(image_embeddings, (list, tuple)):
             image_embeddings = torch.cat(list(image_embeddings), dim=0)
         if isinstance(image_embeddings, np.ndarray):
             image_embeddings = torch.from_numpy(image_embeddings)
         if not isinstance(image_embeddings, torch.Tensor):
-            raise ValueError(f"image_embeddings must be a tensor or numpy array (the prior's output), "
+            raise ArgumentError(f"image_embeddings must be a tensor or numpy array (the prior's output), "
                              f"got {type(image_embeddings).__name__}")
         n_prompts = self.check_inputs(prompt, num_inference_steps, timesteps, negative_prompt, num_images_per_prompt,
                                       generator, output_type, tuple(image_embeddings.shape), latents)
@@ -278,6 +284,7 @@ class WuerstchenDecoderPipeline(DiffusionPipeline):
                     pred = guide(pred, guidance_scale)
                 latents = self.scheduler.step(pred, ratio, latents, generator=generator).prev_sample
                 latents = step_callback(callback_on_step_end, self, i, t, latents)
+                check_step(latents, decoder, i, len(ts) - 1, self.modules(), guidance_scale)
 
         images = latents if output_type == "latent" else self.decode(latents, output_type)
         return PipelineOutput(images) if return_dict else images
@@ -287,6 +294,7 @@ class WuerstchenDecoderPipeline(DiffusionPipeline):
         """Stage A: VQGAN latents -> images in [0, 1], decoded without snapping to the codebook."""
         with self._on_device(self.vqgan) as vqgan:
             images = vqgan.latents_to_image(latents)
+        images = check_output(images, f"{type(self.vqgan).__name__}.decode", self.modules())
         if output_type == "pt":
             return images
         images = images.permute(0, 2, 3, 1).cpu().float().numpy()
@@ -354,7 +362,7 @@ class WuerstchenCombinedPipeline(DiffusionPipeline):
             return super().from_pretrained(repo_or_path, **load, **kwargs)
         prior_repo = prior_repo or prior_repo_from_card(repo_or_path)
         if prior_repo is None:
-            raise ValueError(f"{os.path.join(repo_or_path, 'model_index.json')} has no prior_* components and its "
+            raise FileFormatError(f"{os.path.join(repo_or_path, 'model_index.json')} has no prior_* components and its "
                              "README.md names no `prior` repo: pass prior_repo='warp-ai/wuerstchen-prior' "
                              "(or a local folder)")
         prior_kwargs = {k[len(PRIOR_PREFIX):]: v for k, v in kwargs.items() if k.startswith(PRIOR_PREFIX)}
@@ -373,6 +381,16 @@ class WuerstchenCombinedPipeline(DiffusionPipeline):
         self.prior_pipe.enable_model_cpu_offload(device)
         self.decoder_pipe.enable_model_cpu_offload(device)
 
+    def enable_sequential_cpu_offload(self, device="cuda"):
+        self.prior_pipe.enable_sequential_cpu_offload(device)  # the pipes run the models: they hold the hooks
+        self.decoder_pipe.enable_sequential_cpu_offload(device)
+
+    def remove_all_hooks(self):
+        super().remove_all_hooks()
+        for pipe in (getattr(self, "prior_pipe", None), getattr(self, "decoder_pipe", None)):
+            if pipe is not None:
+                pipe.remove_all_hooks()
+
     def set_progress_bar_config(self, disable=False, **kw):
         super().set_progress_bar_config(disable, **kw)
         self.prior_pipe.set_progress_bar_config(disable, **kw)
@@ -385,6 +403,7 @@ class WuerstchenCombinedPipeline(DiffusionPipeline):
                  generator=None, latents=None, output_type="pil", return_dict=True, prior_callback_on_step_end=None,
                  callback_on_step_end=None):
         """As diffusers, return_dict=False returns the images themselves, not a tuple."""
+        check_arguments(self, locals())  # every argument's type and range, before any work
         prior, decoder = self.prior_pipe, self.decoder_pipe
         # every check of both stages before any work
         batch = prior.check_inputs(prompt, height, width, prior_num_inference_steps, prior_timesteps,

@@ -1,0 +1,92 @@
+"""The loading arguments diffusers' from_pretrained takes, checked and turned into minidiff's own.
+
+What can be honoured is honoured (Hub download options, one device, a dtype per component, safetensors
+only); what minidiff cannot do is refused with a message that says what to pass instead. Nothing is
+accepted and then ignored.
+"""
+import torch
+
+from .weights.hub import HUB_OPTION_NAMES
+
+# diffusers' loading arguments that minidiff honours (beside torch_dtype, variant, device, allow_pickle).
+LOADING_NAMES = HUB_OPTION_NAMES + ("use_safetensors", "low_cpu_mem_usage", "device_map")
+
+
+def pop_loading(kwargs):
+    """Remove diffusers' loading arguments from `kwargs`; returns them as a dict."""
+    return {k: kwargs.pop(k) for k in LOADING_NAMES if k in kwargs}
+
+
+def device_from_map(device_map, device=None, where="from_pretrained"):
+    """`device_map` as one device: None, "cpu", or any single device ("cuda", "cuda:1", torch.device)."""
+    if device_map is None:
+        return device
+    if isinstance(device_map, int) and not isinstance(device_map, bool):
+        device_map = f"cuda:{device_map}"
+    if isinstance(device_map, (str, torch.device)) and str(device_map) not in ("auto", "balanced", "balanced_low_0",
+                                                                                "sequential"):
+        try:
+            dev = torch.device(device_map)
+        except (RuntimeError, TypeError) as e:
+            raise ValueError(f"{where}: device_map={device_map!r} is not a device") from e
+        if device is not None and torch.device(device) != dev:
+            raise ValueError(f"{where}: device={device!r} and device_map={device_map!r} disagree: pass one")
+        return dev
+    raise ValueError(f"{where}: device_map={device_map!r} is not supported: minidiff puts every model on one device "
+                     "(device_map=None, 'cpu' or a single device such as 'cuda'); to keep memory low use "
+                     "pipe.enable_model_cpu_offload() instead")
+
+
+def pickle_choice(use_safetensors, allow_pickle, where="from_pretrained"):
+    """allow_pickle after `use_safetensors`: True means safetensors only; False asks for pickle files, which
+    minidiff reads only when allow_pickle=True is passed too."""
+    if use_safetensors is None:
+        return allow_pickle
+    if use_safetensors:
+        return False
+    if not allow_pickle:
+        raise ValueError(f"{where}: use_safetensors=False asks for pickle weights (.bin), which can run code when "
+                         "loaded; minidiff reads them only with allow_pickle=True as well (then with "
+                         "torch.load(weights_only=True)), and prefers .safetensors files where both exist")
+    return True
+
+
+def check_low_cpu_mem_usage(value, where="from_pretrained"):
+    # minidiff always builds models on the meta device and assigns the file's tensors (what
+    # low_cpu_mem_usage=True does in diffusers); False gives the same model, only more slowly in diffusers.
+    if value not in (None, True, False):
+        raise ValueError(f"{where}: low_cpu_mem_usage={value!r} must be True or False")
+
+
+def dtype_for(torch_dtype, name, names, where="from_pretrained"):
+    """The dtype of component `name`: torch_dtype itself, or its entry (then 'default', then float32) when a
+    dict per component is given, as diffusers reads it."""
+    if not isinstance(torch_dtype, dict):
+        check_dtype(torch_dtype, where)
+        return torch_dtype
+    unknown = [k for k in torch_dtype if k != "default" and k not in names]
+    if unknown:
+        raise ValueError(f"{where}: torch_dtype names {unknown}, which are not components of this pipeline "
+                         f"(components: {', '.join(names)}; 'default' for the rest)")
+    for v in torch_dtype.values():
+        check_dtype(v, where)
+    return torch_dtype.get(name, torch_dtype.get("default", torch.float32))
+
+
+def check_dtype(dtype, where="from_pretrained"):
+    if dtype is not None and not isinstance(dtype, torch.dtype):
+        raise ValueError(f"{where}: torch_dtype={dtype!r} must be a torch.dtype (e.g. torch.float16), or a dict "
+                         "{component name or 'default': torch.dtype}")
+
+
+def model_options(loading, torch_dtype, device, allow_pickle, where):
+    """(hub options, device, allow_pickle) for one model's from_pretrained from diffusers' loading arguments."""
+    unknown = set(loading) - set(LOADING_NAMES)
+    if unknown:
+        raise TypeError(f"{where} got unexpected arguments {sorted(unknown)}")
+    check_dtype(torch_dtype, where)
+    check_low_cpu_mem_usage(loading.get("low_cpu_mem_usage"), where)
+    device = device_from_map(loading.get("device_map"), device, where)
+    allow_pickle = pickle_choice(loading.get("use_safetensors"), allow_pickle, where)
+    hub = {k: loading[k] for k in HUB_OPTION_NAMES if k in loading}
+    return hub, device, allow_pickle
