@@ -33,12 +33,11 @@ class Model(nn.Module):
         revision, token, local_files_only, force_download, use_safetensors, low_cpu_mem_usage, device_map as
         one device) are taken as minidiff/loading.py says."""
         from .. import loading
+        torch_dtype = resolve_dtype(torch_dtype, device)  # "auto": the device's fast dtype (minidiff/device.py)
         where = f"{cls.__name__}.from_pretrained({repo_or_path!r})"
         hub, device, allow_pickle = loading.model_options(loading_args, torch_dtype, device, allow_pickle, where)
         with hub_options(**hub):
             return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-        shape checked first); see minidiff.weights.load.load_model."""
-        return load_model(cls, repo_or_path, subfolder, variant, resolve_dtype(torch_dtype, device), device, allow_pickle)
 
     @classmethod
     def from_single_file(cls, path, config=None, original_config=None, torch_dtype=None, device=None,
