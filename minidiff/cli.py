@@ -61,7 +61,6 @@ def parse_args(argv):
     g.add_argument("--allow-pickle", action="store_true", help="read pickle checkpoints/LoRAs (.bin, .ckpt; with "
                    "torch.load(weights_only=True)); refused by default")
     g.add_argument("--verbose", action="store_true", help="on an error, show the whole traceback")
-    from .compress import add_cli as add_compress
     add_compress(sub)
     return p.parse_args(argv)
 
@@ -272,8 +271,76 @@ def main(argv=None):
             message = " ".join(str(e).split()) or type(e).__name__
             raise SystemExit(f"minidiff: {message} (--verbose shows the traceback)") from None
     elif a.command == "compress":
-        from .compress import run_cli
-        run_cli(a)
+        run_compress(a)
+
+
+# ----------------------------------------------------------------------------- minidiff compress
+
+def add_compress(sub):
+    """`minidiff compress analyse|apply`: mixed-bit palettisation (minidiff/compress.py)."""
+    from .compress import MIN_SIZE
+    c = sub.add_parser("compress", help="mixed-bit palettisation of a pipeline's UNet (Apple's recipe)")
+    verbs = c.add_subparsers(dest="verb", required=True)
+    an = verbs.add_parser("analyse", help="measure each layer's impact and write recipes (slow, resumable)")
+    an.add_argument("--model", default=None, help="pipeline folder or Hub repo (default: the bundled model)")
+    an.add_argument("--out", required=True, help="analysis JSON to write (resumed if it exists)")
+    an.add_argument("--steps", type=int, default=4)
+    an.add_argument("--guidance", type=float, default=None)
+    an.add_argument("--min-size", type=int, default=None, help=f"smallest layer to palettise (default {MIN_SIZE}; "
+                                                               "1000 for the bundled model)")
+    an.add_argument("--group-size", type=int, default=None, help="output channels per LUT (default: one per tensor)")
+    an.add_argument("--targets", default="6.5,4.5,3.4", help="average bit widths of the recipes to build")
+    ap = verbs.add_parser("apply", help="palettise the UNet as a recipe says and write the pipeline folder")
+    ap.add_argument("--model", default=None, help="pipeline folder (default: the bundled model)")
+    ap.add_argument("--recipe", required=True, help="recipe JSON: an analysis file (with --selected-recipe) or "
+                                                    "{layer: bits}")
+    ap.add_argument("--selected-recipe", default=None)
+    ap.add_argument("--group-size", type=int, default=None)
+    ap.add_argument("--out", required=True, help="new folder for the compressed pipeline")
+
+
+def _compress_pipeline(model):
+    from .compress import BUNDLED
+    from .pipelines import DiffusionPipeline
+    return DiffusionPipeline.from_pretrained(model or BUNDLED), model or BUNDLED
+
+
+def run_compress(a):
+    import shutil
+
+    from .compress import BUNDLED, MIN_SIZE, analyse, apply_recipe, read_recipe, save_palettised
+    if a.verb == "analyse":
+        if os.path.isdir(a.out):
+            raise SystemExit(f"minidiff: --out {a.out} is a folder; name a .json file")
+        targets = tuple(float(t) for t in a.targets.split(","))
+        pipe, model = _compress_pipeline(a.model)
+        kwargs = {"num_inference_steps": a.steps}
+        if a.guidance is not None:
+            kwargs["guidance_scale"] = a.guidance
+        min_size = a.min_size if a.min_size is not None else (1000 if a.model is None else MIN_SIZE)
+        res = analyse(pipe, a.out, min_size=min_size, group_size=a.group_size, targets=targets,
+                      model_version=str(model), **kwargs)
+        for k, v in res["baselines"].items():
+            print(f"{k}: {v} dB")
+        print(f"wrote {a.out}")
+    else:
+        if os.path.exists(a.out):
+            raise SystemExit(f"minidiff: --out {a.out} exists; name a new folder")
+        src = a.model or BUNDLED
+        if not os.path.isdir(src):
+            raise SystemExit(f"minidiff: --model {src!r} must be a local pipeline folder for compress apply")
+        recipe = read_recipe(a.recipe, a.selected_recipe)
+        from . import UNet2DConditionModel
+        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
+        stats = apply_recipe(unet, recipe, a.group_size, where=a.recipe)
+        tmp = a.out.rstrip("/") + ".tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("unet"))
+        save_palettised(unet, os.path.join(tmp, "unet"), recipe)
+        os.replace(tmp, a.out)
+        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(a.out, "unet")) for f in fs)
+        print(f"wrote {a.out}: UNet palettised to {stats['nbits']:.2f} bits on average over the recipe's layers, "
+              f"{size / 1e6:.2f} MB on disk")
 
 
 if __name__ == "__main__":

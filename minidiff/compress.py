@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidiff import ops
+from minidiff.assets import MODEL_DIR as BUNDLED  # the default model of `minidiff compress`
 
 NBITS = (1, 2, 4, 6, 8)
 KEEP = 16  # a recipe's "leave it in float16"
@@ -471,71 +472,3 @@ def recipe_for_bits(cumulative, sizes, target_bits):
         else:
             hi = mid
     return best
-
-
-# ----------------------------------------------------------------------------- command line
-
-def add_cli(sub):
-    """`minidiff compress analyse|apply` (cli.py calls this and `run_cli`)."""
-    c = sub.add_parser("compress", help="mixed-bit palettisation of a pipeline's UNet (Apple's recipe)")
-    verbs = c.add_subparsers(dest="verb", required=True)
-    an = verbs.add_parser("analyse", help="measure each layer's impact and write recipes (slow, resumable)")
-    an.add_argument("--model", default=None, help="pipeline folder or Hub repo (default: the bundled model)")
-    an.add_argument("--out", required=True, help="analysis JSON to write (resumed if it exists)")
-    an.add_argument("--steps", type=int, default=4)
-    an.add_argument("--guidance", type=float, default=None)
-    an.add_argument("--min-size", type=int, default=None, help=f"smallest layer to palettise (default {MIN_SIZE}; "
-                                                               "1000 for the bundled model)")
-    an.add_argument("--group-size", type=int, default=None, help="output channels per LUT (default: one per tensor)")
-    an.add_argument("--targets", default="6.5,4.5,3.4", help="average bit widths of the recipes to build")
-    ap = verbs.add_parser("apply", help="palettise the UNet as a recipe says and write the pipeline folder")
-    ap.add_argument("--model", default=None, help="pipeline folder (default: the bundled model)")
-    ap.add_argument("--recipe", required=True, help="recipe JSON: an analysis file (with --selected-recipe) or "
-                                                    "{layer: bits}")
-    ap.add_argument("--selected-recipe", default=None)
-    ap.add_argument("--group-size", type=int, default=None)
-    ap.add_argument("--out", required=True, help="new folder for the compressed pipeline")
-
-
-from minidiff.assets import MODEL_DIR as BUNDLED  # noqa: E402  (the default model of the CLI verbs)
-
-
-def _pipeline(model):
-    from minidiff.pipelines import DiffusionPipeline
-    return DiffusionPipeline.from_pretrained(model or BUNDLED), model or BUNDLED
-
-
-def run_cli(a):
-    import shutil
-    if a.verb == "analyse":
-        if os.path.isdir(a.out):
-            raise SystemExit(f"minidiff: --out {a.out} is a folder; name a .json file")
-        targets = tuple(float(t) for t in a.targets.split(","))
-        pipe, model = _pipeline(a.model)
-        kwargs = {"num_inference_steps": a.steps}
-        if a.guidance is not None:
-            kwargs["guidance_scale"] = a.guidance
-        min_size = a.min_size if a.min_size is not None else (1000 if a.model is None else MIN_SIZE)
-        res = analyse(pipe, a.out, min_size=min_size, group_size=a.group_size, targets=targets,
-                      model_version=str(model), **kwargs)
-        for k, v in res["baselines"].items():
-            print(f"{k}: {v} dB")
-        print(f"wrote {a.out}")
-    else:
-        if os.path.exists(a.out):
-            raise SystemExit(f"minidiff: --out {a.out} exists; name a new folder")
-        src = a.model or BUNDLED
-        if not os.path.isdir(src):
-            raise SystemExit(f"minidiff: --model {src!r} must be a local pipeline folder for compress apply")
-        recipe = read_recipe(a.recipe, a.selected_recipe)
-        from minidiff import UNet2DConditionModel
-        unet = UNet2DConditionModel.from_pretrained(src, subfolder="unet")
-        stats = apply_recipe(unet, recipe, a.group_size, where=a.recipe)
-        tmp = a.out.rstrip("/") + ".tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(src, tmp, ignore=shutil.ignore_patterns("unet"))
-        save_palettised(unet, os.path.join(tmp, "unet"), recipe)
-        os.replace(tmp, a.out)
-        size = sum(os.path.getsize(os.path.join(d, f)) for d, _, fs in os.walk(os.path.join(a.out, "unet")) for f in fs)
-        print(f"wrote {a.out}: UNet palettised to {stats['nbits']:.2f} bits on average over the recipe's layers, "
-              f"{size / 1e6:.2f} MB on disk")
