@@ -56,11 +56,16 @@ def make_betas(config):
     return betas
 
 
+def train_schedule(config):
+    """(betas, alphas_cumprod) of the training noise schedule a config describes."""
+    betas = make_betas(config)
+    return betas, torch.cumprod(1.0 - betas, dim=0)
+
+
 def alpha_schedule(config):
     """(betas, alphas_cumprod, final_alpha_cumprod) of the DDPM-style schedulers. The final value is where
     the last step lands: a = 1 exactly (`set_alpha_to_one`), or the first training step's a."""
-    betas = make_betas(config)
-    alphas_cumprod = torch.cumprod(1.0 - betas, dim=0)
+    betas, alphas_cumprod = train_schedule(config)
     final = torch.tensor(1.0) if config.set_alpha_to_one else alphas_cumprod[0]
     return betas, alphas_cumprod, final
 

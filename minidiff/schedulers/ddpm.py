@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .base import KARRAS_SCHEDULERS, Scheduler, step_output
-from .common import (check_choice, check_schedule, make_betas, predict_x0, randn_tensor, spaced_timesteps,
+from .common import (check_choice, check_schedule, train_schedule, predict_x0, randn_tensor, spaced_timesteps,
                      threshold_sample)
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -48,8 +48,7 @@ class DDPMScheduler(Scheduler):
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.betas = make_betas(self.cfg)
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.betas, self.alphas_cumprod = train_schedule(self.cfg)
         self.timesteps = torch.arange(self.cfg.num_train_timesteps - 1, -1, -1)
         self.custom_timesteps = False
 

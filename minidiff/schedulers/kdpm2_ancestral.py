@@ -10,7 +10,7 @@ import dataclasses
 import torch
 
 from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
-from .common import check_float_timestep, make_betas, predict_x0_sigma, randn_tensor
+from .common import check_float_timestep, train_schedule, predict_x0_sigma, randn_tensor
 from .kdpm2 import KDPM2DiscreteConfig, midpoint_sigmas
 from .sigma_loop import config_bounds, doubled, interleaved, loop_sigmas, sigma_to_t_float32
 
@@ -27,8 +27,7 @@ class KDPM2AncestralDiscreteScheduler(SigmaScheduler):
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.betas = make_betas(self.cfg)
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.betas, self.alphas_cumprod = train_schedule(self.cfg)
         self.set_timesteps(self.cfg.num_train_timesteps)  # as diffusers: a full-length loop until set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None):

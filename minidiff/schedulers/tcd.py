@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .base import Output, Scheduler
-from .common import check_schedule, make_betas, predict_eps, predict_x0, randn_tensor
+from .common import check_schedule, train_schedule, predict_eps, predict_x0, randn_tensor
 
 
 @dataclasses.dataclass(eq=False)
@@ -51,8 +51,7 @@ class TCDScheduler(Scheduler):
 
     def __init__(self, **config):
         super().__init__(**config)
-        self.betas = make_betas(self.cfg)
-        self.alphas_cumprod = torch.cumprod(1.0 - self.betas, dim=0)
+        self.betas, self.alphas_cumprod = train_schedule(self.cfg)
         self.final_alpha_cumprod = torch.tensor(1.0) if self.cfg.set_alpha_to_one else self.alphas_cumprod[0]
         self.timesteps = torch.arange(self.cfg.num_train_timesteps - 1, -1, -1)
         self.custom_timesteps = False
