@@ -23,7 +23,7 @@ from typing import NamedTuple
 import torch
 import torch.nn as nn
 
-from . import ops
+from . import layerwise_casting, ops
 from .errors import ArgumentError, LoRAFileError
 from .weights import lycoris
 from .weights.lora_formats import COMPONENTS, layer_scale, parse_lora, read_lora_file, resolve_lora_file
@@ -312,14 +312,15 @@ def load_lora_weights(target, repo_id_or_file_or_dict, weight_name=None, adapter
         layer = _wrap(models[component], path)
         layer.enabled = enabled
         w = layer.weight
+        dtype = layerwise_casting.compute_dtype(models[component], w.dtype)  # the stored weight may be fp16
         if isinstance(tensors[0], str):
             kind, factors, scale = tensors
-            factors = {k: v.to(w.device, w.dtype) for k, v in factors.items()}
+            factors = {k: v.to(w.device, dtype) for k, v in factors.items()}
             layer.adapters[adapter_name] = LyCORISAdapter(kind, factors, scale)
         else:
             down, up, up_bias, scale = tensors
-            layer.adapters[adapter_name] = LoRAAdapter(down.to(w.device, w.dtype), up.to(w.device, w.dtype),
-                                                       None if up_bias is None else up_bias.to(w.device, w.dtype), scale)
+            layer.adapters[adapter_name] = LoRAAdapter(down.to(w.device, dtype), up.to(w.device, dtype),
+                                                       None if up_bias is None else up_bias.to(w.device, dtype), scale)
         layer.adapter_weights[adapter_name] = 1.0
         counts[component] += 1
     _activate(models, [adapter_name], [1.0])

@@ -9,6 +9,7 @@ written here once; the model files hold only their architecture.
 """
 import dataclasses
 
+import torch
 import torch.nn as nn
 
 from ..weights.hub import hub_options
@@ -86,9 +87,21 @@ class Model(nn.Module):
         from .. import fused_qkv
         fused_qkv.unfuse_qkv_projections(self)
 
+    def enable_layerwise_casting(self, storage_dtype=torch.float8_e4m3fn, compute_dtype=None, skip_modules_pattern=None,
+                                 skip_modules_classes=None):
+        """Linear/Conv weights kept in `storage_dtype`, each cast to `compute_dtype` for its own forward
+        (minidiff/layerwise_casting.py): an fp16 file run in fp32 stays memory-mapped."""
+        from .. import layerwise_casting
+        layerwise_casting.enable_layerwise_casting(self, storage_dtype, compute_dtype, skip_modules_pattern,
+                                                   skip_modules_classes)
+
+    def disable_layerwise_casting(self):
+        from .. import layerwise_casting
+        layerwise_casting.disable_layerwise_casting(self)
+
     @property
-    def dtype(self):
-        return next(self.parameters()).dtype
+    def dtype(self):  # under layerwise casting: the compute dtype, as in diffusers
+        return self.__dict__.get("_layerwise_compute_dtype") or next(self.parameters()).dtype
 
     @property
     def device(self):

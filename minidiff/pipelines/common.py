@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..errors import ArgumentError, ArgumentTypeError, FileFormatError
 from ..tokenizer_files import check_tokenizers_fit
-from .. import loading
+from .. import layerwise_casting, loading
 from ..device import resolve_dtype
 from ..models.base import ModelOutput
 from ..schedulers.common import randn_tensor
@@ -289,7 +289,7 @@ class DiffusionPipeline:
     @property
     def dtype(self):
         for m in self.modules():
-            return next(m.parameters()).dtype
+            return m.dtype if isinstance(getattr(type(m), "dtype", None), property) else next(m.parameters()).dtype
         return torch.float32
 
     @property
@@ -300,6 +300,7 @@ class DiffusionPipeline:
         """Keep every model on the CPU and move each to `device` only while it works (one at a time)."""
         from minidiff import offload
         device = offload.check_device(device, "enable_model_cpu_offload")
+        layerwise_casting.check_not_casting(self, "enable_model_cpu_offload")
         self.remove_all_hooks()
         self._offload_device = device
         for m in self.modules():
@@ -310,6 +311,7 @@ class DiffusionPipeline:
         (minidiff/offload.py): the least device memory, the most transfers. Undo: remove_all_hooks()."""
         from minidiff import offload
         device = offload.check_device(device, "enable_sequential_cpu_offload")
+        layerwise_casting.check_not_casting(self, "enable_sequential_cpu_offload")
         self.remove_all_hooks()
         self._offload_device = device
         self._offload_hooks = []
@@ -346,6 +348,13 @@ class DiffusionPipeline:
         for name, wanted in (("unet", unet), ("vae", vae)):
             if wanted and hasattr(getattr(self, name, None), "unfuse_qkv_projections"):
                 getattr(self, name).unfuse_qkv_projections()
+
+    def enable_layerwise_casting(self, storage_dtype=torch.float8_e4m3fn, compute_dtype=None, **skip):
+        """Every model's layerwise casting (minidiff/layerwise_casting.py); diffusers has it per model only."""
+        layerwise_casting.pipeline_enable(self, storage_dtype, compute_dtype, **skip)
+
+    def disable_layerwise_casting(self):
+        layerwise_casting.pipeline_disable(self)
 
     def enable_vae_slicing(self):
         self.vae.enable_slicing()
