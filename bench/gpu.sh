@@ -3,7 +3,9 @@
 # minutes on one large GPU): installs what it needs into .venv-gpu, then
 #   1. the kernel tests natively on CUDA (and the interpreted ones),
 #   2. the kernel workbench (python -m minidiff.kernels.bench: per op / shape of SD 1.5 and SDXL, fp16),
-#   3. SD 1.5 / SDXL UNet steps at fp16: eager, compiled, with kernels, kernels + compiled, peak memory.
+#   3. SD 1.5 / SDXL UNet steps at fp16: eager, compiled, with kernels, kernels + compiled, peak memory,
+#   4. SD 1.5 (512x512) / SDXL (1024x1024) whole images at fp16 (bench/gpu_images.py): eager, compiled, with
+#      kernels, model offload, sequential offload, peak memory (IMAGE_STEPS Euler steps, default 10).
 # Everything is printed as Markdown tables and kept in bench/gpu-results.md.
 #   bench/gpu.sh            # on the CUDA machine
 #   DRY_RUN=1 bench/gpu.sh  # anywhere: the existing venv (PYTHON=...), CPU, small shapes, no install
@@ -12,7 +14,7 @@ cd "$(dirname "$0")/.."
 OUT=bench/gpu-results.md
 if [ "${DRY_RUN:-0}" = 1 ]; then
     PY=${PYTHON:-python3}
-    SMALL="--small --repeat 2 --no-compile" STEP="--tiny --repeat 2 --no-compile"
+    SMALL="--small --repeat 2 --no-compile" STEP="--tiny --repeat 2 --no-compile" IMAGES="--tiny --steps 2 --no-compile"
 else
     command -v nvidia-smi >/dev/null && nvidia-smi -L || { echo "bench/gpu.sh: no NVIDIA GPU here (nvidia-smi missing); DRY_RUN=1 runs the CPU dry run" >&2; exit 1; }
     [ -d .venv-gpu ] || python3 -m venv .venv-gpu
@@ -21,7 +23,7 @@ else
     $PY -m pip install -q torch triton  # PyPI's Linux torch wheel is the CUDA build
     $PY -m pip install -q -e ".[test]"
     $PY -m pip install -q --no-deps open-clip-torch k-diffusion==0.1.1.post1
-    SMALL="" STEP=""
+    SMALL="" STEP="" IMAGES="--steps ${IMAGE_STEPS:-10}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
@@ -35,4 +37,6 @@ echo "## 2. kernel workbench ($((SECONDS - START)) s in)" | tee -a "$OUT"
 $PY -m minidiff.kernels.bench $SMALL 2>&1 | tee -a "$OUT"
 echo "## 3. UNet steps ($((SECONDS - START)) s in)" | tee -a "$OUT"
 $PY bench/unet_step.py $STEP 2>&1 | tee -a "$OUT"
+echo "## 4. whole images ($((SECONDS - START)) s in)" | tee -a "$OUT"
+$PY bench/gpu_images.py $IMAGES 2>&1 | tee -a "$OUT"
 echo "done in $((SECONDS - START)) s (after the install); results in $OUT" | tee -a "$OUT"

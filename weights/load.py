@@ -49,13 +49,14 @@ def _needs_copy(header, key, cast):
     return torch.device(device).type != "cpu" or (file_dtype.is_floating_point and file_dtype != dtype)
 
 
-def _read_cast(f, header, key, cast):
-    """One tensor read with pread into a buffer of its own size and cast: the file's pages are never mapped
-    into the process, so the peak is the cast copy plus one tensor's bytes (not the whole file's pages too)."""
+def _read_cast(f, header, key, cast, buf=None):
+    """One tensor read with pread into `buf` (uint8, at least its size; one buffer serves a whole file, so that
+    no freed buffer leaves holes among the kept tensors) and cast: the file's pages are never mapped into the
+    process, so the peak is the cast copies plus one buffer (not the whole file's pages too)."""
     shape, name = header.tensors[key]
     begin, end = header.offsets[key]
     file_dtype, (dtype, device) = _torch_dtype(name), cast
-    buf = torch.empty(end - begin, dtype=torch.uint8)
+    buf = torch.empty(end - begin, dtype=torch.uint8) if buf is None else buf[:end - begin]
     view, got = memoryview(buf.numpy()), 0
     while got < len(view):
         n = os.preadv(f.fileno(), [view[got:]], header.data_start + begin + got)
@@ -78,9 +79,11 @@ def _iter_tensors(files, allow_pickle, keys=None, cast=None):
             names = list(header.tensors)
             copied = [k for k in names if (keys is None or k in keys) and _needs_copy(header, k, cast)]
             if copied:
+                buf = torch.empty(max(e - b for b, e in (header.offsets[k] for k in copied)), dtype=torch.uint8)
                 with open(path, "rb") as raw:
                     for k in copied:
-                        yield path, k, _read_cast(raw, header, k, cast)
+                        yield path, k, _read_cast(raw, header, k, cast, buf)
+                del buf
             names = [k for k in names if k not in set(copied)]
             if not names:
                 continue
