@@ -1,7 +1,8 @@
 """Peak memory (issues 18 and 19): every row is one fresh process, run one at a time, measured from inside.
 
     python bench/memory.py sd15    # a whole 512x512 SD 1.5 image (1 Euler step, guidance 7.5): minidiff default
-                                   # (torch_dtype="auto") and fp32, diffusers fp32 and bf16; fp32 files
+                                   # (torch_dtype="auto"), fp32, and bf16 computed layerwise from the fp32
+                                   # weights; diffusers fp32 and bf16; fp32 files
     python bench/memory.py sdxl    # one SDXL UNet step (batch 2, 64x64 latents) from an fp16 file, each mode:
                                    # cast up front (fp32, bf16), layerwise casting (fp32, bf16), diffusers' modes
     python bench/memory.py sdxl --rows "layerwise fp32"   # only the rows whose name holds these words
@@ -91,7 +92,7 @@ def table(title, rows, a):
 
 
 def pick(rows, a):
-    return [(n, r) for n, r in rows if not a.rows or any(w in n for w in a.rows)]
+    return [r for r in rows if not a.rows or any(w in r[0] for w in a.rows)]
 
 
 # ---- SD 1.5: a whole image -------------------------------------------------------------------------------
@@ -101,6 +102,7 @@ def sd15(a):
     bench.build_sd15(root)
     sides = {"minidiff default (torch_dtype='auto': bf16 here)": ("minidiff", "'auto'"),
              "minidiff fp32": ("minidiff", "torch.float32"),
+             "minidiff layerwise fp32 file -> bf16 compute": ("minidiff", "torch.float32"),
              "diffusers fp32 (its default)": ("diffusers", "torch.float32"),
              "diffusers bf16": ("diffusers", "torch.bfloat16")}
     rows = []
@@ -108,7 +110,9 @@ def sd15(a):
         extra = ", safety_checker=None" if lib == "diffusers" else ""
         rows.append((name, run(
             name, f"from {lib} import StableDiffusionPipeline as C, EulerDiscreteScheduler as E",
-            f"p = C.from_pretrained({root!r}, torch_dtype={dtype}{extra})",
+            f"p = C.from_pretrained({root!r}, torch_dtype={dtype}{extra})"
+            + ("\np.enable_layerwise_casting(storage_dtype=torch.float32, compute_dtype=torch.bfloat16)"
+               if "layerwise" in name else ""),
             "p.scheduler = E.from_config(p.scheduler.config)\np.set_progress_bar_config(disable=True)",
             f"p('a photo of a cat', num_inference_steps={a.steps}, guidance_scale=7.5, "
             "generator=torch.Generator().manual_seed(0))", a.threads)))
