@@ -8,6 +8,7 @@ Every key and shape is checked against the model before any tensor is read.
 import gc
 import json
 import os
+import sys
 from contextlib import contextmanager
 
 import torch
@@ -28,13 +29,64 @@ def read_state_dict(files, allow_pickle=False):
     return {k: t for _, k, t in _iter_tensors(files, allow_pickle)}
 
 
-def _iter_tensors(files, allow_pickle, keys=None):
+def _torch_dtype(name):
+    return getattr(torch, TORCH_DTYPES.get(name, "-"), None)
+
+
+TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32",
+                "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
+                "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
+def _needs_copy(header, key, cast):
+    """Is `key` to be read into memory and cast (or moved) rather than mapped? `cast`: (dtype, device) or None."""
+    if cast is None or sys.byteorder != "little":
+        return False
+    file_dtype = _torch_dtype(header.tensors[key][1])
+    if file_dtype is None:
+        return False
+    dtype, device = cast
+    return torch.device(device).type != "cpu" or (file_dtype.is_floating_point and file_dtype != dtype)
+
+
+def _read_cast(f, header, key, cast, buf=None):
+    """One tensor read with pread into `buf` (uint8, at least its size; one buffer serves a whole file, so that
+    no freed buffer leaves holes among the kept tensors) and cast: the file's pages are never mapped into the
+    process, so the peak is the cast copies plus one buffer (not the whole file's pages too)."""
+    shape, name = header.tensors[key]
+    begin, end = header.offsets[key]
+    file_dtype, (dtype, device) = _torch_dtype(name), cast
+    buf = torch.empty(end - begin, dtype=torch.uint8) if buf is None else buf[:end - begin]
+    view, got = memoryview(buf.numpy()), 0
+    while got < len(view):
+        n = os.preadv(f.fileno(), [view[got:]], header.data_start + begin + got)
+        if n <= 0:
+            raise FileFormatError(f"{header.path}: tensor {key!r} ends past the end of the file (truncated?)")
+        got += n
+    t = buf.view(file_dtype).reshape(shape) if len(view) else torch.empty(shape, dtype=file_dtype)
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+
+
+def _iter_tensors(files, allow_pickle, keys=None, cast=None):
     """(file, key, tensor) one at a time, so that only one tensor is in flight; the kind of each file is
-    told by its content (a pickle is read only with allow_pickle). `keys`: only these."""
+    told by its content (a pickle is read only with allow_pickle). `keys`: only these. `cast` (dtype,
+    device): tensors of another floating dtype, or all for a device other than the CPU, come read and cast
+    (_read_cast); the others are the file's memory-mapped tensors."""
     for path in files:
         if check_pickle(path, allow_pickle) == "safetensors":
             from safetensors import safe_open
-            names = list(read_header(path))  # checked before safetensors maps the file
+            header = read_safetensors_header(path)  # checked before safetensors maps the file
+            names = list(header.tensors)
+            copied = [k for k in names if (keys is None or k in keys) and _needs_copy(header, k, cast)]
+            if copied:
+                buf = torch.empty(max(e - b for b, e in (header.offsets[k] for k in copied)), dtype=torch.uint8)
+                with open(path, "rb") as raw:
+                    for k in copied:
+                        yield path, k, _read_cast(raw, header, k, cast, buf)
+                del buf
+            names = [k for k in names if k not in set(copied)]
+            if not names:
+                continue
             try:
                 with safe_open(path, framework="pt", device="cpu") as f:
                     for k in names:
@@ -105,7 +157,7 @@ def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=F
         parts.append("(is the config.json beside the weights the one they were saved with?)")
         raise ConfigError("\n  ".join(parts))
     sd = {}
-    for _, k, t in _iter_tensors(files, allow_pickle):
+    for _, k, t in _iter_tensors(files, allow_pickle, cast=(dtype, device)):
         if rename(k) is None:
             continue
         t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)

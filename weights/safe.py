@@ -90,8 +90,10 @@ def torch_load(path, mmap=False):
 class Header:
     """A checked safetensors header: `tensors` {key: (shape tuple, dtype name)}, `metadata` {str: str}."""
 
-    def __init__(self, path, tensors, metadata):
+    def __init__(self, path, tensors, metadata, data_start=None, offsets=None):
         self.path, self.tensors, self.metadata = path, tensors, metadata
+        self.data_start = data_start  # file offset of the data bytes (8 + header length)
+        self.offsets = offsets or {}  # {key: (begin, end)} within the data bytes
 
 
 def _no_duplicates(where):
@@ -174,7 +176,7 @@ def read_safetensors_header(path, max_tensors=MAX_TENSORS):
         end = stop
     if end != data_size:
         raise _bad(path, f"the tensors cover {end} of the {data_size} data bytes")
-    return Header(path, tensors, metadata)
+    return Header(path, tensors, metadata, 8 + n, {key: (begin, stop) for begin, stop, key in spans})
 
 
 def _no_constant(where):
