@@ -72,7 +72,8 @@ def indent(code, n):
 def run(name, imports, load, setup, call, threads):
     code = CHILD.format(threads=threads, here=HERE, imports=imports, load=load, setup=indent(setup, 4),
                         call=indent(call, 4))
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    # from "/": `python -c` puts the working folder first on sys.path, and PYTHONPATH must pick the minidiff measured
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd="/")
     if proc.returncode:
         raise RuntimeError(f"{name}: child failed:\n{proc.stderr[-3000:]}")
     res = json.loads(proc.stdout.strip().splitlines()[-1].split(" ", 1)[1])
