@@ -157,7 +157,8 @@ def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=F
         parts.append("(is the config.json beside the weights the one they were saved with?)")
         raise ConfigError("\n  ".join(parts))
     sd = {}
-    for _, k, t in _iter_tensors(files, allow_pickle, cast=(dtype, device)):
+    wanted = {k for k in shapes if rename(k) is not None}  # a skipped key is neither read nor cast
+    for _, k, t in _iter_tensors(files, allow_pickle, keys=wanted, cast=(dtype, device)):
         if rename(k) is None:
             continue
         t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
