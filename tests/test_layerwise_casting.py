@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from minidiff import StableDiffusionPipeline, StableDiffusionXLPipeline, UNet2DConditionModel, layerwise_casting
+import utils
 from utils import build_lora_sd, build_lora_sdxl, gen, kohya, save, targets
 
 KW = dict(prompt="a boat", num_inference_steps=2, height=16, width=16, output_type="np")
@@ -101,3 +102,22 @@ def test_offload_and_layerwise_casting_refuse_each_other(sd16):
         pipe.enable_layerwise_casting(storage_dtype=torch.float16, compute_dtype=torch.float32)
     with pytest.raises(ValueError, match=r"compute_dtype=torch.int8\): a floating torch.dtype"):
         layerwise_casting.enable_layerwise_casting(pipe.unet, torch.float16, torch.int8)
+
+
+@pytest.mark.parametrize("builder", [utils.unet_sd, utils.unet_sdxl, utils.autoencoder_kl, utils.autoencoder_tiny,
+                                     utils.clip_text, utils.clip_text_projection, utils.wuerstchen_prior,
+                                     utils.wuerstchen_diffnext, utils.paella_vq], ids=lambda b: b.__name__)
+@torch.no_grad()
+def test_every_model_same_output_as_cast_up_front(builder):
+    model, run = builder()
+    utils.seeded_(model).eval().half()  # the weights an fp16 file holds (eval: no dropout)
+    want = run_of(model.float(), run)  # cast up front
+    model.half()  # exact: every value is an fp16 value
+    model.enable_layerwise_casting(storage_dtype=torch.float16, compute_dtype=torch.float32)
+    assert any(p.dtype == torch.float16 for p in model.parameters())
+    torch.testing.assert_close(run_of(model, run), want, rtol=0, atol=0)
+
+
+def run_of(model, run):
+    out = run()
+    return out[0] if isinstance(out, tuple) else getattr(out, "sample", out)
