@@ -54,8 +54,8 @@ def _streamed(state, name, module):
 
 def _own_tensors(module):
     """(dict, name, tensor) of `module`'s own floating parameters' data and buffers."""
-    out = [(module._parameters, n, p) for n, p in module._parameters.items() if p is not None and p.is_floating_point()]
-    return out + [(module._buffers, n, b) for n, b in module._buffers.items() if b is not None and b.is_floating_point()]
+    return [(table, n, t) for table in (module._parameters, module._buffers) for n, t in table.items()
+            if t is not None and t.is_floating_point()]
 
 
 def _set(table, name, tensor):

@@ -29,13 +29,14 @@ def read_state_dict(files, allow_pickle=False):
     return {k: t for _, k, t in _iter_tensors(files, allow_pickle)}
 
 
+TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64",
+                "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16",
+                "U32": "uint32", "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
+
+
 def _torch_dtype(name):
+    """The torch dtype of a safetensors dtype name (None: one this torch lacks, or read through safetensors)."""
     return getattr(torch, TORCH_DTYPES.get(name, "-"), None)
-
-
-TORCH_DTYPES = {"F16": "float16", "BF16": "bfloat16", "F32": "float32", "F64": "float64", "I64": "int64", "I32": "int32",
-                "I16": "int16", "I8": "int8", "U8": "uint8", "BOOL": "bool", "U16": "uint16", "U32": "uint32",
-                "U64": "uint64", "F8_E4M3": "float8_e4m3fn", "F8_E5M2": "float8_e5m2"}
 
 
 def _needs_copy(header, key, cast):
