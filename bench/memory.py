@@ -6,6 +6,7 @@
     python bench/memory.py sdxl    # one SDXL UNet step (batch 2, 64x64 latents) from an fp16 file, each mode:
                                    # cast up front (fp32, bf16), layerwise casting (fp32, bf16), diffusers' modes
     python bench/memory.py sdxl --rows "layerwise fp32"   # only the rows whose name holds these words
+                                   # (the "diffusers: cast up front to fp32" row peaks near 15 GB of RSS)
 
 Random weights in the real layouts: SD 1.5 saved by diffusers in fp32 (bench/bench.py's build_sd15); SDXL's
 UNet written tensor by tensor in fp16 from diffusers' own state-dict layout (no 10 GB model in memory).
