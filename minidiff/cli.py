@@ -62,6 +62,8 @@ def parse_args(argv):
                    "torch.load(weights_only=True)); refused by default")
     g.add_argument("--verbose", action="store_true", help="on an error, show the whole traceback")
     add_compress(sub)
+    from .distill.cli import add_distill
+    add_distill(sub)
     return p.parse_args(argv)
 
 
@@ -272,6 +274,9 @@ def main(argv=None):
             raise SystemExit(f"minidiff: {message} (--verbose shows the traceback)") from None
     elif a.command == "compress":
         run_compress(a)
+    elif a.command == "distill":
+        from .distill.cli import run_distill
+        run_distill(a)
 
 
 # ----------------------------------------------------------------------------- minidiff compress

@@ -250,7 +250,8 @@ def check_arguments(teacher, out, arch, drop, data, steps, batch, weights):
                          "Stable Diffusion folder in the Hub layout")
     if not os.path.isfile(os.path.join(teacher, "unet", "config.json")):
         raise ValueError(f"--teacher {teacher!r}: no unet/config.json")
-    surgery.drops_of(arch, drop)
+    from ..weights.safe import read_json_file
+    surgery.student_config(read_json_file(os.path.join(teacher, "unet", "config.json")), arch, drop)
     data_module.check_source(data)
     if steps < 1:
         raise ValueError(f"--steps {steps}: must be at least 1")

@@ -11,6 +11,7 @@ The cache is a dict of tensors: "mean", "std" (N, C, h, w) float16, "text" (N, L
 (1, L, D) (the empty prompt, for classifier-free guidance dropout). `cached` writes it once to
 out/cache.safetensors (rank 0; the others wait and read it) and reads it back on resume.
 """
+import json
 import os
 
 import numpy as np
@@ -120,15 +121,22 @@ def build_cache(pipe, data, n_images=2000, seed=0, teacher_steps=25, guidance=5.
     return {"mean": mean, "std": std, "text": embed(pipe, captions), "uncond": embed(pipe, [""])}
 
 
+def read_key(path):
+    from safetensors import safe_open
+    with safe_open(path, "pt") as f:
+        return (f.metadata() or {}).get("source")
+
+
 def cached(pipe, data, out, log=print, **options):
     """The cache of `data`, built once by rank 0 into out/cache.safetensors and read from there by every
-    process (and by a resumed run)."""
+    process (and by a resumed run); rebuilt when the source or its options differ from the file's."""
     from safetensors.torch import load_file, save_file
     path = os.path.join(out, "cache.safetensors")
-    if parallel.is_main() and not os.path.isfile(path):
+    key = json.dumps({"data": os.path.abspath(data) if data != "shapes" else data, **options}, sort_keys=True)
+    if parallel.is_main() and not (os.path.isfile(path) and read_key(path) == key):
         cache = build_cache(pipe, data, log=log, **options)
         os.makedirs(out, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in cache.items()}, path + ".tmp")
+        save_file({k: v.contiguous() for k, v in cache.items()}, path + ".tmp", metadata={"source": key})
         os.replace(path + ".tmp", path)
     parallel.barrier()
     return load_file(path)
