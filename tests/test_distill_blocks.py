@@ -98,12 +98,13 @@ def inputs(b=2, seed=1):
     return torch.randn(b, 4, 8, 8, generator=g), torch.tensor([10, 700][:b]), torch.randn(b, 5, 16, generator=g)
 
 
-@pytest.mark.parametrize("arch", ["bk-sdm-base", "bk-sdm-small", "bk-sdm-tiny"])
-def test_student_loads_in_diffusers_with_the_same_output(arch):
+@pytest.mark.parametrize("arch, drop", [("bk-sdm-base", ()), ("bk-sdm-small", ()), ("bk-sdm-tiny", ()),
+                                        (None, ("pairs.0", "inner_stage"))])  # a per-stage layers_per_block list
+def test_student_loads_in_diffusers_with_the_same_output(arch, drop):
     teacher = tiny_teacher()
-    student, plan = surgery.make_student(teacher, arch)
+    student, plan = surgery.make_student(teacher, arch, drop)
     x, t, text = inputs()
-    cfg, _ = surgery.student_config(TINY, arch)
+    cfg, _ = surgery.student_config(TINY, arch, drop)
     ref = diffusers.UNet2DConditionModel.from_config(cfg).eval()
     ref.load_state_dict(student.state_dict(), strict=True)
     with torch.no_grad():
@@ -112,7 +113,7 @@ def test_student_loads_in_diffusers_with_the_same_output(arch):
         assert_close(ours, ref(x, t, text).sample, name=arch)
     assert torch.equal(pred, ours)  # the trainer's forward is the UNet's
     names = [s for s, _ in surgery.block_pairs(plan, len(student.down_blocks))]
-    assert set(names) <= set(feats) and ("mid_block" in names) == (arch == "bk-sdm-base")
+    assert set(names) <= set(feats) and ("mid_block" in names) == (arch in ("bk-sdm-base", None))
     # where the blocks remain, the weights are the teacher's (rule 2: the up stage's last pair)
     t_state = teacher.state_dict()
     key = f"up_blocks.{len(student.up_blocks) - 1}.resnets.1.conv1.weight"
@@ -177,6 +178,21 @@ def test_two_gloo_processes_equal_one_with_the_same_global_batch(tmp_path):
     single, *_ = run(4)  # one process, batch 8 = 2 processes x 4
     for k, v in single.state_dict().items():
         assert_close(ddp[k], v, rel=1e-4, name=k)  # the gradient sums round differently
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher", "/no/such", "--arch", "bk-sdm-small"], "not a pipeline folder"),
+    (["--arch", "bk-sdm-base"], "removes nothing"),  # the bundled model's stages hold one pair each
+    (["--drop", "mid_block", "--data", "/no/such"], "--data"),
+    (["--arch", "bk-sdm-small", "--batch", "0"], "--batch 0"),
+])
+def test_cli_errors_come_before_any_work(tmp_path, args, message):
+    from minidiff.assets import MODEL_DIR
+    from minidiff.cli import main
+    argv = ["distill", "blocks", "--teacher", MODEL_DIR, "--out", str(tmp_path / "out"), *args]
+    with pytest.raises(SystemExit, match=message):
+        main(argv)
+    assert not os.path.exists(tmp_path / "out")
 
 
 if __name__ == "__main__":  # the torchrun worker of the test above
