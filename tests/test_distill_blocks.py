@@ -195,6 +195,23 @@ def test_cli_errors_come_before_any_work(tmp_path, args, message):
     assert not os.path.exists(tmp_path / "out")
 
 
+def test_the_shipped_small_student_loads_in_diffusers_and_generates(tmp_path):
+    from minidiff.assets import MODEL_DIR, SMALL_UNET_DIR
+    from minidiff.cli import SMALL_NAME, main
+    from minidiff.infotext import read_png_infotext
+    ours = UNet2DConditionModel.from_pretrained(SMALL_UNET_DIR, subfolder="unet").eval()
+    ref = diffusers.UNet2DConditionModel.from_pretrained(SMALL_UNET_DIR, subfolder="unet").eval()
+    teacher = UNet2DConditionModel.from_pretrained(MODEL_DIR, subfolder="unet")
+    assert ours.config.mid_block_type is None and count(ours) < count(teacher)
+    g = torch.Generator().manual_seed(0)
+    x, text = torch.randn(2, 8, 8, 8, generator=g), torch.randn(2, 20, 64, generator=g)
+    with torch.no_grad():
+        assert_close(ours(x, torch.tensor([999, 300]), text).sample, ref(x, torch.tensor([999, 300]), text).sample)
+    out = tmp_path / "small.png"
+    main(["generate", "a red circle on a blue background", "--model", "small", "--steps", "2", "--out", str(out)])
+    assert SMALL_NAME in read_png_infotext(str(out))
+
+
 if __name__ == "__main__":  # the torchrun worker of the test above
     from safetensors.torch import save_file
 
