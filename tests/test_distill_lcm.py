@@ -5,7 +5,6 @@ same image; the command's errors come before any work."""
 import argparse
 import os
 
-import diffusers
 import pytest
 import torch
 
@@ -13,7 +12,11 @@ from minidiff import lora
 from minidiff.distill import lcm_lora
 from minidiff.models.unet import UNet2DConditionModel
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
-from tests.utils import assert_same_image, build_lora_sd, build_lora_sdxl, gen, seeded_
+from minidiff.schedulers import DDPMScheduler
+
+if __name__ != "__main__":  # the torchrun worker at the end needs neither (each import costs it seconds)
+    import diffusers
+    from tests.utils import assert_same_image, build_lora_sd, build_lora_sdxl, gen, seeded_
 
 
 @pytest.fixture(scope="module")
@@ -29,11 +32,10 @@ def sd_repo(repos):
 
 
 def scheduler_config(**kw):
-    return diffusers_to_ours(diffusers.DDPMScheduler(**kw).config)
+    return DDPMScheduler(**kw).cfg
 
 
 def diffusers_to_ours(config):
-    from minidiff.schedulers import DDPMScheduler
     return DDPMScheduler.from_config(dict(config)).cfg
 
 
@@ -154,12 +156,11 @@ def sd_unet(repo, **config):
 FEW_STEPS = dict(steps=20, batch=4, lr=1e-4, rank=8, loss="l2", num_ddim_timesteps=4, skip=999)
 
 
-@pytest.mark.parametrize("variant", ["sd", "lcm-unet"])
-def test_a_few_steps_reduce_the_loss(sd_repo, variant):
+def test_a_few_steps_reduce_the_loss(sd_repo):
     sched = scheduler_config(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    unet = sd_unet(sd_repo, **(dict(time_cond_proj_dim=8) if variant != "sd" else {}))
+    unet = sd_unet(sd_repo)
     data = toy_data(n=2)
-    config = lcm_lora.LCMDistillConfig(**FEW_STEPS, seed=1, guidance=4.0)  # the LCM UNet gets w = 3 embedded
+    config = lcm_lora.LCMDistillConfig(**FEW_STEPS, seed=1, guidance=4.0)
     _, losses = lcm_lora.train(unet, sched, data, config, log=quiet)
     trained = fixed_loss(unet, data, config, sched)
     lora.disable_lora(unet)
@@ -168,9 +169,10 @@ def test_a_few_steps_reduce_the_loss(sd_repo, variant):
     assert trained < 0.95 * base, (base, trained)
 
 
-def test_sdxl_path_runs_and_reduces_the_loss(repos):
+def test_sdxl_lcm_unet_path_runs_and_reduces_the_loss(repos):
+    """SDXL conditions (text_embeds, time_ids) and an LCM UNet's guidance embedding (time_cond_proj_dim, w = 3)."""
     sched = scheduler_config(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
-    unet = UNet2DConditionModel.from_pretrained(repos["sdxl"], subfolder="unet")
+    unet = sd_unet(repos["sdxl"], time_cond_proj_dim=8)
     data = toy_data(n=2, width=64, sdxl=True)
     config = lcm_lora.LCMDistillConfig(**FEW_STEPS, seed=2, guidance=4.0)
     lcm_lora.train(unet, sched, data, config, log=quiet)
@@ -232,6 +234,35 @@ def test_written_lora_loads_in_diffusers_and_minidiff_with_the_same_image(sd_rep
         assert torch.allclose(ours.unet(x, t, text).sample, unet(x, t, text).sample, atol=1e-5)
 
 
+def ddp_run(repo):
+    """3 steps of a global batch of 4 (the same run in one process and in two)."""
+    config = lcm_lora.LCMDistillConfig(steps=3, batch=4, lr=1e-3, rank=2, skip=100, seed=6, guidance=None)
+    adapters, _ = lcm_lora.train(sd_unet(repo), scheduler_config(), toy_data(), config, log=quiet)
+    return lcm_lora.diffusers_state_dict(adapters)
+
+
+def test_two_gloo_processes_equal_one_with_the_same_global_batch(sd_repo, tmp_path):
+    import subprocess
+    import sys
+    from safetensors.torch import load_file
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    out = str(tmp_path / "ddp.safetensors")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]), OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           os.path.abspath(__file__), sd_repo, out], env=env, capture_output=True, text=True,
+                          timeout=180)  # this file is the worker (its __main__ below)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    ddp, single = load_file(out), ddp_run(sd_repo)
+    assert single.keys() == ddp.keys()
+    # The gradient sums round differently, and Adam's first steps are ~lr x sign(gradient), so an element whose
+    # gradient is ~0 may move differently: at most 5% of the farthest Adam can move an element (lr x steps); the
+    # LoRA's up matrices (zero at the start) moved that far.
+    reach = 1e-3 * 3
+    for k, v in single.items():
+        assert (ddp[k] - v).abs().max() <= 0.05 * reach, (k, (ddp[k] - v).abs().max())
+    assert max(v.abs().max() for k, v in single.items() if "lora_B" in k) > 0.5 * reach
+
+
 # ----------------------------------------------------------------------------- the command
 
 
@@ -250,9 +281,38 @@ def parse(*argv):
     (("--data", "/no/such/folder"), "--data"),
 ])
 def test_command_errors_before_any_work(sd_repo, tmp_path, argv, message):
-    args = parse("--model", sd_repo, "--out", str(tmp_path / "o"), *argv)
-    with pytest.raises(ValueError, match=message.replace("(", r"\(")):
-        lcm_lora.run(args)
+    from minidiff.cli import main
+    with pytest.raises(SystemExit, match=message):
+        main(["distill", "lcm-lora", "--model", sd_repo, "--out", str(tmp_path / "o"), *argv])
     assert not os.path.exists(tmp_path / "o")
-    with pytest.raises(ValueError, match="model_index.json"):
+    with pytest.raises(SystemExit, match="model_index.json"):
         lcm_lora.run(parse("--model", str(tmp_path), "--out", str(tmp_path / "o")))
+
+
+def test_command_trains_on_a_folder_and_writes_the_lora(sd_repo, tmp_path):
+    from PIL import Image
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for i, colour in enumerate(("red", "blue")):
+        Image.new("RGB", (16, 16), colour).save(folder / f"{i}.png")
+        (folder / f"{i}.txt").write_text(f"a {colour} photo")
+    out = tmp_path / "lora"
+    lcm_lora.run(parse("--model", sd_repo, "--out", str(out), "--data", str(folder), "--steps", "2", "--batch", "2",
+                       "--rank", "2", "--checkpoint-every", "1"))
+    assert os.path.isfile(out / lcm_lora.LORA_FILE) and os.path.isfile(out / lcm_lora.STATE_DIR / "cache.safetensors")
+    unet = UNet2DConditionModel.from_pretrained(sd_repo, subfolder="unet")
+    report = lora.load_lora_weights({"unet": unet}, str(out / lcm_lora.LORA_FILE), verbose=False)
+    assert report.modules["unet"] == len(lcm_lora.target_names(UNet2DConditionModel.from_pretrained(sd_repo,
+                                                                                                    subfolder="unet")))
+
+
+if __name__ == "__main__":  # the torchrun worker of the 2-process test
+    import sys
+    from safetensors.torch import save_file
+    from minidiff.distill import parallel
+    parallel.init()
+    torch.set_num_threads(1)
+    state = ddp_run(sys.argv[1])
+    if parallel.is_main():
+        save_file(state, sys.argv[2])
+    parallel.cleanup()

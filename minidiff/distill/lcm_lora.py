@@ -431,6 +431,7 @@ def add_arguments(p):
     p.add_argument("--checkpoint-every", type=int, default=200)
     p.add_argument("--resume", action="store_true", help="continue from --out/lcm-state/")
     p.add_argument("--stop-after", type=int, default=None, help="end after this many steps (resume later)")
+    p.add_argument("--threads", type=int, default=None, help="torch threads per process")
 
 
 def config_from_args(args):
@@ -467,10 +468,23 @@ def check_arguments(args):
 
 
 def run(args):
-    """`minidiff distill lcm-lora`: teacher folder -> LoRA file in --out; under torchrun, one shard per process."""
+    """`minidiff distill lcm-lora`: teacher folder -> LoRA file in --out; under torchrun, one shard per process.
+    A wrong argument or file is one line (SystemExit) before any work."""
+    try:
+        config = check_arguments(args)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"minidiff distill lcm-lora: {' '.join(str(e).split())}") from None
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        distill(args, config)
+    finally:
+        parallel.cleanup()
+
+
+def distill(args, config):
     from ..pipelines.stable_diffusion import StableDiffusionPipeline
     from .data import cached
-    config = check_arguments(args)
     parallel.init()
     say = print if parallel.is_main() else (lambda *a, **k: None)
     pipe = StableDiffusionPipeline.from_pretrained(args.model)
@@ -482,4 +496,3 @@ def run(args):
         pipe.unet.to(torch.device("cuda", torch.cuda.current_device()))
     train(pipe.unet, pipe.scheduler.cfg, data, config, out=args.out, resume=args.resume, stop_after=args.stop_after,
           log=say)
-    parallel.cleanup()
