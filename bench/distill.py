@@ -2,6 +2,8 @@
 
     python bench/distill.py                         # small and tiny students, feature-loss ablation on small
     python bench/distill.py --archs bk-sdm-small --steps 200 --prompts 64
+    python bench/distill.py --timing /tmp/distill-bench/bk-sdm-small /tmp/distill-bench/bk-sdm-tiny
+                                                    # time per image only, teacher and students interleaved
 
 For each student: `minidiff.distill.blocks.distill` from minidiff/assets/shapes-sd on the shapes world
 (one thread), then the bundled benchmark (minidiff/toy/bench.py: 256 prompts, Euler 25 steps, guidance 5,
@@ -53,6 +55,23 @@ def bench(folder, prompts, threads):
     return out
 
 
+def interleaved_timing(folders, threads, rounds=15):
+    """Seconds per 64x64 image (Euler 25 steps, guidance 5, one prompt per call) of each pipeline folder, the
+    calls interleaved round by round so that a shared machine's load falls on all alike: (median, min)."""
+    import numpy as np
+    from minidiff.toy.bench import load_pipeline
+    pipes = {f: load_pipeline(f) for f in folders}
+    times = {f: [] for f in folders}
+    for r in range(rounds + 1):
+        for f, pipe in pipes.items():
+            start = time.perf_counter()
+            pipe("a red circle on a blue background", num_inference_steps=25, guidance_scale=5.0,
+                 generator=torch.Generator().manual_seed(r), output_type="np")
+            if r:
+                times[f].append(time.perf_counter() - start)
+    return {f: (float(np.median(t)), float(np.min(t))) for f, t in times.items()}
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--archs", nargs="+", default=["bk-sdm-small", "bk-sdm-tiny"])
@@ -63,16 +82,25 @@ def main():
     p.add_argument("--prompts", type=int, default=256)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--no-ablation", action="store_true", help="skip the feature-loss-off run of the first arch")
+    p.add_argument("--ablation-only", action="store_true", help="only the feature-loss-off run of the first arch")
     p.add_argument("--out", default="/tmp/distill-bench")
     p.add_argument("--json", default=None)
+    p.add_argument("--timing", nargs="+", default=None, metavar="FOLDER", help="only time these pipelines' images "
+                   "against the teacher's, interleaved")
     a = p.parse_args()
     torch.set_num_threads(a.threads)
-    runs = [(arch, (1.0, 1.0, 1.0)) for arch in a.archs]
+    if a.timing:
+        for f, (median, best) in interleaved_timing([MODEL_DIR, *a.timing], a.threads).items():
+            print(f"[timing] {f}: {median:.3f} s per image (median), {best:.3f} s (fastest)", flush=True)
+        return
+    runs = [] if a.ablation_only else [(arch, (1.0, 1.0, 1.0)) for arch in a.archs]
     if not a.no_ablation:
         runs.append((a.archs[0], (1.0, 1.0, 0.0)))
     n_teacher = unet_parameters(MODEL_DIR)
-    results = {"teacher": {"parameters": n_teacher, **bench(MODEL_DIR, a.prompts, a.threads)}}
-    print(f"[bench] teacher: {json.dumps(results['teacher'])}", flush=True)
+    results = {}
+    if not a.ablation_only:
+        results["teacher"] = {"parameters": n_teacher, **bench(MODEL_DIR, a.prompts, a.threads)}
+        print(f"[bench] teacher: {json.dumps(results['teacher'])}", flush=True)
     for arch, weights in runs:
         name = arch + ("" if weights[2] else "-nofeature")
         folder = os.path.join(a.out, name)

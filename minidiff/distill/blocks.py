@@ -182,6 +182,8 @@ def train(student, teacher, plan, cache, alphas_cumprod, prediction_type, steps,
     if resume and state_dir and os.path.isfile(os.path.join(state_dir, "checkpoint.safetensors")):
         start = load_checkpoint(state_dir, student, opt, g)
         log(f"[distill] resumed at step {start} from {state_dir}")
+    elif resume:
+        log(f"[distill] --resume: no checkpoint in {state_dir}; starting at step 0")
     w_task, w_out, w_feat = weights
     began, sums, count, last = time.perf_counter(), [0.0] * 4, 0, {}
     end = steps if stop_after is None else min(steps, start + stop_after)
