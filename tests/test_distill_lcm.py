@@ -263,6 +263,31 @@ def test_two_gloo_processes_equal_one_with_the_same_global_batch(sd_repo, tmp_pa
     assert max(v.abs().max() for k, v in single.items() if "lora_B" in k) > 0.5 * reach
 
 
+def test_the_shipped_small_students_lcm_lora_draws_as_in_diffusers(tmp_path):
+    """assets/shapes-sd-small-lcm-lora (this trainer, the bundled recipe, on the small student): diffusers and
+    minidiff draw the same 4-step LCM picture (uint8 within 1), and `minidiff generate --model small --lcm` runs."""
+    from minidiff.assets import LORA_FILE, MODEL_DIR, SMALL_LORA_DIR, SMALL_UNET_DIR
+    from minidiff.cli import main
+    from minidiff.schedulers import LCMScheduler
+    theirs = diffusers.StableDiffusionPipeline.from_pretrained(
+        MODEL_DIR, unet=diffusers.UNet2DConditionModel.from_pretrained(SMALL_UNET_DIR, subfolder="unet"),
+        safety_checker=None)
+    theirs.load_lora_weights(SMALL_LORA_DIR, weight_name=LORA_FILE)
+    theirs.scheduler = diffusers.LCMScheduler.from_config(theirs.scheduler.config)
+    ours = StableDiffusionPipeline.from_pretrained(MODEL_DIR)
+    ours.unet = UNet2DConditionModel.from_pretrained(SMALL_UNET_DIR, subfolder="unet")
+    ours.load_lora_weights(SMALL_LORA_DIR)
+    ours.scheduler = LCMScheduler.from_config(dict(ours.scheduler.config))
+    for pipe in (theirs, ours):
+        pipe.set_progress_bar_config(disable=True)
+    kw = dict(prompt=["a small red circle on the left, blue background"] * 2, num_inference_steps=4,
+              guidance_scale=1.0, output_type="np")
+    assert_same_image(ours(**kw, generator=gen(3)).images, theirs(**kw, generator=gen(3)).images, max_diff=1)
+    main(["generate", "a red circle on a blue background", "--model", "small", "--lcm", "--out",
+          str(tmp_path / "small-lcm.png")])
+    assert os.path.getsize(tmp_path / "small-lcm.png") > 0
+
+
 # ----------------------------------------------------------------------------- the command
 
 
