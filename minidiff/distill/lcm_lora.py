@@ -80,7 +80,7 @@ class LCMDistillConfig:
     def check(self, num_train_timesteps=1000):
         """Every setting that can be wrong, before any work: ValueError naming the argument and value."""
         def bad(name, why):
-            raise ValueError(f"lcm-lora: {name}={getattr(self, name)!r}: {why}")
+            raise ValueError(f"LCMDistillConfig {name}={getattr(self, name)!r} (--{name.replace('_', '-')}): {why}")
         for name in ("steps", "batch", "rank", "num_ddim_timesteps", "solver_steps"):
             if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
                 bad(name, "use a whole number >= 1")
