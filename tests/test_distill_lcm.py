@@ -183,7 +183,7 @@ def test_sdxl_lcm_unet_path_runs_and_reduces_the_loss(repos):
 
 def test_ema_target_with_decay_0_is_the_student_itself(sd_repo):
     sched = scheduler_config()
-    config = dict(steps=3, batch=2, lr=1e-3, rank=2, skip=100, seed=4, guidance=None)
+    config = dict(steps=2, batch=2, lr=1e-3, rank=2, skip=100, seed=4, guidance=None)
     _, own = lcm_lora.train(sd_unet(sd_repo), sched, toy_data(), lcm_lora.LCMDistillConfig(**config), log=quiet)
     _, ema0 = lcm_lora.train(sd_unet(sd_repo), sched, toy_data(),
                              lcm_lora.LCMDistillConfig(**config, target="ema", ema_decay=0.0), log=quiet)
@@ -194,11 +194,11 @@ def test_ema_target_with_decay_0_is_the_student_itself(sd_repo):
 
 def test_resume_equals_uninterrupted(sd_repo, tmp_path):
     sched = scheduler_config()
-    config = lcm_lora.LCMDistillConfig(steps=6, batch=2, lr=1e-3, rank=2, skip=200, solver_steps=2, seed=3,
+    config = lcm_lora.LCMDistillConfig(steps=4, batch=2, lr=1e-3, rank=2, skip=200, solver_steps=2, seed=3,
                                        target="ema", checkpoint_every=2, guidance=None)
     whole, losses = lcm_lora.train(sd_unet(sd_repo), sched, toy_data(), config, log=quiet)
     out = str(tmp_path / "run")
-    _, first = lcm_lora.train(sd_unet(sd_repo), sched, toy_data(), config, out=out, stop_after=4, log=quiet)
+    _, first = lcm_lora.train(sd_unet(sd_repo), sched, toy_data(), config, out=out, stop_after=2, log=quiet)
     assert not os.path.exists(os.path.join(out, lcm_lora.LORA_FILE))  # stopped early: no LoRA file yet
     resumed, rest = lcm_lora.train(sd_unet(sd_repo), sched, toy_data(), config, out=out, resume=True, log=quiet)
     assert first + rest == losses
