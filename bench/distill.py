@@ -91,7 +91,8 @@ def main():
     torch.set_num_threads(a.threads)
     if a.timing:
         for f, (median, best) in interleaved_timing([MODEL_DIR, *a.timing], a.threads).items():
-            print(f"[timing] {f}: {median:.3f} s per image (median), {best:.3f} s (fastest)", flush=True)
+            print(f"[timing] {f}: {median:.3f} s per image (median), {best:.3f} s (fastest); UNet call "
+                  f"{unet_ms(f, reps=200):.2f} ms (fastest of 200, batch 2)", flush=True)
         return
     runs = [] if a.ablation_only else [(arch, (1.0, 1.0, 1.0)) for arch in a.archs]
     if not a.no_ablation:

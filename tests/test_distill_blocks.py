@@ -78,6 +78,8 @@ def test_weight_rules_are_bk_sdms_connections():
             assert surgery.teacher_key(student + "conv1.weight", plan) == teacher + "conv1.weight"
     with pytest.raises(ValueError, match="pairs.7"):
         surgery.student_config(real.SD15_UNET, drop=("pairs.7",))
+    with pytest.raises(ValueError, match="equally wide"):  # SDXL: 640 -> 1280
+        surgery.student_config(real.SDXL_BASE_UNET, "bk-sdm-tiny")
     with pytest.raises(ValueError, match="removes nothing"):
         surgery.student_config(dict(real.SD15_UNET, layers_per_block=1), "bk-sdm-base")
 

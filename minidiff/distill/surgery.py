@@ -87,6 +87,11 @@ def student_config(teacher, arch=None, drop=()):
     if "inner_stage" in drops:
         if n < 2:
             raise ValueError("drop='inner_stage': the teacher has one stage; a UNet keeps at least one")
+        widths = _per_block(cfg, "block_out_channels", n)
+        if widths[-1] != widths[-2]:
+            raise ValueError(f"drop='inner_stage': the two innermost stages must be equally wide (SD 1.x/2.x: 1280, "
+                             f"1280), as the up path then reads the stage above at the removed one's width; this "
+                             f"teacher's block_out_channels are {widths} (SDXL's are: use pairs and mid_block)")
         shift = 1
         for key in PER_DOWN_BLOCK:
             if isinstance(cfg.get(key), (list, tuple)) and key != "layers_per_block":
