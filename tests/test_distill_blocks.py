@@ -214,6 +214,32 @@ def test_the_shipped_small_student_loads_in_diffusers_and_generates(tmp_path):
     assert SMALL_NAME in read_png_infotext(str(out))
 
 
+def test_data_sources_folder_and_prompts(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from minidiff.assets import MODEL_DIR
+    from minidiff.distill import data
+    from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
+    pipe = StableDiffusionPipeline.from_pretrained(MODEL_DIR)
+    pipe.set_progress_bar_config(disable=True)
+    folder = tmp_path / "images"
+    folder.mkdir()
+    for i, colour in enumerate([(255, 0, 0), (0, 0, 255)]):
+        Image.fromarray(np.full((80, 96, 3), colour, np.uint8)).save(folder / f"{i}.png")  # resized, cropped to 64
+        (folder / f"{i}.txt").write_text(f"picture {i}")
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\n\na blue star on the left\n")
+    for source, n, std_zero in ((str(folder), 2, False), (str(prompts), 2, True)):
+        cache = data.build_cache(pipe, source, teacher_steps=2, log=lambda *a: None)
+        assert cache["mean"].shape == (n, 8, 8, 8) and cache["text"].shape == (n, 20, 64)
+        assert bool((cache["std"] == 0).all()) == std_zero
+    assert not torch.equal(cache["text"][0], cache["text"][1])
+    (folder / "1.txt").unlink()
+    with pytest.raises(ValueError, match="no caption file"):
+        data.check_source(str(folder))
+
+
 if __name__ == "__main__":  # the torchrun worker of the test above
     from safetensors.torch import save_file
 
