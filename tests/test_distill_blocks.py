@@ -240,6 +240,27 @@ def test_data_sources_folder_and_prompts(tmp_path):
         data.check_source(str(folder))
 
 
+def test_distill_writes_a_pipeline_that_diffusers_and_minidiff_load_alike(tmp_path):
+    from utils import assert_same_image, build_sd, gen
+
+    from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
+    teacher = str(tmp_path / "teacher")
+    build_sd(teacher)  # a tiny diffusers SD pipeline (2 stages of 2 pairs, epsilon prediction)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a cat\na dog\n")
+    out = str(tmp_path / "student")
+    student, last = blocks.distill(teacher, out, arch="bk-sdm-small", data=str(prompts), steps=2, batch=2,
+                                   save_every=0, log=lambda *a: None)
+    assert last["loss"] > 0 and student.config.mid_block_type is None
+    ref = diffusers.StableDiffusionPipeline.from_pretrained(out, safety_checker=None)
+    ref.set_progress_bar_config(disable=True)
+    ours = StableDiffusionPipeline.from_pretrained(out)
+    ours.set_progress_bar_config(disable=True)
+    assert ref.unet.config.layers_per_block == 1 and ref.unet.mid_block is None
+    kw = dict(num_inference_steps=3, height=32, width=32, output_type="np")
+    assert_same_image(ours("a cat", generator=gen(0), **kw).images, ref("a cat", generator=gen(0), **kw).images)
+
+
 if __name__ == "__main__":  # the torchrun worker of the test above
     from safetensors.torch import save_file
 
