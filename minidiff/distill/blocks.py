@@ -271,14 +271,14 @@ def distill(teacher, out, arch=None, drop=(), data="shapes", steps=1000, batch=3
             stop_after=None, fp16=False, log_every=50, log=print):
     """Teacher pipeline folder -> student pipeline folder `out` (Hub layout); the data cache and the
     checkpoint live in out/distill-state/. Returns (student, last losses)."""
+    rank, world = parallel.init()  # first: the batch must split over the processes
     check_arguments(teacher, out, arch, drop, data, steps, batch, weights)
     from ..pipelines.stable_diffusion import StableDiffusionPipeline
     from ..schedulers.common import train_schedule
     from .data import cached
-    rank, world = parallel.init()
     say = log if parallel.is_main() else (lambda *a, **k: None)
     device = torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
-    pipe = StableDiffusionPipeline.from_pretrained(teacher)
+    pipe = StableDiffusionPipeline.from_pretrained(teacher).to(device)
     pipe.set_progress_bar_config(disable=True)
     check_unet(pipe.unet, f"--teacher {teacher!r}")
     state_dir = os.path.join(out, STATE_DIR)

@@ -51,7 +51,7 @@ def prompt_lines(path):
 @torch.no_grad()
 def embed(pipe, texts, batch=64):
     """Text-encoder hidden states of `texts`, as the pipeline conditions its UNet (float16)."""
-    out = [pipe.encode_prompt(texts[i:i + batch], do_classifier_free_guidance=False)[0].half()
+    out = [pipe.encode_prompt(texts[i:i + batch], do_classifier_free_guidance=False)[0].half().cpu()
            for i in range(0, len(texts), batch)]
     return torch.cat(out)
 
@@ -61,10 +61,10 @@ def encode_images(vae, images, batch=64):
     """Posterior mean and std of images (N, 3, H, W) in [-1, 1], in diffusion units (float16)."""
     means, stds = [], []
     for i in range(0, len(images), batch):
-        post = vae.encode(images[i:i + batch].to(vae.dtype)).latent_dist
+        post = vae.encode(images[i:i + batch].to(vae.device, vae.dtype)).latent_dist
         mean = vae.encoder_output_to_latents(post.mean)
-        means.append(mean.half())
-        stds.append((vae.encoder_output_to_latents(post.mean + post.std) - mean).half())  # the same affine map
+        means.append(mean.half().cpu())
+        stds.append((vae.encoder_output_to_latents(post.mean + post.std) - mean).half().cpu())  # the same affine map
     return torch.cat(means), torch.cat(stds)
 
 
@@ -95,7 +95,7 @@ def teacher_latents(pipe, prompts, steps, guidance, seed, batch=16):
     for i in range(0, len(prompts), batch):
         gens = [torch.Generator().manual_seed(seed + i + k) for k in range(len(prompts[i:i + batch]))]
         out.append(pipe(prompts[i:i + batch], num_inference_steps=steps, guidance_scale=guidance, generator=gens,
-                        output_type="latent").images.half())
+                        output_type="latent").images.half().cpu())
     return torch.cat(out)
 
 
