@@ -6,7 +6,7 @@ setup(
     description="Small, readable text-to-image diffusion in plain PyTorch: SD 1.x/2.x, SDXL, LCM, Wuerstchen.",
     python_requires=">=3.10",
     # kernels/ and weights/ live at the top of the repo but install as minidiff.kernels / minidiff.weights.
-    packages=["minidiff", "minidiff.assets", "minidiff.models", "minidiff.schedulers", "minidiff.pipelines", "minidiff.toy", "minidiff.weights", "minidiff.kernels"],
+    packages=["minidiff", "minidiff.assets", "minidiff.models", "minidiff.schedulers", "minidiff.pipelines", "minidiff.toy", "minidiff.distill", "minidiff.weights", "minidiff.kernels"],
     package_dir={"minidiff": "minidiff", "minidiff.weights": "weights", "minidiff.kernels": "kernels"},
     include_package_data=True,
     package_data={"minidiff.assets": ["*/*", "*/*/*"]},

@@ -11,6 +11,8 @@ import time
 
 from .infotext import format_infotext, parse_infotext, read_png_infotext
 
+SMALL_NAME = "minidiff/shapes-sd-small (bundled)"  # --model small, as the PNG's infotext names it
+
 
 def parse_args(argv):
     p = argparse.ArgumentParser(prog="minidiff", description="Text-to-image with minidiff.")
@@ -30,7 +32,8 @@ def parse_args(argv):
     g.add_argument("--clip-skip", type=int, default=None, help="A1111's clip skip: 1 = the last layer (default), "
                                                               "2 = the one before, ...")
     g.add_argument("--model", default=None, help="Hub repo id, local folder, or one checkpoint file "
-                                                 "(.safetensors, A1111/ComfyUI layout) (default: the bundled shapes model)")
+                                                 "(.safetensors, A1111/ComfyUI layout) (default: the bundled shapes "
+                                                 "model; 'small': its distilled student, minidiff/distill)")
     g.add_argument("--vae", default=None, help="replace the model's VAE: a VAE-only file (e.g. "
                                                "vae-ft-mse-840000-ema-pruned.safetensors), a VAE folder or repo "
                                                "(AutoencoderKL or a TAESD AutoencoderTiny), or 'taesd': "
@@ -62,6 +65,8 @@ def parse_args(argv):
                    "torch.load(weights_only=True)); refused by default")
     g.add_argument("--verbose", action="store_true", help="on an error, show the whole traceback")
     add_compress(sub)
+    from .distill.cli import add_distill
+    add_distill(sub)
     return p.parse_args(argv)
 
 
@@ -134,7 +139,9 @@ def apply_png(a):
     if getattr(a, "dtype", "auto") is None and s.get("Dtype") in ("float32", "float16", "bfloat16"):
         a.dtype = s["Dtype"]  # the same dtype makes the same picture
     model = s.get("Model")
-    if a.model is None and model is not None and not model.endswith("(bundled)"):
+    if a.model is None and model == SMALL_NAME:
+        a.model = "small"
+    elif a.model is None and model is not None and not model.endswith("(bundled)"):
         if not (os.path.exists(model) or model.count("/") == 1):
             raise SystemExit(f"minidiff: --from-png {a.from_png} was made with model {model!r}, which is neither a "
                              "local folder nor a Hub repo id (an A1111 checkpoint name?): pass --model")
@@ -185,6 +192,7 @@ def generate(a):
     from .schedulers import LCMScheduler
     from .assets import LORA_DIR as BUNDLED_LCM_LORA, MODEL_DIR as BUNDLED
 
+    small = getattr(a, "small", False)  # --model small: the bundled pipeline with its distilled UNet
     model = a.model or BUNDLED
     bundled = a.model is None
     if bundled and not os.path.isdir(BUNDLED):
@@ -199,10 +207,16 @@ def generate(a):
     else:
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=a.variant, device=a.device,
                                                  allow_pickle=a.allow_pickle)
+    if small:
+        from .assets import SMALL_UNET_DIR
+        from .models.unet import UNet2DConditionModel
+        pipe.unet = UNet2DConditionModel.from_pretrained(SMALL_UNET_DIR, subfolder="unet", torch_dtype=dtype,
+                                                         device=a.device)
     if a.vae:
         pipe.vae = load_vae(a.vae, pipe.vae, dtype, a.device, xl="XL" in type(pipe).__name__)
     if a.lcm:
-        lora = a.lora or (BUNDLED_LCM_LORA if bundled else None)
+        from .assets import SMALL_LORA_DIR
+        lora = a.lora or (SMALL_LORA_DIR if small else BUNDLED_LCM_LORA if bundled else None)
         if lora is None:
             raise SystemExit("minidiff: --lcm with --model needs --lora (e.g. latent-consistency/lcm-lora-sdv1-5)")
         pipe.load_lora_weights(lora, adapter_name="lcm", allow_pickle=a.allow_pickle)
@@ -247,6 +261,7 @@ def generate(a):
     info = PngImagePlugin.PngInfo()
     sampler = a.sampler or name_of(pipe.scheduler)
     info.add_text("parameters", png_parameters(a, steps, guidance, image.width, image.height, sampler,
+                                               SMALL_NAME if small else
                                                "minidiff/shapes-sd (bundled)" if bundled else model,
                                                str(dtype).replace("torch.", "")))
     # a temporary file beside --out, moved into place when complete (never over a file that appeared meanwhile)
@@ -260,6 +275,13 @@ def main(argv=None):
     if a.command == "generate":
         if a.from_png:
             apply_png(a)
+        a.small = a.model == "small"
+        a.model = None if a.small else a.model
+        if a.small and a.lcm and a.lora is None:
+            from .assets import SMALL_LORA_DIR
+            if not os.path.isdir(SMALL_LORA_DIR):
+                raise SystemExit(f"minidiff: --model small --lcm: its LCM-LoRA is not shipped ({SMALL_LORA_DIR}); "
+                                 "pass --lora")
         a.seed = 0 if a.seed is None else a.seed
         check_args(a)
         try:
@@ -272,6 +294,9 @@ def main(argv=None):
             raise SystemExit(f"minidiff: {message} (--verbose shows the traceback)") from None
     elif a.command == "compress":
         run_compress(a)
+    elif a.command == "distill":
+        from .distill.cli import run_distill
+        run_distill(a)
 
 
 # ----------------------------------------------------------------------------- minidiff compress
