@@ -12,7 +12,7 @@ import torch
 from ..errors import ArgumentError
 from ..finite import check_step
 from ..device import latent_dtype
-from ..lora import call_scale, scaled
+from ..lora_layers import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from ..prompts import (check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids,
                        prompt_windows)

@@ -9,7 +9,7 @@ import torch
 
 from ..errors import ArgumentError
 from ..device import latent_dtype
-from ..lora import call_scale, scaled
+from ..lora_layers import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from ..prompts import check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids, prompt_windows
 from ..textual_inversion import expand_prompt
