@@ -7,12 +7,11 @@ beta = 1 - alpha over the (possibly skipped) interval t -> t'. The variance is t
 interpolation of the two logs). Noise is drawn on every step but the one at t = 0.
 """
 import dataclasses
-from typing import Optional
 
 import numpy as np
 import torch
 
-from .base import KARRAS_SCHEDULERS, Scheduler, step_output
+from .base import KARRAS_SCHEDULERS, PredictedX0Config, Scheduler, step_output
 from .common import (check_choice, check_schedule, train_schedule, predict_x0, randn_tensor, spaced_timesteps,
                      threshold_sample)
 
@@ -20,22 +19,8 @@ VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_
 
 
 @dataclasses.dataclass
-class DDPMConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
+class DDPMConfig(PredictedX0Config):
     variance_type: str = "fixed_small"
-    clip_sample: bool = True
-    prediction_type: str = "epsilon"
-    thresholding: bool = False  # Imagen's dynamic thresholding of x_0 (pixel-space models; it replaces clipping)
-    dynamic_thresholding_ratio: float = 0.995
-    clip_sample_range: float = 1.0
-    sample_max_value: float = 1.0
-    timestep_spacing: str = "leading"
-    steps_offset: int = 0
-    rescale_betas_zero_snr: bool = False
 
     def validate(self, where):
         check_schedule(self, where, ("epsilon", "v_prediction", "sample"))

@@ -7,32 +7,20 @@ midpoint slope. `timesteps` interleaves the steps' timesteps with the midpoints'
 the last step, to sigma 0, is a plain Euler step (one call).
 """
 import dataclasses
-from typing import Optional
 
 import torch
 
-from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
-from .common import check_float_timestep, check_schedule, check_sigma_schedule, train_schedule, predict_x0_sigma
+from .base import KARRAS_SCHEDULERS, SigmaConfig, SigmaScheduler, step_output
+from .common import check_float_timestep, predict_x0_sigma, train_schedule
 from .sigma_loop import config_bounds, doubled, interleaved, loop_sigmas, sigma_to_t_float32
 
 
 @dataclasses.dataclass
-class KDPM2DiscreteConfig:
-    num_train_timesteps: int = 1000
+class KDPM2DiscreteConfig(SigmaConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
-    prediction_type: str = "epsilon"
-    timestep_spacing: str = "linspace"
-    steps_offset: int = 0
 
-    def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction"))  # diffusers has no "sample" form either
-        check_sigma_schedule(self, where)
+    prediction_types = ("epsilon", "v_prediction")  # diffusers has no "sample" form either
 
 
 def midpoint_sigmas(sigmas, sigmas_to):
