@@ -90,6 +90,11 @@ class TrainScheduleConfig:
     trained_betas: Optional[list] = None
     prediction_type: str = "epsilon"
 
+    prediction_types = ("epsilon", "v_prediction", "sample")  # (not a field: what validate accepts)
+
+    def validate(self, where):  # (for the subclasses: they have timestep_spacing)
+        check_schedule(self, where, self.prediction_types)
+
 
 @dataclasses.dataclass
 class PredictedX0Config(TrainScheduleConfig):
@@ -114,10 +119,8 @@ class SigmaConfig(TrainScheduleConfig):
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
 
-    prediction_types = ("epsilon", "v_prediction", "sample")  # (not a field: what validate accepts)
-
     def validate(self, where):
-        check_schedule(self, where, self.prediction_types)
+        super().validate(where)
         check_sigma_schedule(self, where)
 
 

@@ -10,16 +10,13 @@ import numpy as np
 import torch
 
 from .base import KARRAS_SCHEDULERS, PredictedX0Config, Scheduler, step_output
-from .common import alpha_at, alpha_schedule, check_schedule, predict_eps, predict_x0, randn_tensor, spaced_timesteps, \
+from .common import alpha_at, alpha_schedule, predict_eps, predict_x0, randn_tensor, spaced_timesteps, \
     threshold_sample
 
 
 @dataclasses.dataclass
 class DDIMConfig(PredictedX0Config):
     set_alpha_to_one: bool = True  # the last step lands on a_0 = 1 (else on the first training step's a)
-
-    def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
 
 
 class DDIMScheduler(Scheduler):

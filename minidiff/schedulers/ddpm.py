@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .base import KARRAS_SCHEDULERS, PredictedX0Config, Scheduler, step_output
-from .common import (check_choice, check_schedule, train_schedule, predict_x0, randn_tensor, spaced_timesteps,
+from .common import (check_choice, check_timesteps, train_schedule, predict_x0, randn_tensor, spaced_timesteps,
                      threshold_sample)
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
@@ -23,7 +23,7 @@ class DDPMConfig(PredictedX0Config):
     variance_type: str = "fixed_small"
 
     def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
+        super().validate(where)
         check_choice(where, "variance_type", self.variance_type, VARIANCE_TYPES)
 
 
@@ -43,10 +43,7 @@ class DDPMScheduler(Scheduler):
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("DDPMScheduler.set_timesteps: pass exactly one of num_inference_steps or timesteps")
         if timesteps is not None:
-            if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
-                raise ValueError(f"DDPMScheduler.set_timesteps: timesteps must be descending, got {list(timesteps)}")
-            if timesteps[0] >= N:
-                raise ValueError(f"DDPMScheduler.set_timesteps: timesteps must be below {N}, got {timesteps[0]}")
+            check_timesteps("DDPMScheduler.set_timesteps", timesteps, N)
             timesteps, self.custom_timesteps = np.array(timesteps, dtype=np.int64), True
         else:
             if num_inference_steps > N:

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 
 from .base import KARRAS_SCHEDULERS, SigmaScheduler, TrainScheduleConfig, step_output
-from .common import check_float_timestep, check_schedule, euler_step, predict_x0_sigma, randn_tensor, sigma_schedule, \
+from .common import check_float_timestep, euler_step, predict_x0_sigma, randn_tensor, sigma_schedule, \
     spaced_sigmas
 
 
@@ -19,9 +19,7 @@ class EulerAncestralDiscreteConfig(TrainScheduleConfig):
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
-
-    def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction"))
+    prediction_types = ("epsilon", "v_prediction")
 
 
 class EulerAncestralDiscreteScheduler(SigmaScheduler):

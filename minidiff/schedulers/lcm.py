@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from .base import LCMSchedulerOutput, PredictedX0Config, Scheduler
-from .common import alpha_at, alpha_schedule, check_schedule, predict_x0, randn_tensor, threshold_sample
+from .common import alpha_at, alpha_schedule, check_timesteps, predict_x0, randn_tensor, threshold_sample
 
 
 @dataclasses.dataclass
@@ -23,9 +23,6 @@ class LCMConfig(PredictedX0Config):  # (timestep_spacing and steps_offset: unuse
     original_inference_steps: int = 50
     set_alpha_to_one: bool = True
     timestep_scaling: float = 10.0
-
-    def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
 
 
 class LCMScheduler(Scheduler):
@@ -52,10 +49,7 @@ class LCMScheduler(Scheduler):
                              f"{N} training timesteps")
         grid = np.arange(1, int(original * strength) + 1) * (N // original) - 1  # ascending
         if timesteps is not None:
-            if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
-                raise ValueError(f"LCMScheduler.set_timesteps: timesteps must be descending, got {list(timesteps)}")
-            if timesteps[0] >= N:
-                raise ValueError(f"LCMScheduler.set_timesteps: timesteps must be below {N}, got {timesteps[0]}")
+            check_timesteps("LCMScheduler.set_timesteps", timesteps, N)
             timesteps = np.array(timesteps, dtype=np.int64)
             self.num_inference_steps = len(timesteps)
             self.custom_timesteps = True

@@ -11,9 +11,9 @@ import dataclasses
 import numpy as np
 import torch
 
-from .base import KARRAS_SCHEDULERS, SigmaConfig, SigmaScheduler, step_output
-from .common import check_float_timestep, predict_x0_sigma, train_schedule
-from .sigma_loop import config_bounds, loop_sigmas
+from .base import SigmaConfig, step_output
+from .common import check_float_timestep, predict_x0_sigma
+from .sigma_loop import LoopSigmaScheduler, config_bounds, loop_sigmas
 
 
 @dataclasses.dataclass
@@ -35,14 +35,8 @@ def lms_coefficient(sigmas, order, i, j):
     return float((b - a) / 2 * np.dot(weights, basis))
 
 
-class LMSDiscreteScheduler(SigmaScheduler):
+class LMSDiscreteScheduler(LoopSigmaScheduler):
     config_dataclass = LMSDiscreteConfig
-    _compatibles = KARRAS_SCHEDULERS
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.betas, self.alphas_cumprod = train_schedule(self.cfg)
-        self.set_timesteps(self.cfg.num_train_timesteps)  # as diffusers: a full-length loop until set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None):
         self.num_inference_steps = num_inference_steps

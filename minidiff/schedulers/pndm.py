@@ -12,7 +12,7 @@ import numpy as np
 import torch
 
 from .base import KARRAS_SCHEDULERS, Scheduler, TrainScheduleConfig, step_output
-from .common import alpha_at, alpha_schedule, check_schedule, predict_eps, spaced_timesteps
+from .common import alpha_at, alpha_schedule, predict_eps, spaced_timesteps
 
 
 @dataclasses.dataclass
@@ -21,9 +21,7 @@ class PNDMConfig(TrainScheduleConfig):
     set_alpha_to_one: bool = False
     timestep_spacing: str = "leading"
     steps_offset: int = 0
-
-    def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction"))
+    prediction_types = ("epsilon", "v_prediction")
 
 
 class PNDMScheduler(Scheduler):

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from .base import Output, Scheduler
-from .common import predict_eps, predict_x0, randn_tensor, train_schedule
+from .common import check_timesteps, predict_eps, predict_x0, randn_tensor, train_schedule
 from .lcm import LCMConfig
 
 
@@ -53,10 +53,7 @@ class TCDScheduler(Scheduler):
         else:  # (as diffusers: an explicit original_inference_steps means every training step)
             grid = np.arange(0, int(N * strength))
         if timesteps is not None:
-            if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
-                raise ValueError(f"{where}: timesteps must be descending, got {list(timesteps)}")
-            if timesteps[0] >= N:
-                raise ValueError(f"{where}: timesteps must be below {N}, got {timesteps[0]}")
+            check_timesteps(where, timesteps, N)
             timesteps = np.array(timesteps, dtype=np.int64)
             self.num_inference_steps, self.custom_timesteps = len(timesteps), True
             kept = min(int(self.num_inference_steps * strength), self.num_inference_steps)  # img2img
