@@ -440,8 +440,8 @@ def _library_and_class(comp):
 
 
 def _variants(repo_or_path, index, given, variant, allow_pickle, where):
-    """{component: variant or None} for the models the pipeline reads from the repo (realfiles.py)."""
-    from .realfiles import component_variants
+    """{component: variant or None} for the models the pipeline reads from the repo (minidiff/loading.py)."""
+    from ..loading import component_variants
     models = {}
     for key, value in index.items():
         if (key.startswith("_") or key in given or key in SKIPPED or not isinstance(value, (list, tuple))

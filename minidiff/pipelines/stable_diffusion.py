@@ -22,7 +22,7 @@ from .common import (DiffusionPipeline, PipelineOutput, callback_inputs, check_b
                      check_size_and_steps, guidance_scale_embedding, initial_latents, negative_list, postprocess,
                      preprocess_image, prompt_batch, repeat_to, rescale_noise_cfg, retrieve_timesteps, steps_of,
                      warn_truncated)
-from .realfiles import rewrite_old_scheduler_config
+from ..loading import rewrite_old_scheduler_config
 
 
 class StableDiffusionPipeline(DiffusionPipeline):
@@ -31,7 +31,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
     vae_upcast = False
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
     optional_components = ("text_encoder", "tokenizer", "safety_checker", "feature_extractor")
-    rewrites_old_scheduler_configs = True  # diffusers' LCM pipeline does not (see realfiles.py)
+    rewrites_old_scheduler_configs = True  # diffusers' LCM pipeline does not (see minidiff/loading.py)
     # what a step-end callback may ask for (callback_on_step_end_tensor_inputs), as in diffusers
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _interrupt = False
