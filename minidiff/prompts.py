@@ -17,6 +17,8 @@ A1111 (`prompt_syntax="a1111"`, the CLI's default), as the AUTOMATIC1111 web UI 
   - A1111's extra-network tags (`<lora:name:0.8>`) are taken out of the text, with a warning: minidiff
     loads LoRAs with load_lora_weights, not from the prompt.
 A prompt without weights that fits one window gives exactly the plain embedding.
+
+Both read a loaded multi-vector textual inversion token `t` as `t t_1 ... t_n`, as diffusers does (`expand_prompt`).
 """
 import re
 import warnings
@@ -130,9 +132,31 @@ def prompt_windows(tokenizer, text):
     return windows
 
 
+# ---- textual inversion tokens in a prompt (loading them: textual_inversion.py) ------------------------
+def user_tokens(tokenizer):
+    """The tokens added beyond the tokenizer's vocabulary that are not special: textual inversion tokens
+    (also after a save/load), in id order."""
+    added, base = getattr(tokenizer, "added_tokens", {}), len(getattr(tokenizer, "vocab", ()))
+    return [t for t, v in sorted(added.items(), key=lambda kv: kv[1]["id"]) if not v.get("special") and v["id"] >= base]
+
+
+def expand_prompt(text, tokenizer):
+    """diffusers' maybe_convert_prompt: each multi-vector token in `text` becomes `token token_1 ... token_n`."""
+    added = set(user_tokens(tokenizer))
+    if not any(t + "_1" in added for t in added):
+        return text
+    for token in set(tokenizer.tokenize(text)):
+        if token in added:
+            replacement, i = token, 1
+            while f"{token}_{i}" in added:
+                replacement += f" {token}_{i}"
+                i += 1
+            text = text.replace(token, replacement)
+    return text
+
+
 def embedding_lengths(tokenizer):
     """{id of a multi-vector textual inversion token: its number of vectors} (token, token_1, ...)."""
-    from .textual_inversion import user_tokens
     loaded = set(user_tokens(tokenizer))
     out = {}
     for t in loaded:

@@ -14,9 +14,8 @@ from ..finite import check_step
 from ..device import latent_dtype
 from ..lora_layers import call_scale, scaled
 from ..schedulers.common import randn_tensor
-from ..prompts import (check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids,
+from ..prompts import (check_syntax, encode_windows, expand_prompt, pad_to_same_length, pad_windows, plain_ids,
                        prompt_windows)
-from ..textual_inversion import expand_prompt
 from .arguments import check_arguments
 from .common import (DiffusionPipeline, PipelineOutput, callback_inputs, check_batch, check_negative,
                      check_size_and_steps, guidance_scale_embedding, initial_latents, negative_list, postprocess,
