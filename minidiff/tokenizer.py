@@ -28,6 +28,7 @@ from tokenizers import Regex, models, pre_tokenizers
 
 from .errors import MinidiffError, TokenizerFileError
 from .tokenizer_files import read_merges, read_tokenizer_files, read_vocab, tokenizer_where
+from .weights.config import AttrDict
 
 # Words as CLIP cuts them. The two special tokens are kept whole when cleaning makes them appear
 # (e.g. "<|ENDOFTEXT|>" lower-cased); the contractions are matched case-insensitively.
@@ -84,14 +85,8 @@ def clean_text(text):
     return " ".join(text.split()).lower()
 
 
-class BatchEncoding(dict):
+class BatchEncoding(AttrDict):
     """{"input_ids": ..., "attention_mask": ...} whose keys also read as attributes, as in transformers."""
-
-    def __getattr__(self, name):
-        try:
-            return self[name]
-        except KeyError:
-            raise AttributeError(name) from None
 
 
 class CLIPTokenizer:
@@ -213,21 +208,10 @@ class CLIPTokenizer:
 
     # ---- ids -------------------------------------------------------------------------------------
 
-    @property
-    def bos_token_id(self):
-        return self._special_id(self.bos_token)
-
-    @property
-    def eos_token_id(self):
-        return self._special_id(self.eos_token)
-
-    @property
-    def pad_token_id(self):
-        return self._special_id(self.pad_token)
-
-    @property
-    def unk_token_id(self):
-        return self._special_id(self.unk_token)
+    bos_token_id = property(lambda self: self._special_id(self.bos_token))
+    eos_token_id = property(lambda self: self._special_id(self.eos_token))
+    pad_token_id = property(lambda self: self._special_id(self.pad_token))
+    unk_token_id = property(lambda self: self._special_id(self.unk_token))
 
     def _special_id(self, token):
         return None if token is None else self.added_tokens[token]["id"]

@@ -51,33 +51,13 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return {"requires_safety_checker": self.requires_safety_checker}
 
     # ---- what callbacks read (diffusers' properties) ------------------------------------------------
-    @property
-    def guidance_scale(self):
-        return self._guidance_scale
-
-    @property
-    def guidance_rescale(self):
-        return self._guidance_rescale
-
-    @property
-    def clip_skip(self):
-        return self._clip_skip
-
-    @property
-    def cross_attention_kwargs(self):
-        return self._cross_attention_kwargs
-
-    @property
-    def do_classifier_free_guidance(self):
-        return self._guided(self._guidance_scale)
-
-    @property
-    def num_timesteps(self):
-        return self._num_timesteps
-
-    @property
-    def interrupt(self):
-        return self._interrupt
+    guidance_scale = property(lambda self: self._guidance_scale)
+    guidance_rescale = property(lambda self: self._guidance_rescale)
+    clip_skip = property(lambda self: self._clip_skip)
+    cross_attention_kwargs = property(lambda self: self._cross_attention_kwargs)
+    do_classifier_free_guidance = property(lambda self: self._guided(self._guidance_scale))
+    num_timesteps = property(lambda self: self._num_timesteps)
+    interrupt = property(lambda self: self._interrupt)
 
     @property
     def vae_scale_factor(self):
