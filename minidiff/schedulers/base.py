@@ -23,6 +23,7 @@ from typing import Optional
 
 import torch
 
+from ..models.base import ModelOutput
 from ..weights.config import AttrDict, config_from_dict
 from ..weights.hub import read_json
 from .common import check_schedule, check_sigma_schedule, index_for_timestep, start_noise_std
@@ -37,22 +38,11 @@ KARRAS_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDisc
 
 
 # ---------------------------------------------------------------------------------------------
-# Outputs: by attribute, by index over the fields that are set (as diffusers' BaseOutput), by key.
+# Outputs: the one output convention (models/base.py ModelOutput: by attribute, by index over the fields that
+# are set, as diffusers' BaseOutput), and by key.
 
 
-class Output:
-    def to_tuple(self):
-        return tuple(v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None)
-
-    def __getitem__(self, k):
-        return getattr(self, k) if isinstance(k, str) else self.to_tuple()[k]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
-
-    def __len__(self):
-        return len(self.to_tuple())
-
+class Output(ModelOutput):
     def keys(self):
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
 
