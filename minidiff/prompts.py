@@ -20,10 +20,13 @@ A prompt without weights that fits one window gives exactly the plain embedding.
 
 Both read a loaded multi-vector textual inversion token `t` as `t t_1 ... t_n`, as diffusers does (`expand_prompt`).
 """
+import logging
 import re
 import warnings
 
 import torch
+
+logger = logging.getLogger("minidiff")
 
 SYNTAXES = (None, "plain", "a1111")
 COMMA_BACKTRACK = 20  # A1111's default comma_padding_backtrack
@@ -229,3 +232,16 @@ def pad_to_same_length(cond, uncond, empty):
         raise ValueError(f"prompt embeddings of {cond.shape[1]} and negative ones of {uncond.shape[1]} tokens "
                          f"cannot be padded to the same number of {empty.shape[1]}-token windows")
     return grow(cond, length), grow(uncond, length)
+
+
+def warn_truncated(tokenizer, texts):
+    """diffusers' warning for prompts longer than the text encoder's context: it names the dropped words."""
+    limit = tokenizer.model_max_length
+    removed = []
+    for text in texts:
+        ids = tokenizer(text, truncation=False).input_ids
+        if len(ids) > limit:
+            removed.append(tokenizer.decode(ids[limit - 1:-1]))
+    if removed:
+        logger.warning("The following part of your input was truncated because CLIP can only handle sequences up "
+                       f"to {limit} tokens: {removed}")

@@ -11,8 +11,8 @@ import torch
 from ..errors import ArgumentError
 from ..lora_layers import call_scale, scaled
 from ..finite import check_step
-from .arguments import check_arguments
-from .common import PipelineOutput, callback_inputs
+from .arguments import callback_inputs, check_arguments
+from .common import PipelineOutput
 from .stable_diffusion import StableDiffusionPipeline
 
 

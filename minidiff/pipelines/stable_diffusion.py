@@ -15,12 +15,12 @@ from ..device import latent_dtype
 from ..lora_layers import call_scale, scaled
 from ..schedulers.common import randn_tensor
 from ..prompts import (check_syntax, encode_windows, expand_prompt, pad_to_same_length, pad_windows, plain_ids,
-                       prompt_windows)
-from .arguments import check_arguments
-from .common import (DiffusionPipeline, PipelineOutput, callback_inputs, check_batch, check_negative,
-                     check_size_and_steps, guidance_scale_embedding, initial_latents, negative_list, postprocess,
-                     preprocess_image, prompt_batch, repeat_to, rescale_noise_cfg, retrieve_timesteps, steps_of,
-                     warn_truncated)
+                       prompt_windows, warn_truncated)
+from .arguments import (callback_inputs, check_arguments, check_batch, check_negative, check_size_and_steps,
+                        negative_list, prompt_batch, steps_of)
+from .common import DiffusionPipeline, PipelineOutput
+from .steps import (guidance_scale_embedding, initial_latents, postprocess, preprocess_image, repeat_to,
+                    rescale_noise_cfg, retrieve_timesteps)
 from ..loading import rewrite_old_scheduler_config
 
 
