@@ -11,7 +11,7 @@ Below them, what the Hub's real files ask of a pipeline beyond what today's save
 - Old scheduler configs: diffusers' SD pipelines rewrite `steps_offset != 1` to 1 and `clip_sample: true`
   to false, with a FutureWarning; `rewrite_old_scheduler_config` does the same, with the same words.
 - Custom `timesteps`: the scheduler gets `timesteps` alone, never with the default num_inference_steps
-  (`set_timesteps`), as diffusers' `retrieve_timesteps` calls it (pipelines/common.py `retrieve_timesteps`).
+  (`set_timesteps`), as diffusers' `retrieve_timesteps` calls it (pipelines/steps.py `retrieve_timesteps`).
 """
 import warnings
 

@@ -211,7 +211,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return batch
 
     def prepare_latents(self, n, height, width, dtype, generator=None, latents=None):
-        """The first latents of text-to-image (see common.initial_latents)."""
+        """The first latents of text-to-image (see steps.initial_latents)."""
         shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         return initial_latents(shape, generator, self._execution_device, dtype, latents, self.scheduler)
 
