@@ -17,11 +17,16 @@ A1111 (`prompt_syntax="a1111"`, the CLI's default), as the AUTOMATIC1111 web UI 
   - A1111's extra-network tags (`<lora:name:0.8>`) are taken out of the text, with a warning: minidiff
     loads LoRAs with load_lora_weights, not from the prompt.
 A prompt without weights that fits one window gives exactly the plain embedding.
+
+Both read a loaded multi-vector textual inversion token `t` as `t t_1 ... t_n`, as diffusers does (`expand_prompt`).
 """
+import logging
 import re
 import warnings
 
 import torch
+
+logger = logging.getLogger("minidiff")
 
 SYNTAXES = (None, "plain", "a1111")
 COMMA_BACKTRACK = 20  # A1111's default comma_padding_backtrack
@@ -130,9 +135,31 @@ def prompt_windows(tokenizer, text):
     return windows
 
 
+# ---- textual inversion tokens in a prompt (loading them: textual_inversion.py) ------------------------
+def user_tokens(tokenizer):
+    """The tokens added beyond the tokenizer's vocabulary that are not special: textual inversion tokens
+    (also after a save/load), in id order."""
+    added, base = getattr(tokenizer, "added_tokens", {}), len(getattr(tokenizer, "vocab", ()))
+    return [t for t, v in sorted(added.items(), key=lambda kv: kv[1]["id"]) if not v.get("special") and v["id"] >= base]
+
+
+def expand_prompt(text, tokenizer):
+    """diffusers' maybe_convert_prompt: each multi-vector token in `text` becomes `token token_1 ... token_n`."""
+    added = set(user_tokens(tokenizer))
+    if not any(t + "_1" in added for t in added):
+        return text
+    for token in set(tokenizer.tokenize(text)):
+        if token in added:
+            replacement, i = token, 1
+            while f"{token}_{i}" in added:
+                replacement += f" {token}_{i}"
+                i += 1
+            text = text.replace(token, replacement)
+    return text
+
+
 def embedding_lengths(tokenizer):
     """{id of a multi-vector textual inversion token: its number of vectors} (token, token_1, ...)."""
-    from .textual_inversion import user_tokens
     loaded = set(user_tokens(tokenizer))
     out = {}
     for t in loaded:
@@ -205,3 +232,16 @@ def pad_to_same_length(cond, uncond, empty):
         raise ValueError(f"prompt embeddings of {cond.shape[1]} and negative ones of {uncond.shape[1]} tokens "
                          f"cannot be padded to the same number of {empty.shape[1]}-token windows")
     return grow(cond, length), grow(uncond, length)
+
+
+def warn_truncated(tokenizer, texts):
+    """diffusers' warning for prompts longer than the text encoder's context: it names the dropped words."""
+    limit = tokenizer.model_max_length
+    removed = []
+    for text in texts:
+        ids = tokenizer(text, truncation=False).input_ids
+        if len(ids) > limit:
+            removed.append(tokenizer.decode(ids[limit - 1:-1]))
+    if removed:
+        logger.warning("The following part of your input was truncated because CLIP can only handle sequences up "
+                       f"to {limit} tokens: {removed}")

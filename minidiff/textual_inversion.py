@@ -3,7 +3,7 @@
 An embedding file holds, for one token, one or more vectors of the text encoder's width. Loading adds the
 token to the tokenizer (with `token_1`, `token_2`, ... for the further vectors of a multi-vector
 embedding) and the vectors as new rows of the text encoder's token embedding; a prompt naming `token`
-is read as `token token_1 ...`, as diffusers does (`expand_prompt`).
+is read as `token token_1 ...`, as diffusers does (`expand_prompt`, in prompts.py).
 
 File forms, told apart by their keys:
   - diffusers' `learned_embeds.safetensors` (or `.bin`): {token: vector (d,) or (n, d)};
@@ -19,33 +19,13 @@ import torch
 import torch.nn as nn
 
 from .errors import FileFormatError
+# the tokens a prompt names, expanded: prompts.py (also reachable here, as before)
+from .prompts import expand_prompt, user_tokens  # noqa: F401
 from .weights.hub import PICKLE_SUFFIXES, is_local, resolve_file
 from .weights.safe import check_pickle, read_safetensors_header
 
 DEFAULT_NAMES = ("learned_embeds.safetensors", "learned_embeds.bin")
 SDXL_KEYS = ("clip_l", "clip_g")  # first and second text encoder
-
-
-def user_tokens(tokenizer):
-    """The tokens added beyond the tokenizer's vocabulary that are not special: textual inversion tokens
-    (also after a save/load), in id order."""
-    added, base = getattr(tokenizer, "added_tokens", {}), len(getattr(tokenizer, "vocab", ()))
-    return [t for t, v in sorted(added.items(), key=lambda kv: kv[1]["id"]) if not v.get("special") and v["id"] >= base]
-
-
-def expand_prompt(text, tokenizer):
-    """diffusers' maybe_convert_prompt: each multi-vector token in `text` becomes `token token_1 ... token_n`."""
-    added = set(user_tokens(tokenizer))
-    if not any(t + "_1" in added for t in added):
-        return text
-    for token in set(tokenizer.tokenize(text)):
-        if token in added:
-            replacement, i = token, 1
-            while f"{token}_{i}" in added:
-                replacement += f" {token}_{i}"
-                i += 1
-            text = text.replace(token, replacement)
-    return text
 
 
 # ----------------------------------------------------------------------------- reading files

@@ -11,7 +11,6 @@ import socket
 
 from .safe import check_pickle, contained, read_json_file, safe_name
 
-WEIGHT_SUFFIXES = (".safetensors",)
 PICKLE_SUFFIXES = (".bin", ".ckpt", ".pt", ".pth")
 
 

@@ -8,25 +8,8 @@ One file holds every model under a prefix:
     conditioner.embedders.0.transformer.… SDXL base: CLIP ViT-L;  conditioner.embedders.1.model.… OpenCLIP bigG
     conditioner.embedders.0.model.…       SDXL refiner: OpenCLIP bigG
 
-How the layouts relate, block kind by block kind (left: the file, right: minidiff = diffusers):
-  UNet   input_blocks.0.0 = conv_in; then, level by level, input_blocks.N.0 is a resnet (or, ending a level,
-         a downsampler `op`) and input_blocks.N.1 its transformer -> down_blocks.i.resnets.j / attentions.j /
-         downsamplers.0.conv. middle_block.0/1/2 = mid_block.resnets.0 / attentions.0 / resnets.1.
-         output_blocks.N.0 is a resnet, .1 its transformer, the last of a level ends with an upsampler
-         `conv` -> up_blocks.i.resnets.j / attentions.j / upsamplers.0. time_embed.0/2 = time_embedding.
-         linear_1/2, label_emb.0.0/2 = add_embedding (SDXL), out.0/2 = conv_norm_out / conv_out.
-         Resnet parts: in_layers.0/2 = norm1/conv1, emb_layers.1 = time_emb_proj, out_layers.0/3 =
-         norm2/conv2, skip_connection = conv_shortcut. Transformers are named alike in both layouts.
-  VAE    encoder.down.i.block.j / .downsample = encoder.down_blocks.i.resnets.j / downsamplers.0;
-         decoder.up.i counts from the lowest resolution: decoder.up_blocks.(n-1-i). mid.block_1/2 =
-         mid_block.resnets.0/1, mid.attn_1.norm/q/k/v/proj_out = attentions.0.group_norm/to_q/to_k/to_v/
-         to_out.0 (1x1 convolutions in the file: the same matrices as linear layers), nin_shortcut =
-         conv_shortcut, norm_out = conv_norm_out.
-  CLIP   transformers' keys under the prefix (`text_model.` added where old files lack it).
-  OpenCLIP  transformer.resblocks.i.{ln_1, attn, ln_2, mlp.c_fc, mlp.c_proj} = text_model.encoder.layers.i.
-         {layer_norm1, self_attn, layer_norm2, mlp.fc1, mlp.fc2}; attn.in_proj_{weight,bias} is q, k, v stacked
-         (split in three); token_embedding, positional_embedding, ln_final = the embeddings and final norm;
-         text_projection is x @ P (a Linear's weight is its transpose).
+The key rules, block kind by block kind, are in single_file_keys.py; the family's configs and the values read
+from the tensors in single_file_configs.py; the original_config= yaml reader in small_yaml.py.
 
 The family is told from the tensors (prefixes, then shapes) as ComfyUI does; configs come from the file's
 shapes over the family's defaults (single_file_configs.py), or from `config=` (a diffusers folder or repo).
@@ -35,7 +18,6 @@ and counted; any other key must land, and every shape is checked before a tensor
 """
 import logging
 import os
-import re
 from collections import Counter
 
 import torch
@@ -45,7 +27,11 @@ from .config import config_from_dict
 from .hub import read_json
 from .load import _listing, _no_gc, _no_init, read_header
 from .safe import check_pickle
-from .single_file_configs import FAMILIES
+from .single_file_configs import (FAMILIES, apply_original_config, choose_prediction_type, infer_clip_config,
+                                  infer_unet_config, infer_vae_config)
+from .single_file_keys import (UNUSED, apply_transform, clip_mapping, openclip_mapping, transformed_shape,
+                               unet_mapping, vae_mapping)
+from .small_yaml import parse_small_yaml, read_yaml  # noqa: F401 (parse_small_yaml: the old import path)
 
 logger = logging.getLogger("minidiff")
 
@@ -160,281 +146,6 @@ class SingleFile:
         return {k[n:]: s for k, s in self.shapes.items() if k.startswith(prefix) and skip_reason(k) is None}
 
 
-# ---- key rules, block kind by block kind -----------------------------------------------------------------
-# Each rule maps one file key (prefix removed) to [(model key, transform)], transform None, "linear" (a 1x1
-# conv's [C, C, 1, 1] as [C, C]), "T" (transpose) or ("chunk", i) (the i-th of three stacked q, k, v).
-# A model key None means no rule knows the key (an error); UNUSED, a tensor the pipeline never reads.
-UNUSED = "<unused>"
-
-_RESNET = [("in_layers.0.", "norm1."), ("in_layers.2.", "conv1."), ("emb_layers.1.", "time_emb_proj."),
-           ("out_layers.0.", "norm2."), ("out_layers.3.", "conv2."), ("skip_connection.", "conv_shortcut.")]
-
-
-def _resnet(rest, target):
-    for old, new in _RESNET:
-        if rest.startswith(old):
-            return target + new + rest[len(old):]
-    return None
-
-
-def unet_blocks(shapes):
-    """Where each numbered LDM block sits in diffusers' layout, read from the keys: {("input"|"output", N):
-    (level, j, kind)} with kind "resnet" or "down"/"up" (a block ending a level), plus the level count."""
-    def kind_of(side, n):
-        if f"{side}_blocks.{n}.0.op.weight" in shapes:
-            return "down"
-        if f"{side}_blocks.{n}.0.in_layers.0.weight" in shapes:
-            return "resnet"
-        return None
-
-    where, level, j, n = {}, 0, 0, 1
-    while kind_of("input", n):
-        kind = kind_of("input", n)
-        where[("input", n)] = (level, j, kind)
-        if kind == "down":
-            level, j = level + 1, 0
-        else:
-            j += 1
-        n += 1
-    levels = level + 1
-    level, j, n = 0, 0, 0
-    while kind_of("output", n):
-        where[("output", n)] = (level, j, "resnet")
-        # an upsampler (`conv`) in the block ends its level
-        if any(f"output_blocks.{n}.{m}.conv.weight" in shapes for m in (1, 2)):
-            level, j = level + 1, 0
-        else:
-            j += 1
-        n += 1
-    return where, levels
-
-
-def unet_rule(key, where):
-    m = re.match(r"(input|output)_blocks\.(\d+)\.(\d+)\.(.*)", key)
-    if m:
-        side, n, part, rest = m.group(1), int(m.group(2)), int(m.group(3)), m.group(4)
-        if side == "input" and n == 0 and part == 0:
-            return "conv_in." + rest
-        if (side, n) not in where:
-            return None
-        level, j, kind = where[(side, n)]
-        blocks = "down_blocks" if side == "input" else "up_blocks"
-        if kind == "down":
-            return f"down_blocks.{level}.downsamplers.0.conv.{rest[len('op.'):]}" if rest.startswith("op.") else None
-        if part == 0:
-            return _resnet(rest, f"{blocks}.{level}.resnets.{j}.")
-        if rest.startswith("conv."):  # the upsampler
-            return f"up_blocks.{level}.upsamplers.0.{rest}"
-        if part == 1:
-            return f"{blocks}.{level}.attentions.{j}.{rest}"
-        return None
-    m = re.match(r"middle_block\.(\d)\.(.*)", key)
-    if m:
-        part, rest = int(m.group(1)), m.group(2)
-        return "mid_block.attentions.0." + rest if part == 1 else _resnet(rest, f"mid_block.resnets.{part // 2}.")
-    for old, new in (("time_embed.0.", "time_embedding.linear_1."), ("time_embed.2.", "time_embedding.linear_2."),
-                     ("label_emb.0.0.", "add_embedding.linear_1."), ("label_emb.0.2.", "add_embedding.linear_2."),
-                     ("out.0.", "conv_norm_out."), ("out.2.", "conv_out.")):
-        if key.startswith(old):
-            return new + key[len(old):]
-    return None
-
-
-def unet_mapping(shapes):
-    where, _ = unet_blocks(shapes)
-    return {k: [(unet_rule(k, where), None)] for k in shapes}
-
-
-_VAE_PARTS = [("norm_out.", "conv_norm_out."), ("mid.block_1.", "mid_block.resnets.0."),
-              ("mid.block_2.", "mid_block.resnets.1."), ("mid.attn_1.norm.", "mid_block.attentions.0.group_norm."),
-              ("mid.attn_1.q.", "mid_block.attentions.0.to_q."), ("mid.attn_1.k.", "mid_block.attentions.0.to_k."),
-              ("mid.attn_1.v.", "mid_block.attentions.0.to_v."),
-              ("mid.attn_1.proj_out.", "mid_block.attentions.0.to_out.0.")]
-
-
-def vae_rule(key, up_levels):
-    if key.startswith(("quant_conv.", "post_quant_conv.")):
-        return key, None
-    side, _, rest = key.partition(".")
-    if side not in ("encoder", "decoder"):
-        return None, None
-    rest = rest.replace("nin_shortcut.", "conv_shortcut.")
-    m = re.match(r"(down|up)\.(\d+)\.(block\.(\d+)|downsample|upsample)\.(.*)", rest)
-    if m:
-        i = int(m.group(2))
-        blocks = "down_blocks" if m.group(1) == "down" else "up_blocks"
-        if m.group(1) == "up":
-            i = up_levels - 1 - i  # LDM counts the decoder's levels from the lowest resolution
-        inner = f"resnets.{m.group(4)}" if m.group(4) is not None else f"{m.group(3)}rs.0"
-        return f"{side}.{blocks}.{i}.{inner}.{m.group(5)}", None
-    for old, new in _VAE_PARTS:
-        if rest.startswith(old):
-            attn_matrix = old.startswith("mid.attn_1.") and old != "mid.attn_1.norm." and rest.endswith("weight")
-            return f"{side}.{new}{rest[len(old):]}", "linear" if attn_matrix else None
-    return f"{side}.{rest}", None  # conv_in, conv_out
-
-
-def vae_mapping(shapes):
-    up_levels = len({k.split(".")[2] for k in shapes if k.startswith("decoder.up.")})
-    out = {}
-    for k in shapes:
-        target, transform = vae_rule(k, up_levels)
-        out[k] = [(target, transform if transform and len(shapes[k]) == 4 else None)]
-    return out
-
-
-def clip_mapping(shapes):
-    """transformers' CLIP under a prefix: the keys as they are, with `text_model.` where old files lack it."""
-    return {k: [(k if k.startswith("text_model.") else "text_model." + k, None)] for k in shapes}
-
-
-_OPENCLIP = [("ln_1.", "layer_norm1."), ("ln_2.", "layer_norm2."), ("attn.out_proj.", "self_attn.out_proj."),
-             ("mlp.c_fc.", "mlp.fc1."), ("mlp.c_proj.", "mlp.fc2.")]
-
-
-def openclip_mapping(shapes, layers, projection):
-    """OpenCLIP -> transformers' CLIP. Resblocks from `layers` on and a text_projection the model lacks (SD 2.x
-    reads the penultimate layer, without projection) are UNUSED."""
-    out = {}
-    for k in shapes:
-        m = re.match(r"transformer\.resblocks\.(\d+)\.(.*)", k)
-        if m:
-            i, rest = int(m.group(1)), m.group(2)
-            layer = f"text_model.encoder.layers.{i}."
-            if i >= layers:
-                out[k] = [(UNUSED, None)]
-            elif rest.startswith("attn.in_proj_"):
-                kind = rest[len("attn.in_proj_"):]
-                out[k] = [(f"{layer}self_attn.{p}_proj.{kind}", ("chunk", c)) for c, p in enumerate("qkv")]
-            else:
-                out[k] = [(next((layer + new + rest[len(old):] for old, new in _OPENCLIP if rest.startswith(old)), None),
-                           None)]
-        elif k == "text_projection":
-            out[k] = [("text_projection.weight" if projection else UNUSED, "T")]
-        else:
-            name = {"token_embedding.weight": "text_model.embeddings.token_embedding.weight",
-                    "positional_embedding": "text_model.embeddings.position_embedding.weight",
-                    "ln_final.weight": "text_model.final_layer_norm.weight",
-                    "ln_final.bias": "text_model.final_layer_norm.bias"}.get(k)
-            out[k] = [(name, None)]
-    return out
-
-
-def _transformed_shape(shape, transform):
-    if transform is None:
-        return tuple(shape)
-    if transform == "linear":
-        return tuple(shape[:2])
-    if transform == "T":
-        return tuple(shape[::-1])
-    return (shape[0] // 3,) + tuple(shape[1:])  # chunk
-
-
-def _apply(t, transform):
-    if transform is None:
-        return t
-    if transform == "linear":
-        return t.reshape(t.shape[0], t.shape[1])
-    if transform == "T":
-        return t.t().contiguous()
-    return t.chunk(3, dim=0)[transform[1]].contiguous()
-
-
-# ---- config inference from shapes ------------------------------------------------------------------------
-def _count(shapes, pattern):
-    found = {int(m.group(1)) for k in shapes for m in [re.match(pattern, k)] if m}
-    return max(found) + 1 if found else 0
-
-
-def infer_unet_config(shapes, family):
-    """UNet config: the family's values, with every structural one read from the tensors."""
-    fam = FAMILIES[family]
-    cfg = dict(fam["unet"])
-    where, levels = unet_blocks(shapes)
-    c0, in_ch, k_in = shapes["input_blocks.0.0.weight"][:3]
-    cfg.update(in_channels=in_ch, out_channels=shapes["out.2.weight"][0], conv_in_kernel=k_in,
-               conv_out_kernel=shapes["out.2.weight"][2])
-    channels, layers, depth, kinds = [None] * levels, [0] * levels, [1] * levels, ["DownBlock2D"] * levels
-    context_dim, linear = None, False
-    for (side, n), (level, j, kind) in sorted(where.items()):
-        if side != "input" or kind != "resnet":
-            continue
-        channels[level] = shapes[f"input_blocks.{n}.0.out_layers.3.weight"][0]
-        layers[level] += 1
-        d = _count(shapes, rf"input_blocks\.{n}\.1\.transformer_blocks\.(\d+)\.")
-        if d:
-            kinds[level], depth[level] = "CrossAttnDownBlock2D", d
-            context_dim = shapes[f"input_blocks.{n}.1.transformer_blocks.0.attn2.to_k.weight"][1]
-            linear = len(shapes[f"input_blocks.{n}.1.proj_in.weight"]) == 2
-    up_kinds, up_depth = ["UpBlock2D"] * levels, [1] * levels
-    for (side, n), (level, j, kind) in where.items():
-        d = _count(shapes, rf"output_blocks\.{n}\.1\.transformer_blocks\.(\d+)\.") if side == "output" else 0
-        if d:
-            up_kinds[level], up_depth[level] = "CrossAttnUpBlock2D", d
-    attn_depths = {d for d, k in zip(depth, kinds) if k.startswith("CrossAttn")}
-    cfg.update(block_out_channels=channels, layers_per_block=layers[0] if len(set(layers)) == 1 else layers,
-               down_block_types=kinds, up_block_types=up_kinds,
-               transformer_layers_per_block=attn_depths.pop() if len(attn_depths) == 1 else depth)
-    if up_depth != depth[::-1]:
-        cfg["reverse_transformer_layers_per_block"] = up_depth
-    if context_dim is not None:
-        cfg.update(cross_attention_dim=context_dim, use_linear_projection=linear)
-    mid = _count(shapes, r"middle_block\.1\.transformer_blocks\.(\d+)\.")
-    if "middle_block.0.in_layers.0.weight" not in shapes:
-        cfg["mid_block_type"] = None
-    elif not mid:
-        cfg["mid_block_type"] = "UNetMidBlock2D"  # refused by the config check: minidiff has no such block
-    else:
-        tl = cfg["transformer_layers_per_block"]
-        last = tl if isinstance(tl, int) else tl[-1]
-        if mid != last:
-            raise FileFormatError(f"UNet mid block has {mid} transformer layers, transformer_layers_per_block {tl}: "
-                             "minidiff builds the mid block as deep as the last level")
-    if fam["head_channels"]:
-        cfg["attention_head_dim"] = [max(c // fam["head_channels"], 1) for c in channels]
-    temb = shapes["time_embed.0.weight"][0]
-    cfg["time_embedding_dim"] = None if temb == 4 * c0 else temb
-    if "label_emb.0.0.weight" in shapes:
-        cfg.update(addition_embed_type="text_time",
-                   projection_class_embeddings_input_dim=shapes["label_emb.0.0.weight"][1])
-    return cfg
-
-
-def infer_vae_config(shapes, family):
-    cfg = dict(FAMILIES[family]["vae"])
-    levels = _count(shapes, r"encoder\.down\.(\d+)\.")
-    cfg.update(in_channels=shapes["encoder.conv_in.weight"][1], out_channels=shapes["decoder.conv_out.weight"][0],
-               latent_channels=shapes["decoder.conv_in.weight"][1],
-               block_out_channels=[shapes[f"encoder.down.{i}.block.0.conv2.weight"][0] for i in range(levels)],
-               layers_per_block=_count(shapes, r"encoder\.down\.0\.block\.(\d+)\."),
-               down_block_types=["DownEncoderBlock2D"] * levels, up_block_types=["UpDecoderBlock2D"] * levels,
-               use_quant_conv="quant_conv.weight" in shapes, use_post_quant_conv="post_quant_conv.weight" in shapes,
-               mid_block_add_attention="encoder.mid.attn_1.q.weight" in shapes)
-    return cfg
-
-
-def infer_clip_config(shapes, base, openclip, drop_last=False):
-    """Text encoder config: widths and depth from the tensors, heads of 64 channels (CLIP L, H and bigG)."""
-    cfg = dict(base)
-    if openclip:
-        vocab, hidden = shapes["token_embedding.weight"]
-        layers = _count(shapes, r"transformer\.resblocks\.(\d+)\.") - (1 if drop_last else 0)
-        cfg.update(max_position_embeddings=shapes["positional_embedding"][0],
-                   intermediate_size=shapes["transformer.resblocks.0.mlp.c_fc.weight"][0])
-        if "text_projection" in shapes:
-            cfg["projection_dim"] = shapes["text_projection"][1]
-    else:
-        p = "" if "embeddings.token_embedding.weight" in shapes else "text_model."
-        vocab, hidden = shapes[p + "embeddings.token_embedding.weight"]
-        layers = _count(shapes, re.escape(p) + r"encoder\.layers\.(\d+)\.")
-        cfg.update(max_position_embeddings=shapes[p + "embeddings.position_embedding.weight"][0],
-                   intermediate_size=shapes[p + "encoder.layers.0.mlp.fc1.weight"][0])
-        if "text_projection.weight" in shapes:
-            cfg["projection_dim"] = shapes["text_projection.weight"][0]
-    cfg.update(vocab_size=vocab, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=max(hidden // 64, 1))
-    return cfg
-
-
 # ---- the family ----------------------------------------------------------------------------------------
 def detect_family(f):
     """sd1 / sd2 / sdxl / sdxl_refiner from the prefixes, then the UNet's shapes (cross-attention width)."""
@@ -455,137 +166,6 @@ def detect_family(f):
     return "sd1"
 
 
-def choose_prediction_type(family, f, prediction_type=None, original=None, scheduler_config=None):
-    """(prediction_type, why). SD 2.x files do not say: diffusers' rule is v-prediction (the 768-v model) unless
-    the checkpoint's global_step is 875000 (the 512-base training run), which only .ckpt files carry."""
-    if prediction_type is not None:
-        return prediction_type, "prediction_type= argument"
-    if scheduler_config is not None:
-        return scheduler_config.get("prediction_type", "epsilon"), "config= scheduler"
-    if original is not None:
-        p = _get(original, "model", "params", "parameterization")  # LDM
-        scaling = _get(original, "model", "params", "denoiser_config", "params", "scaling_config", "target")  # SGM
-        if scaling is not None and p is None:
-            return ("v_prediction" if scaling.endswith("VScaling") else "epsilon"), f"original_config scaling {scaling}"
-        return ("v_prediction" if p == "v" else "epsilon"), f"original_config parameterization={p or 'eps'}"
-    if family != "sd2":
-        return "epsilon", f"{FAMILIES[family]['name']} default"
-    if f.global_step == 875000:
-        return "epsilon", "SD 2.x with global_step 875000 (the 512-base run), diffusers' rule"
-    return "v_prediction", ("SD 2.x: v-prediction, diffusers' rule for files without global_step 875000 (the 768-v "
-                            "model); pass prediction_type='epsilon' for a 512-base model")
-
-
-# ---- original_config: the LDM yaml -------------------------------------------------------------------------
-def read_yaml(path):
-    """The LDM / SGM yaml (v1-inference.yaml, sd_xl_base.yaml, ...). pyyaml when installed (it is no dependency of
-    minidiff); else a small reader of the subset those files use: nested mappings, `- ` lists of scalars or of
-    mappings, inline [lists], scalars and comments. It refuses anything else, naming the line."""
-    if isinstance(path, dict):
-        return path
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    try:
-        import yaml
-    except ImportError:
-        return parse_small_yaml(text, path)
-    return yaml.safe_load(text)
-
-
-def parse_small_yaml(text, where="yaml"):
-    lines = []  # (line number, indent, content) without blanks and comments
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        content = re.sub(r"(^|\s)#.*$", "", raw).rstrip()
-        if content.strip():
-            if "\t" in raw[: len(raw) - len(raw.lstrip())]:
-                raise FileFormatError(f"{where}:{lineno}: a tab in the indentation (pip install pyyaml to read any yaml)")
-            lines.append([lineno, len(content) - len(content.lstrip()), content.strip()])
-
-    def block(i, indent):
-        """The mapping or list whose lines start at lines[i] with `indent`; returns (value, next i)."""
-        if lines[i][2].startswith("- ") or lines[i][2] == "-":
-            items = []
-            while i < len(lines) and lines[i][1] == indent and lines[i][2].startswith("-"):
-                lineno, _, content = lines[i]
-                rest = content[1:].strip()
-                if re.match(r"[\w.\-]+\s*:(\s|$)", rest):  # "- key: value": a mapping, its keys two columns in
-                    lines[i] = [lineno, indent + 2, rest]
-                    value, i = block(i, indent + 2)
-                else:
-                    value, i = _yaml_scalar(rest, where, lineno), i + 1
-                items.append(value)
-            return items, i
-        mapping = {}
-        while i < len(lines) and lines[i][1] == indent:
-            lineno, _, content = lines[i]
-            m = re.match(r"([\w.\-/]+)\s*:(?:\s+(.*))?$", content)
-            if not m:
-                raise FileFormatError(f"{where}:{lineno}: {content!r} is beyond minidiff's small yaml reader "
-                                 "(pip install pyyaml to read any yaml)")
-            key, value = m.group(1), (m.group(2) or "").strip()
-            i += 1
-            if value:
-                mapping[key] = _yaml_scalar(value, where, lineno)
-            elif i < len(lines) and (lines[i][1] > indent or (lines[i][1] == indent and lines[i][2].startswith("-"))):
-                mapping[key], i = block(i, lines[i][1])
-            else:
-                mapping[key] = None
-        if i < len(lines) and lines[i][1] > indent:
-            raise FileFormatError(f"{where}:{lines[i][0]}: unexpected indentation (pip install pyyaml to read any yaml)")
-        return mapping, i
-
-    if not lines:
-        return {}
-    value, i = block(0, lines[0][1])
-    if i < len(lines):
-        raise FileFormatError(f"{where}:{lines[i][0]}: unexpected indentation (pip install pyyaml to read any yaml)")
-    return value
-
-
-def _yaml_scalar(v, where, lineno):
-    if v.startswith("[") and v.endswith("]"):
-        return [_yaml_scalar(x.strip(), where, lineno) for x in v[1:-1].split(",") if x.strip()]
-    if v.startswith(("{", "|", ">", "&", "*", "!", "[")):
-        raise FileFormatError(f"{where}:{lineno}: {v!r} is beyond minidiff's small yaml reader (pip install pyyaml)")
-    if v.lower() in ("true", "false"):
-        return v.lower() == "true"
-    if v in ("null", "Null", "NULL", "~"):
-        return None
-    if re.fullmatch(r"[-+]?\d+", v):
-        return int(v)
-    if re.fullmatch(r"[-+]?(\d+\.\d*|\.\d+)([eE][-+]?\d+)?", v):  # yaml 1.1 floats have a dot
-        return float(v)
-    if len(v) >= 2 and v[0] == v[-1] and v[0] in "'\"":
-        return v[1:-1]
-    return v
-
-
-def _get(d, *keys):
-    for k in keys:
-        if not isinstance(d, dict) or k not in d:
-            return None
-        d = d[k]
-    return d
-
-
-def apply_original_config(original, unet_cfg, vae_cfg, scheduler_cfg):
-    """What the LDM yaml says that tensors cannot: heads, scale factor, noise schedule."""
-    params = _get(original, "model", "params") or {}
-    unet = _get(params, "unet_config", "params") or _get(params, "network_config", "params") or {}
-    if unet_cfg is not None:
-        heads, head_channels = unet.get("num_heads", -1), unet.get("num_head_channels", -1)
-        if head_channels and head_channels > 0:
-            unet_cfg["attention_head_dim"] = [max(c // head_channels, 1) for c in unet_cfg["block_out_channels"]]
-        elif heads and heads > 0:
-            unet_cfg["attention_head_dim"] = heads
-        if "use_linear_in_transformer" in unet:
-            unet_cfg["use_linear_projection"] = unet["use_linear_in_transformer"]
-    if vae_cfg is not None and "scale_factor" in params:
-        vae_cfg["scaling_factor"] = params["scale_factor"]
-    if scheduler_cfg is not None:
-        for src, dst in (("linear_start", "beta_start"), ("linear_end", "beta_end"), ("timesteps", "num_train_timesteps")):
-            if src in params:
-                scheduler_cfg[dst] = params[src]
 
 
 # ---- building models -------------------------------------------------------------------------------------
@@ -619,9 +199,9 @@ def build(cls, cfg_dict, f, prefix, mapping, torch_dtype, device, report, name, 
         missing = expected.keys() - plan.keys() - {None}
         unexpected = [src for t, srcs in plan.items() if t not in expected for src, _ in srcs]
         doubled = [t for t, srcs in plan.items() if len(srcs) > 1]
-        wrong = [f"{srcs[0][0]}: file {f.shapes[srcs[0][0]]} -> {_transformed_shape(f.shapes[srcs[0][0]], srcs[0][1])}"
+        wrong = [f"{srcs[0][0]}: file {f.shapes[srcs[0][0]]} -> {transformed_shape(f.shapes[srcs[0][0]], srcs[0][1])}"
                  f" vs model {t} {expected[t]}" for t, srcs in plan.items()
-                 if t in expected and _transformed_shape(f.shapes[srcs[0][0]], srcs[0][1]) != expected[t]]
+                 if t in expected and transformed_shape(f.shapes[srcs[0][0]], srcs[0][1]) != expected[t]]
         if missing or unexpected or wrong or doubled:
             parts = [f"{f.path} does not fit {cls.__name__} ({name}):"]
             if unexpected:
@@ -640,7 +220,7 @@ def build(cls, cfg_dict, f, prefix, mapping, torch_dtype, device, report, name, 
         sd = {}
         for src, t in f.read(sorted(targets)):
             for target, transform in targets[src]:
-                part = _apply(t, transform)
+                part = apply_transform(t, transform)
                 sd[target] = part.to(device=device or "cpu", dtype=dtype if part.is_floating_point() else part.dtype)
         model.load_state_dict(sd, strict=True, assign=True)
     report.loaded[name] = len(sd)

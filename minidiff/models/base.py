@@ -108,7 +108,7 @@ class Model(nn.Module):
         return next(self.parameters()).device
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(eq=False)  # (each output dataclass decides its own eq: the schedulers' compare by identity)
 class ModelOutput:
     """What models and pipelines return: fields by attribute (`out.sample`), and, over the fields that are
     set, by index or name (`out[0]`, `out["sample"]`) and by unpacking (`(sample,) = out`), as diffusers'

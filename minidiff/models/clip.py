@@ -20,69 +20,12 @@ from ..weights.config import TRANSFORMERS_GENERIC_KEYS
 from .base import Model, ModelOutput
 
 
-@dataclass
-class CLIPTextConfig:
-    vocab_size: int = 49408
-    hidden_size: int = 512
-    intermediate_size: int = 2048
-    projection_dim: int = 512
-    num_hidden_layers: int = 12
-    num_attention_heads: int = 8
-    max_position_embeddings: int = 77
-    hidden_act: str = "quick_gelu"
-    layer_norm_eps: float = 1e-5
-    attention_dropout: float = 0.0  # kept for the config's sake: dropout only acts in training
-    pad_token_id: int = 1
-    bos_token_id: int = 49406
-    # picks the pooled row; 2 in older configs means "argmax of the ids" (see pooled_row)
-    eos_token_id: int = 49407
-
-    # transformers' generic config keys that would change the architecture
-    NEUTRAL: ClassVar[dict] = {
-        "model_type": "clip_text_model",
-        "pruned_heads": ({},),
-        "is_decoder": False,
-        "add_cross_attention": False,
-        "is_encoder_decoder": False,
-        "tie_encoder_decoder": False,
-    }
-    IGNORED: ClassVar[tuple] = TRANSFORMERS_GENERIC_KEYS  # informational, training and generation defaults
-
-    def validate(self, where):
-        if self.hidden_act not in ACTIVATIONS:
-            raise ValueError(f"{where}: hidden_act={self.hidden_act!r} is not supported by minidiff's CLIP text "
-                             f"encoder (supported: {', '.join(repr(a) for a in ACTIVATIONS)})")
-        if self.hidden_size % self.num_attention_heads:
-            raise ValueError(f"{where}: hidden_size={self.hidden_size} is not divisible by "
-                             f"num_attention_heads={self.num_attention_heads}")
+# ---- the transformer
 
 
 def quick_gelu(x):
     # OpenAI CLIP's sigmoid approximation of GELU (SD 1.x); OpenCLIP models use the exact one
     return x * torch.sigmoid(1.702 * x)
-
-
-ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}
-
-
-# ---- outputs (minidiff.models.base.ModelOutput: by attribute, and out[0], out[1], ... over the fields set)
-
-
-@dataclass
-class CLIPTextOutput(ModelOutput):
-    last_hidden_state: torch.Tensor = None  # (B, L, hidden), after the final LayerNorm
-    pooler_output: torch.Tensor = None  # (B, hidden): the <|endoftext|> row of last_hidden_state
-    hidden_states: Optional[tuple] = None  # embeddings + each layer's output (before the final LayerNorm)
-
-
-@dataclass
-class CLIPTextProjectionOutput(ModelOutput):
-    text_embeds: torch.Tensor = None  # (B, projection_dim): projected pooled vector
-    last_hidden_state: torch.Tensor = None
-    hidden_states: Optional[tuple] = None
-
-
-# ---- the transformer
 
 
 class CLIPTextEmbeddings(nn.Module):
@@ -191,7 +134,61 @@ class CLIPTextTransformer(nn.Module):
         return CLIPTextOutput(last, pooled, tuple(hidden_states) if output_hidden_states else None)
 
 
-# ---- the two Hub classes
+# ---- outputs (minidiff.models.base.ModelOutput: by attribute, and out[0], out[1], ... over the fields set)
+
+
+@dataclass
+class CLIPTextOutput(ModelOutput):
+    last_hidden_state: torch.Tensor = None  # (B, L, hidden), after the final LayerNorm
+    pooler_output: torch.Tensor = None  # (B, hidden): the <|endoftext|> row of last_hidden_state
+    hidden_states: Optional[tuple] = None  # embeddings + each layer's output (before the final LayerNorm)
+
+
+@dataclass
+class CLIPTextProjectionOutput(ModelOutput):
+    text_embeds: torch.Tensor = None  # (B, projection_dim): projected pooled vector
+    last_hidden_state: torch.Tensor = None
+    hidden_states: Optional[tuple] = None
+
+
+# ---- the two Hub classes and their config
+
+
+@dataclass
+class CLIPTextConfig:
+    vocab_size: int = 49408
+    hidden_size: int = 512
+    intermediate_size: int = 2048
+    projection_dim: int = 512
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 8
+    max_position_embeddings: int = 77
+    hidden_act: str = "quick_gelu"
+    layer_norm_eps: float = 1e-5
+    attention_dropout: float = 0.0  # kept for the config's sake: dropout only acts in training
+    pad_token_id: int = 1
+    bos_token_id: int = 49406
+    # picks the pooled row; 2 in older configs means "argmax of the ids" (see pooled_row)
+    eos_token_id: int = 49407
+
+    # transformers' generic config keys that would change the architecture
+    NEUTRAL: ClassVar[dict] = {
+        "model_type": "clip_text_model",
+        "pruned_heads": ({},),
+        "is_decoder": False,
+        "add_cross_attention": False,
+        "is_encoder_decoder": False,
+        "tie_encoder_decoder": False,
+    }
+    IGNORED: ClassVar[tuple] = TRANSFORMERS_GENERIC_KEYS  # informational, training and generation defaults
+
+    def validate(self, where):
+        if self.hidden_act not in ACTIVATIONS:
+            raise ValueError(f"{where}: hidden_act={self.hidden_act!r} is not supported by minidiff's CLIP text "
+                             f"encoder (supported: {', '.join(repr(a) for a in ACTIVATIONS)})")
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(f"{where}: hidden_size={self.hidden_size} is not divisible by "
+                             f"num_attention_heads={self.num_attention_heads}")
 
 
 class _CLIPTextBase(Model):
@@ -215,6 +212,7 @@ class _CLIPTextBase(Model):
 
 class CLIPTextModel(_CLIPTextBase):
     single_file_part = "text_encoder"
+
     def __init__(self, config):
         super().__init__(config)
         self.text_model = CLIPTextTransformer(config)
@@ -226,6 +224,7 @@ class CLIPTextModel(_CLIPTextBase):
 
 class CLIPTextModelWithProjection(_CLIPTextBase):
     single_file_part = "text_encoder_2"
+
     def __init__(self, config):
         super().__init__(config)
         self.text_model = CLIPTextTransformer(config)
@@ -236,3 +235,8 @@ class CLIPTextModelWithProjection(_CLIPTextBase):
         out = CLIPTextProjectionOutput(self.text_projection(out.pooler_output), out.last_hidden_state,
                                        out.hidden_states)
         return out if return_dict else out.to_tuple()
+
+
+# ---- what the config may name
+
+ACTIVATIONS = {"quick_gelu": quick_gelu, "gelu": F.gelu}

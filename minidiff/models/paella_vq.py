@@ -18,28 +18,7 @@ import torch.nn as nn
 
 from .. import ops
 from .base import Model, ModelOutput
-from .vae import DecoderOutput
-
-
-@dataclass
-class PaellaVQModelConfig:
-    in_channels: int = 3
-    out_channels: int = 3
-    up_down_scale_factor: int = 2
-    levels: int = 2
-    bottleneck_blocks: int = 12
-    embed_dim: int = 384
-    latent_channels: int = 4
-    num_vq_embeddings: int = 8192
-    scale_factor: float = 0.3764
-
-    NEUTRAL: ClassVar[dict] = {}
-    IGNORED: ClassVar[tuple] = ()
-
-    def validate(self, where):
-        if self.levels < 1 or self.embed_dim % (2 ** (self.levels - 1)):
-            raise ValueError(f"{where}: embed_dim={self.embed_dim!r} must be divisible by 2**(levels-1) "
-                             f"(levels={self.levels!r}): level widths are embed_dim / 2**k")
+from .autoencoder import DecoderOutput
 
 
 @dataclass
@@ -82,6 +61,27 @@ class VectorQuantizer(nn.Module):
         z_q = self.embedding(indices).view(z.shape)
         z_q = z + (z_q - z).detach()  # straight-through gradient, for training through the quantiser
         return z_q.permute(0, 3, 1, 2).contiguous(), indices
+
+
+@dataclass
+class PaellaVQModelConfig:
+    in_channels: int = 3
+    out_channels: int = 3
+    up_down_scale_factor: int = 2
+    levels: int = 2
+    bottleneck_blocks: int = 12
+    embed_dim: int = 384
+    latent_channels: int = 4
+    num_vq_embeddings: int = 8192
+    scale_factor: float = 0.3764
+
+    NEUTRAL: ClassVar[dict] = {}
+    IGNORED: ClassVar[tuple] = ()
+
+    def validate(self, where):
+        if self.levels < 1 or self.embed_dim % (2 ** (self.levels - 1)):
+            raise ValueError(f"{where}: embed_dim={self.embed_dim!r} must be divisible by 2**(levels-1) "
+                             f"(levels={self.levels!r}): level widths are embed_dim / 2**k")
 
 
 class PaellaVQModel(Model):

@@ -3,7 +3,7 @@ space of the Stable Diffusion VAE at a fraction of its cost (2.4M parameters, pl
 
 Its latents are the diffusion latents themselves (scaling_factor 1.0), and encoding is deterministic:
 `encode(x).latents` (there is no posterior to sample). It is a drop-in `vae` for pipelines: it shares
-AutoencoderKL's base (minidiff.models.vae.Autoencoder), so `image_to_latents`, `latents_to_image`,
+AutoencoderKL's base (minidiff.models.autoencoder.Autoencoder), so `image_to_latents`, `latents_to_image`,
 `retrieve_latents(vae.encode(x))`, slicing and tiling work the same on both autoencoders.
 
 Images are in [-1, 1] outside, [0, 1] inside (TAESD's own convention): the encoder maps x -> (x + 1) / 2 first
@@ -17,7 +17,7 @@ import torch
 import torch.nn as nn
 
 from .base import ModelOutput
-from .vae import ACTIVATIONS, Autoencoder, DecoderOutput, activation
+from .autoencoder import ACTIVATIONS, Autoencoder, DecoderOutput, activation
 
 class AutoencoderTinyBlock(nn.Module):
     """Three 3x3 convs with a residual connection, then ReLU (always ReLU, whatever act_fn says)."""

@@ -212,3 +212,92 @@ def _check_size(pipe, args):
                                 f"one attention layer is run on; its attention alone would need {tokens ** 2 * 4 / 2**30:.0f} "
                                 "GiB per head without a fused kernel")
     check_memory(what, _pipe_decode_bytes(pipe, n, height, width), getattr(pipe, "_execution_device", "cpu"))
+
+
+# ---- the checks every __call__ shares: the prompt batch, size and steps, generators, negative prompts, the
+# step-end callback's tensors, given latents ---------------------------------------------------------------
+def steps_of(num_inference_steps, timesteps=None, sigmas=None):
+    """The loop length a call asks for: the custom schedule's when given (sigmas end with the final 0)."""
+    if timesteps is not None:
+        return len(timesteps)
+    if sigmas is not None:
+        return max(len(sigmas) - 1, 1)
+    return num_inference_steps
+
+
+def prompt_batch(prompt, prompt_embeds):
+    if prompt is None and prompt_embeds is None:
+        raise ArgumentError("pass `prompt` or `prompt_embeds`")
+    if prompt is not None and prompt_embeds is not None:
+        raise ArgumentError("pass either `prompt` or `prompt_embeds`, not both")
+    if prompt is None:
+        return prompt_embeds.shape[0]
+    if isinstance(prompt, str):
+        return 1
+    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
+        return len(prompt)
+    raise ArgumentError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
+
+
+def check_size_and_steps(height, width, num_inference_steps, vae_scale_factor):
+    for name, v in (("height", height), ("width", width)):
+        if v is not None and (not isinstance(v, int) or v <= 0 or v % vae_scale_factor):
+            raise ArgumentError(f"{name}={v!r} must be a positive multiple of {vae_scale_factor}")
+    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
+        raise ArgumentError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
+
+
+def check_batch(num_images_per_prompt, generator, n):
+    """num_images_per_prompt, and one generator or exactly one per image of the batch of `n`."""
+    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
+        raise ArgumentError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
+    if isinstance(generator, list) and len(generator) != n:
+        raise ArgumentError(f"{len(generator)} generators were passed for a batch of {n} images "
+                         f"(prompts x num_images_per_prompt); pass one generator or exactly {n}")
+
+
+def check_negative(batch, negative_prompt, negative_prompt_embeds=None, prompt_embeds=None):
+    """A negative prompt or negative embeddings (not both); one negative prompt, or one per prompt of the
+    `batch`; negative embeddings shaped as the prompt's."""
+    if negative_prompt is not None and negative_prompt_embeds is not None:
+        raise ArgumentError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
+    if negative_prompt is not None and not isinstance(negative_prompt, str):
+        negative_list(negative_prompt, batch)
+    if (prompt_embeds is not None and negative_prompt_embeds is not None
+            and prompt_embeds.shape != negative_prompt_embeds.shape):
+        raise ArgumentError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
+                         f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
+
+
+def negative_list(negative_prompt, batch_size):
+    """The negative prompt as a list of `batch_size` strings ("" when absent)."""
+    if negative_prompt is None:
+        return [""] * batch_size
+    if isinstance(negative_prompt, str):
+        return [negative_prompt] * batch_size
+    if len(negative_prompt) != batch_size:
+        raise ArgumentError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}: "
+                         "pass one negative prompt per prompt, or a single string")
+    return list(negative_prompt)
+
+
+def callback_inputs(pipe, callback, names):
+    """The tensors a step-end callback receives: those it names (diffusers' PipelineCallback objects carry
+    their own list), each one the pipeline offers; checked before any work."""
+    if callback is None:
+        return []
+    if hasattr(callback, "tensor_inputs"):
+        names = callback.tensor_inputs
+    names = list(names if names is not None else ["latents"])
+    bad = [n for n in names if n not in pipe._callback_tensor_inputs]
+    if bad:
+        raise ValueError(f"callback_on_step_end_tensor_inputs has {bad}, which {type(pipe).__name__} does not "
+                         f"offer (it offers {pipe._callback_tensor_inputs})")
+    if not callable(callback):
+        raise ValueError(f"callback_on_step_end={callback!r} is not callable")
+    return names
+
+
+def check_latents(latents, shape):
+    if latents is not None and tuple(latents.shape) != tuple(shape):
+        raise ArgumentError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")

@@ -1,5 +1,6 @@
 """What every pipeline shares: building it from a repo's model_index.json, moving it between devices,
-manual model offload, a progress bar, and turning decoded tensors into images.
+manual model offload, a progress bar, LoRA delegates. The steps a __call__ shares (timesteps, first latents,
+guidance, callbacks, images in and out) are in steps.py; its argument checks in arguments.py.
 
 A pipeline is a plain object holding its components; its __call__ is the whole algorithm, written out.
 """
@@ -13,18 +14,20 @@ import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
-import numpy as np
 import torch
-from PIL import Image
 
-from ..errors import ArgumentError, ArgumentTypeError, FileFormatError
+from ..errors import ArgumentTypeError, FileFormatError
 from ..tokenizer_files import check_tokenizers_fit
 from .. import layerwise_casting, loading
 from ..device import resolve_dtype
 from ..models.base import ModelOutput
-from ..schedulers.common import randn_tensor
 from ..weights.config import AttrDict
 from ..weights.hub import hub_options, read_json
+# the steps and checks every __call__ shares, also reachable as minidiff.pipelines.common.<name>
+from .arguments import (callback_inputs, check_batch, check_latents, check_negative, check_size_and_steps,  # noqa: F401,E501
+                        negative_list, prompt_batch, steps_of)
+from .steps import (guidance_scale_embedding, initial_latents, numpy_to_pil, postprocess,  # noqa: F401
+                    preprocess_image, repeat_to, rescale_noise_cfg, retrieve_timesteps, step_callback)
 
 logger = logging.getLogger("minidiff")
 
@@ -449,8 +452,8 @@ def _library_and_class(comp):
 
 
 def _variants(repo_or_path, index, given, variant, allow_pickle, where):
-    """{component: variant or None} for the models the pipeline reads from the repo (realfiles.py)."""
-    from .realfiles import component_variants
+    """{component: variant or None} for the models the pipeline reads from the repo (minidiff/loading.py)."""
+    from ..loading import component_variants
     models = {}
     for key, value in index.items():
         if (key.startswith("_") or key in given or key in SKIPPED or not isinstance(value, (list, tuple))
@@ -483,236 +486,3 @@ def progress(iterable, desc="", disable=False, stream=None, order=1):
         stream.write(f"\r{desc} |{bar:<20}| {done}/{n} [{elapsed:5.1f}s<{left:5.1f}s, {rate:5.2f}it/s]")
         stream.flush()
     stream.write("\n")
-
-
-# ---- images in and out ----------------------------------------------------------------------------
-def postprocess(image, output_type="pil"):
-    """Decoded images in [-1, 1] (B, C, H, W) -> "pt" tensor in [0, 1], "np" (B, H, W, C) array, or PIL list."""
-    if output_type not in ("pil", "np", "pt"):
-        raise ArgumentError(f"output_type={output_type!r}: use 'pil', 'np', 'pt' or 'latent'")
-    image = (image / 2 + 0.5).clamp(0, 1)
-    if output_type == "pt":
-        return image
-    image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-    if output_type == "np":
-        return image
-    return numpy_to_pil(image)
-
-
-def numpy_to_pil(images):
-    images = (images * 255).round().astype("uint8")
-    if images.shape[-1] == 1:
-        return [Image.fromarray(im[..., 0], mode="L") for im in images]
-    return [Image.fromarray(im) for im in images]
-
-
-def preprocess_image(image, vae_scale_factor, height=None, width=None, latent_channels=4):
-    """PIL / numpy / tensor image(s) in [0, 1] -> (B, 3, H, W) tensor in [-1, 1], H and W multiples of the VAE factor.
-
-    A tensor with `latent_channels` channels is taken as latents and returned unchanged.
-    """
-    images = image if isinstance(image, list) else [image]
-    if not images:
-        raise ArgumentError("image is an empty list")
-    first = images[0]
-    if isinstance(first, Image.Image):
-        bad = [im.mode for im in images if im.mode != "RGB"]
-        if bad:
-            raise ArgumentError(f"image has mode {bad[0]!r}; an RGB image is needed: pass image.convert('RGB')")
-        h = height or first.height
-        w = width or first.width
-        h, w = h - h % vae_scale_factor, w - w % vae_scale_factor
-        images = [im.resize((w, h), resample=Image.LANCZOS, reducing_gap=None) for im in images]
-        arr = np.stack([np.array(im).astype(np.float32) / 255.0 for im in images])
-        x = torch.from_numpy(arr).permute(0, 3, 1, 2)
-    elif isinstance(first, (np.ndarray, torch.Tensor)):
-        if isinstance(first, np.ndarray):
-            arr = np.concatenate(images) if first.ndim == 4 else np.stack(images)
-            if arr.ndim == 3:
-                arr = arr[..., None]
-            x = torch.from_numpy(arr).permute(0, 3, 1, 2).float()
-        else:
-            x = torch.cat(images) if first.ndim == 4 else torch.stack(images)
-            if x.shape[1] == latent_channels:
-                return x
-        if x.shape[1] != 3:
-            raise ArgumentError(f"image has {x.shape[1]} channels; an RGB image (3 channels) or latents "
-                             f"({latent_channels} channels) are needed")
-        h = height or x.shape[2]
-        w = width or x.shape[3]
-        h, w = h - h % vae_scale_factor, w - w % vae_scale_factor
-        if (h, w) != tuple(x.shape[2:]):
-            x = torch.nn.functional.interpolate(x, size=(h, w))
-    else:
-        raise ArgumentError(f"image of type {type(first).__name__}: pass a PIL image, a numpy array or a torch tensor")
-    if x.min() < 0:  # already in [-1, 1]
-        return x
-    return x * 2 - 1
-
-
-def rescale_noise_cfg(noise_cfg, noise_pred_text, guidance_rescale):
-    """Guidance rescale (Lin et al. 2023, "Common Diffusion Noise Schedules..."): match the text branch's std
-    to undo over-exposure from large guidance, blended by `guidance_rescale`."""
-    dims = list(range(1, noise_pred_text.ndim))
-    std_text = noise_pred_text.std(dim=dims, keepdim=True)
-    std_cfg = noise_cfg.std(dim=dims, keepdim=True)
-    rescaled = noise_cfg * (std_text / std_cfg)
-    return guidance_rescale * rescaled + (1 - guidance_rescale) * noise_cfg
-
-
-def guidance_scale_embedding(w, dim, dtype=torch.float32):
-    """LCM's guidance embedding: w (B,) scaled by 1000, sin then cos, frequencies exp(-log(1e4) i / (half - 1)).
-
-    Computed in diffusers' order of float32 operations: at arguments near 1000 w, one rounding step of a
-    frequency moves sin by ~1e-4, which the first LCM step amplifies to ~1e-4 of the latents' scale."""
-    half = dim // 2
-    step = torch.log(torch.tensor(10000.0)) / (half - 1)
-    args = (w.float() * 1000.0)[:, None] * torch.exp(torch.arange(half, dtype=torch.float32) * -step)[None, :]
-    emb = torch.cat([torch.sin(args), torch.cos(args)], dim=1)
-    if dim % 2 == 1:
-        emb = torch.nn.functional.pad(emb, (0, 1))
-    return emb.to(dtype)
-
-
-def retrieve_timesteps(scheduler, num_inference_steps=None, device=None, timesteps=None, sigmas=None):
-    """Set the scheduler's loop from a step count, or from custom `timesteps` or `sigmas` (then the count is
-    theirs, as in diffusers); returns (timesteps, num_inference_steps)."""
-    if timesteps is not None and sigmas is not None:
-        raise ValueError("pass either `timesteps` or `sigmas`, not both")
-    accepted = inspect.signature(scheduler.set_timesteps).parameters
-    for name, value in (("timesteps", timesteps), ("sigmas", sigmas)):
-        if value is not None:
-            if name not in accepted:
-                raise ValueError(f"{type(scheduler).__name__}.set_timesteps takes no custom `{name}`: use a "
-                                 f"scheduler that does (e.g. EulerDiscreteScheduler) or num_inference_steps")
-            scheduler.set_timesteps(**{name: value}, device=device)
-            return scheduler.timesteps, len(scheduler.timesteps)
-    scheduler.set_timesteps(num_inference_steps, device=device)
-    return scheduler.timesteps, num_inference_steps
-
-
-def steps_of(num_inference_steps, timesteps=None, sigmas=None):
-    """The loop length a call asks for: the custom schedule's when given (sigmas end with the final 0)."""
-    if timesteps is not None:
-        return len(timesteps)
-    if sigmas is not None:
-        return max(len(sigmas) - 1, 1)
-    return num_inference_steps
-
-
-def callback_inputs(pipe, callback, names):
-    """The tensors a step-end callback receives: those it names (diffusers' PipelineCallback objects carry
-    their own list), each one the pipeline offers; checked before any work."""
-    if callback is None:
-        return []
-    if hasattr(callback, "tensor_inputs"):
-        names = callback.tensor_inputs
-    names = list(names if names is not None else ["latents"])
-    bad = [n for n in names if n not in pipe._callback_tensor_inputs]
-    if bad:
-        raise ValueError(f"callback_on_step_end_tensor_inputs has {bad}, which {type(pipe).__name__} does not "
-                         f"offer (it offers {pipe._callback_tensor_inputs})")
-    if not callable(callback):
-        raise ValueError(f"callback_on_step_end={callback!r} is not callable")
-    return names
-
-
-def warn_truncated(tokenizer, texts):
-    """diffusers' warning for prompts longer than the text encoder's context: it names the dropped words."""
-    limit = tokenizer.model_max_length
-    removed = []
-    for text in texts:
-        ids = tokenizer(text, truncation=False).input_ids
-        if len(ids) > limit:
-            removed.append(tokenizer.decode(ids[limit - 1:-1]))
-    if removed:
-        logger.warning("The following part of your input was truncated because CLIP can only handle sequences up "
-                       f"to {limit} tokens: {removed}")
-
-
-def prompt_batch(prompt, prompt_embeds):
-    if prompt is None and prompt_embeds is None:
-        raise ArgumentError("pass `prompt` or `prompt_embeds`")
-    if prompt is not None and prompt_embeds is not None:
-        raise ArgumentError("pass either `prompt` or `prompt_embeds`, not both")
-    if prompt is None:
-        return prompt_embeds.shape[0]
-    if isinstance(prompt, str):
-        return 1
-    if isinstance(prompt, list) and all(isinstance(p, str) for p in prompt):
-        return len(prompt)
-    raise ArgumentError(f"`prompt` must be a string or a list of strings, got {type(prompt).__name__}")
-
-
-def check_size_and_steps(height, width, num_inference_steps, vae_scale_factor):
-    for name, v in (("height", height), ("width", width)):
-        if v is not None and (not isinstance(v, int) or v <= 0 or v % vae_scale_factor):
-            raise ArgumentError(f"{name}={v!r} must be a positive multiple of {vae_scale_factor}")
-    if not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ArgumentError(f"num_inference_steps={num_inference_steps!r} must be an integer >= 1")
-
-
-def check_batch(num_images_per_prompt, generator, n):
-    """num_images_per_prompt, and one generator or exactly one per image of the batch of `n`."""
-    if not isinstance(num_images_per_prompt, int) or num_images_per_prompt < 1:
-        raise ArgumentError(f"num_images_per_prompt={num_images_per_prompt!r} must be an integer >= 1")
-    if isinstance(generator, list) and len(generator) != n:
-        raise ArgumentError(f"{len(generator)} generators were passed for a batch of {n} images "
-                         f"(prompts x num_images_per_prompt); pass one generator or exactly {n}")
-
-
-def check_negative(batch, negative_prompt, negative_prompt_embeds=None, prompt_embeds=None):
-    """A negative prompt or negative embeddings (not both); one negative prompt, or one per prompt of the
-    `batch`; negative embeddings shaped as the prompt's."""
-    if negative_prompt is not None and negative_prompt_embeds is not None:
-        raise ArgumentError("pass either `negative_prompt` or `negative_prompt_embeds`, not both")
-    if negative_prompt is not None and not isinstance(negative_prompt, str):
-        negative_list(negative_prompt, batch)
-    if (prompt_embeds is not None and negative_prompt_embeds is not None
-            and prompt_embeds.shape != negative_prompt_embeds.shape):
-        raise ArgumentError(f"prompt_embeds {tuple(prompt_embeds.shape)} and negative_prompt_embeds "
-                         f"{tuple(negative_prompt_embeds.shape)} must have the same shape")
-
-
-def negative_list(negative_prompt, batch_size):
-    """The negative prompt as a list of `batch_size` strings ("" when absent)."""
-    if negative_prompt is None:
-        return [""] * batch_size
-    if isinstance(negative_prompt, str):
-        return [negative_prompt] * batch_size
-    if len(negative_prompt) != batch_size:
-        raise ArgumentError(f"negative_prompt has {len(negative_prompt)} entries but prompt has {batch_size}: "
-                         "pass one negative prompt per prompt, or a single string")
-    return list(negative_prompt)
-
-
-# ---- latents and the loop -------------------------------------------------------------------------
-def check_latents(latents, shape):
-    if latents is not None and tuple(latents.shape) != tuple(shape):
-        raise ArgumentError(f"latents have shape {tuple(latents.shape)}, expected {tuple(shape)}")
-
-
-def initial_latents(shape, generator, device, dtype, latents, scheduler):
-    """Gaussian latents drawn as diffusers draws them (CPU generator, same shape), scaled to the scheduler's
-    first noise level; given `latents` are checked and scaled the same way."""
-    check_latents(latents, shape)
-    if latents is None:
-        latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-    return latents.to(device) * scheduler.init_noise_sigma
-
-
-def repeat_to(x, n):
-    """A batch of images or latents repeated to `n` (a multiple of its size), as img2img batches its input."""
-    if n < x.shape[0]:
-        raise ArgumentError(f"{x.shape[0]} images passed for {n} prompts x images per prompt")
-    if n % x.shape[0]:
-        raise ArgumentError(f"cannot repeat {x.shape[0]} images to a batch of {n}")
-    return torch.cat([x] * (n // x.shape[0])) if n > x.shape[0] else x
-
-
-def step_callback(callback, pipe, i, t, latents):
-    """diffusers' callback_on_step_end(pipe, step, timestep, {"latents": ...}); what it returns replaces them."""
-    if callback is None:
-        return latents
-    out = callback(pipe, i, t, {"latents": latents}) or {}
-    return out.get("latents", latents)

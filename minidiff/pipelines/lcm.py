@@ -9,10 +9,10 @@ pass on the prompt alone (no negative prompt). Each LCMScheduler step maps the l
 import torch
 
 from ..errors import ArgumentError
-from ..lora import call_scale, scaled
+from ..lora_layers import call_scale, scaled
 from ..finite import check_step
-from .arguments import check_arguments
-from .common import PipelineOutput, callback_inputs
+from .arguments import callback_inputs, check_arguments
+from .common import PipelineOutput
 from .stable_diffusion import StableDiffusionPipeline
 
 

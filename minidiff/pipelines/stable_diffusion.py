@@ -12,17 +12,16 @@ import torch
 from ..errors import ArgumentError
 from ..finite import check_step
 from ..device import latent_dtype
-from ..lora import call_scale, scaled
+from ..lora_layers import call_scale, scaled
 from ..schedulers.common import randn_tensor
-from ..prompts import (check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids,
-                       prompt_windows)
-from ..textual_inversion import expand_prompt
-from .arguments import check_arguments
-from .common import (DiffusionPipeline, PipelineOutput, callback_inputs, check_batch, check_negative,
-                     check_size_and_steps, guidance_scale_embedding, initial_latents, negative_list, postprocess,
-                     preprocess_image, prompt_batch, repeat_to, rescale_noise_cfg, retrieve_timesteps, steps_of,
-                     warn_truncated)
-from .realfiles import rewrite_old_scheduler_config
+from ..prompts import (check_syntax, encode_windows, expand_prompt, pad_to_same_length, pad_windows, plain_ids,
+                       prompt_windows, warn_truncated)
+from .arguments import (callback_inputs, check_arguments, check_batch, check_negative, check_size_and_steps,
+                        negative_list, prompt_batch, steps_of)
+from .common import DiffusionPipeline, PipelineOutput
+from .steps import (guidance_scale_embedding, initial_latents, postprocess, preprocess_image, repeat_to,
+                    rescale_noise_cfg, retrieve_timesteps)
+from ..loading import rewrite_old_scheduler_config
 
 
 class StableDiffusionPipeline(DiffusionPipeline):
@@ -31,7 +30,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
     vae_upcast = False
     component_names = ("vae", "text_encoder", "tokenizer", "unet", "scheduler", "safety_checker", "feature_extractor")
     optional_components = ("text_encoder", "tokenizer", "safety_checker", "feature_extractor")
-    rewrites_old_scheduler_configs = True  # diffusers' LCM pipeline does not (see realfiles.py)
+    rewrites_old_scheduler_configs = True  # diffusers' LCM pipeline does not (see minidiff/loading.py)
     # what a step-end callback may ask for (callback_on_step_end_tensor_inputs), as in diffusers
     _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
     _interrupt = False
@@ -52,33 +51,13 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return {"requires_safety_checker": self.requires_safety_checker}
 
     # ---- what callbacks read (diffusers' properties) ------------------------------------------------
-    @property
-    def guidance_scale(self):
-        return self._guidance_scale
-
-    @property
-    def guidance_rescale(self):
-        return self._guidance_rescale
-
-    @property
-    def clip_skip(self):
-        return self._clip_skip
-
-    @property
-    def cross_attention_kwargs(self):
-        return self._cross_attention_kwargs
-
-    @property
-    def do_classifier_free_guidance(self):
-        return self._guided(self._guidance_scale)
-
-    @property
-    def num_timesteps(self):
-        return self._num_timesteps
-
-    @property
-    def interrupt(self):
-        return self._interrupt
+    guidance_scale = property(lambda self: self._guidance_scale)
+    guidance_rescale = property(lambda self: self._guidance_rescale)
+    clip_skip = property(lambda self: self._clip_skip)
+    cross_attention_kwargs = property(lambda self: self._cross_attention_kwargs)
+    do_classifier_free_guidance = property(lambda self: self._guided(self._guidance_scale))
+    num_timesteps = property(lambda self: self._num_timesteps)
+    interrupt = property(lambda self: self._interrupt)
 
     @property
     def vae_scale_factor(self):
@@ -232,7 +211,7 @@ class StableDiffusionPipeline(DiffusionPipeline):
         return batch
 
     def prepare_latents(self, n, height, width, dtype, generator=None, latents=None):
-        """The first latents of text-to-image (see common.initial_latents)."""
+        """The first latents of text-to-image (see steps.initial_latents)."""
         shape = (n, self.unet.config.in_channels, height // self.vae_scale_factor, width // self.vae_scale_factor)
         return initial_latents(shape, generator, self._execution_device, dtype, latents, self.scheduler)
 

@@ -9,13 +9,13 @@ import torch
 
 from ..errors import ArgumentError
 from ..device import latent_dtype
-from ..lora import call_scale, scaled
+from ..lora_layers import call_scale, scaled
 from ..schedulers.common import randn_tensor
-from ..prompts import check_syntax, encode_windows, pad_to_same_length, pad_windows, plain_ids, prompt_windows
-from ..textual_inversion import expand_prompt
-from .arguments import check_arguments
-from .common import (PipelineOutput, callback_inputs, preprocess_image, prompt_batch, retrieve_timesteps, steps_of,
-                     warn_truncated)
+from ..prompts import (check_syntax, encode_windows, expand_prompt, pad_to_same_length, pad_windows, plain_ids,
+                       prompt_windows, warn_truncated)
+from .arguments import callback_inputs, check_arguments, prompt_batch, steps_of
+from .common import PipelineOutput
+from .steps import preprocess_image, retrieve_timesteps
 from .stable_diffusion import StableDiffusionPipeline, refuse_unsupported
 
 

@@ -20,9 +20,9 @@ from ..models.base import ModelOutput
 from ..schedulers.ddpm_wuerstchen import DEFAULT_STAGE_C_TIMESTEPS
 from ..weights.config import AttrDict
 from ..weights.hub import read_json, resolve_file
-from .arguments import check_arguments
-from .common import (DiffusionPipeline, PipelineOutput, check_batch, check_latents, check_negative, initial_latents,
-                     negative_list, numpy_to_pil, prompt_batch, step_callback)
+from .arguments import check_arguments, check_batch, check_latents, check_negative, negative_list, prompt_batch
+from .common import DiffusionPipeline, PipelineOutput
+from .steps import initial_latents, numpy_to_pil, step_callback
 
 __all__ = ["DEFAULT_STAGE_C_TIMESTEPS", "WuerstchenCombinedPipeline", "WuerstchenDecoderPipeline",
            "WuerstchenPriorPipeline", "WuerstchenPriorPipelineOutput"]

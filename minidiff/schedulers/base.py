@@ -23,9 +23,10 @@ from typing import Optional
 
 import torch
 
+from ..models.base import ModelOutput
 from ..weights.config import AttrDict, config_from_dict
 from ..weights.hub import read_json
-from .common import index_for_timestep, start_noise_std
+from .common import check_schedule, check_sigma_schedule, index_for_timestep, start_noise_std
 
 CONFIG_NAME = "scheduler_config.json"
 # diffusers' KarrasDiffusionSchedulers: the schedulers that share the DDPM noise schedule and swap freely
@@ -37,22 +38,11 @@ KARRAS_SCHEDULERS = ("DDIMScheduler", "DDPMScheduler", "PNDMScheduler", "LMSDisc
 
 
 # ---------------------------------------------------------------------------------------------
-# Outputs: by attribute, by index over the fields that are set (as diffusers' BaseOutput), by key.
+# Outputs: the one output convention (models/base.py ModelOutput: by attribute, by index over the fields that
+# are set, as diffusers' BaseOutput), and by key.
 
 
-class Output:
-    def to_tuple(self):
-        return tuple(v for v in (getattr(self, f.name) for f in dataclasses.fields(self)) if v is not None)
-
-    def __getitem__(self, k):
-        return getattr(self, k) if isinstance(k, str) else self.to_tuple()[k]
-
-    def __iter__(self):
-        return iter(self.to_tuple())
-
-    def __len__(self):
-        return len(self.to_tuple())
-
+class Output(ModelOutput):
     def keys(self):
         return [f.name for f in dataclasses.fields(self) if getattr(self, f.name) is not None]
 
@@ -73,6 +63,55 @@ def step_output(return_dict, prev_sample, pred_original_sample=None):
     """What step returns: the output object, or diffusers' tuple (prev_sample[, pred_original_sample])."""
     out = SchedulerOutput(prev_sample, pred_original_sample)
     return out if return_dict else out.to_tuple()
+
+
+# ---------------------------------------------------------------------------------------------
+# Config bases: the keys most schedulers share, with diffusers' names and defaults. A scheduler's config
+# dataclass derives from one and adds its own keys (or gives one its own default, as diffusers does).
+
+
+@dataclasses.dataclass
+class TrainScheduleConfig:
+    """The training noise schedule (common.py `train_schedule`) and what the model predicts."""
+    num_train_timesteps: int = 1000
+    beta_start: float = 0.0001
+    beta_end: float = 0.02
+    beta_schedule: str = "linear"
+    trained_betas: Optional[list] = None
+    prediction_type: str = "epsilon"
+
+    prediction_types = ("epsilon", "v_prediction", "sample")  # (not a field: what validate accepts)
+
+    def validate(self, where):  # (for the subclasses: they have timestep_spacing)
+        check_schedule(self, where, self.prediction_types)
+
+
+@dataclasses.dataclass
+class PredictedX0Config(TrainScheduleConfig):
+    """... for the schedulers that step through a predicted x_0 (DDIM, DDPM, LCM, TCD): its clipping, or Imagen's
+    dynamic thresholding, and diffusers' "leading" spacing."""
+    clip_sample: bool = True
+    clip_sample_range: float = 1.0
+    thresholding: bool = False  # Imagen's dynamic thresholding of x_0 (pixel-space models; it replaces clipping)
+    dynamic_thresholding_ratio: float = 0.995
+    sample_max_value: float = 1.0
+    timestep_spacing: str = "leading"
+    steps_offset: int = 0
+    rescale_betas_zero_snr: bool = False
+
+
+@dataclasses.dataclass
+class SigmaConfig(TrainScheduleConfig):
+    """... for the k-diffusion-style schedulers (sigma_loop.py): the optional Karras / exponential / beta sigmas."""
+    use_karras_sigmas: bool = False
+    use_exponential_sigmas: bool = False
+    use_beta_sigmas: bool = False
+    timestep_spacing: str = "linspace"
+    steps_offset: int = 0
+
+    def validate(self, where):
+        super().validate(where)
+        check_sigma_schedule(self, where)
 
 
 # ---------------------------------------------------------------------------------------------

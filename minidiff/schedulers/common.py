@@ -269,6 +269,14 @@ def check_float_timestep(where, timestep):
                          "`scheduler.timesteps` (a float tensor)")
 
 
+def check_timesteps(where, timesteps, num_train_timesteps):
+    """Custom `timesteps` for set_timesteps (DDPM, LCM, TCD): descending, below the training steps."""
+    if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
+        raise ValueError(f"{where}: timesteps must be descending, got {list(timesteps)}")
+    if timesteps[0] >= num_train_timesteps:
+        raise ValueError(f"{where}: timesteps must be below {num_train_timesteps}, got {timesteps[0]}")
+
+
 # ---------------------------------------------------------------------------------------------
 # Loop position
 

@@ -5,36 +5,18 @@ x_t' = sqrt(a_t') x_0 + sqrt(1 - a_t' - s^2) eps + s z, with s = eta sigma_t (eq
 eta 0 is the deterministic sampler SD uses, eta 1 is DDPM-like.
 """
 import dataclasses
-from typing import Optional
 
 import numpy as np
 import torch
 
-from .base import KARRAS_SCHEDULERS, Scheduler, step_output
-from .common import alpha_at, alpha_schedule, check_schedule, predict_eps, predict_x0, randn_tensor, spaced_timesteps, \
+from .base import KARRAS_SCHEDULERS, PredictedX0Config, Scheduler, step_output
+from .common import alpha_at, alpha_schedule, predict_eps, predict_x0, randn_tensor, spaced_timesteps, \
     threshold_sample
 
 
 @dataclasses.dataclass
-class DDIMConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
-    clip_sample: bool = True
+class DDIMConfig(PredictedX0Config):
     set_alpha_to_one: bool = True  # the last step lands on a_0 = 1 (else on the first training step's a)
-    steps_offset: int = 0
-    prediction_type: str = "epsilon"
-    thresholding: bool = False  # Imagen's dynamic thresholding of x_0 (pixel-space models; it replaces clipping)
-    dynamic_thresholding_ratio: float = 0.995
-    clip_sample_range: float = 1.0
-    sample_max_value: float = 1.0
-    timestep_spacing: str = "leading"
-    rescale_betas_zero_snr: bool = False
-
-    def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
 
 
 class DDIMScheduler(Scheduler):

@@ -7,38 +7,23 @@ beta = 1 - alpha over the (possibly skipped) interval t -> t'. The variance is t
 interpolation of the two logs). Noise is drawn on every step but the one at t = 0.
 """
 import dataclasses
-from typing import Optional
 
 import numpy as np
 import torch
 
-from .base import KARRAS_SCHEDULERS, Scheduler, step_output
-from .common import (check_choice, check_schedule, train_schedule, predict_x0, randn_tensor, spaced_timesteps,
+from .base import KARRAS_SCHEDULERS, PredictedX0Config, Scheduler, step_output
+from .common import (check_choice, check_timesteps, train_schedule, predict_x0, randn_tensor, spaced_timesteps,
                      threshold_sample)
 
 VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "fixed_large_log", "learned", "learned_range")
 
 
 @dataclasses.dataclass
-class DDPMConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
+class DDPMConfig(PredictedX0Config):
     variance_type: str = "fixed_small"
-    clip_sample: bool = True
-    prediction_type: str = "epsilon"
-    thresholding: bool = False  # Imagen's dynamic thresholding of x_0 (pixel-space models; it replaces clipping)
-    dynamic_thresholding_ratio: float = 0.995
-    clip_sample_range: float = 1.0
-    sample_max_value: float = 1.0
-    timestep_spacing: str = "leading"
-    steps_offset: int = 0
-    rescale_betas_zero_snr: bool = False
 
     def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
+        super().validate(where)
         check_choice(where, "variance_type", self.variance_type, VARIANCE_TYPES)
 
 
@@ -58,10 +43,7 @@ class DDPMScheduler(Scheduler):
         if (num_inference_steps is None) == (timesteps is None):
             raise ValueError("DDPMScheduler.set_timesteps: pass exactly one of num_inference_steps or timesteps")
         if timesteps is not None:
-            if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
-                raise ValueError(f"DDPMScheduler.set_timesteps: timesteps must be descending, got {list(timesteps)}")
-            if timesteps[0] >= N:
-                raise ValueError(f"DDPMScheduler.set_timesteps: timesteps must be below {N}, got {timesteps[0]}")
+            check_timesteps("DDPMScheduler.set_timesteps", timesteps, N)
             timesteps, self.custom_timesteps = np.array(timesteps, dtype=np.int64), True
         else:
             if num_inference_steps > N:

@@ -10,28 +10,20 @@ from typing import Optional
 import numpy as np
 import torch
 
-from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
+from .base import KARRAS_SCHEDULERS, SigmaConfig, SigmaScheduler, step_output
 from .common import (check_choice, check_float_timestep, check_schedule, check_sigma_schedule, convert_sigmas, euler_step,
                      predict_x0_sigma, randn_tensor, sigma_schedule, sigma_to_t, spaced_sigmas, train_sigmas)
 
 
 @dataclasses.dataclass
-class EulerDiscreteConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
-    prediction_type: str = "epsilon"
-    interpolation_type: str = "linear"  # sigma between training steps: "linear" in t, or "log_linear" (see below)
-    use_karras_sigmas: Optional[bool] = False
+class EulerDiscreteConfig(SigmaConfig):
+    use_karras_sigmas: Optional[bool] = False  # (Optional here, as in diffusers: null means False)
     use_exponential_sigmas: Optional[bool] = False
     use_beta_sigmas: Optional[bool] = False
-    sigma_min: Optional[float] = None  # bounds of those three schedules (default: the training schedule's own)
+    interpolation_type: str = "linear"  # sigma between training steps: "linear" in t, or "log_linear" (see below)
+    sigma_min: Optional[float] = None  # bounds of the three sigma schedules (default: the training schedule's own)
     sigma_max: Optional[float] = None
-    timestep_spacing: str = "linspace"
     timestep_type: str = "discrete"  # "continuous": the UNet gets 0.25 log(sigma) (EDM-style v-prediction models)
-    steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
     final_sigmas_type: str = "zero"  # the loop ends at sigma 0, or at the first training step's sigma
 

@@ -5,30 +5,21 @@ sigma_down, then fresh noise of std sigma_up, with sigma_down^2 + sigma_up^2 = s
 sigma_up chosen as in DDPM's ancestral sampling (eta = 1). Noise is drawn on every step, the last included.
 """
 import dataclasses
-from typing import Optional
 
 import numpy as np
 import torch
 
-from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
-from .common import check_float_timestep, check_schedule, euler_step, predict_x0_sigma, randn_tensor, sigma_schedule, \
+from .base import KARRAS_SCHEDULERS, SigmaScheduler, TrainScheduleConfig, step_output
+from .common import check_float_timestep, euler_step, predict_x0_sigma, randn_tensor, sigma_schedule, \
     spaced_sigmas
 
 
 @dataclasses.dataclass
-class EulerAncestralDiscreteConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
-    prediction_type: str = "epsilon"
+class EulerAncestralDiscreteConfig(TrainScheduleConfig):
     timestep_spacing: str = "linspace"
     steps_offset: int = 0
     rescale_betas_zero_snr: bool = False
-
-    def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction"))
+    prediction_types = ("epsilon", "v_prediction")
 
 
 class EulerAncestralDiscreteScheduler(SigmaScheduler):

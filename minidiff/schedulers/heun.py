@@ -7,37 +7,27 @@ a plain Euler step (one call).
 """
 import dataclasses
 import math
-from typing import Optional
 
 import numpy as np
 import torch
 
-from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
+from .base import KARRAS_SCHEDULERS, SigmaConfig, SigmaScheduler, step_output
 from .common import (check_float_timestep, check_schedule, check_sigma_schedule, make_betas,
                      predict_x0_sigma)
 from .sigma_loop import config_bounds, doubled, loop_sigmas
 
 
 @dataclasses.dataclass
-class HeunDiscreteConfig:
-    num_train_timesteps: int = 1000
+class HeunDiscreteConfig(SigmaConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
-    prediction_type: str = "epsilon"
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
     clip_sample: bool = False
     clip_sample_range: float = 1.0
-    timestep_spacing: str = "linspace"
-    steps_offset: int = 0
 
     def validate(self, where):
         # (Heun alone has the "exp" beta schedule in diffusers)
         plain = dataclasses.replace(self, beta_schedule="linear") if self.beta_schedule == "exp" else self
-        check_schedule(plain, where, ("epsilon", "v_prediction", "sample"))
+        check_schedule(plain, where, self.prediction_types)
         check_sigma_schedule(self, where)
 
 

@@ -7,32 +7,26 @@ midpoint slope. `timesteps` interleaves the steps' timesteps with the midpoints'
 the last step, to sigma 0, is a plain Euler step (one call).
 """
 import dataclasses
-from typing import Optional
 
 import torch
 
-from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
-from .common import check_float_timestep, check_schedule, check_sigma_schedule, train_schedule, predict_x0_sigma
-from .sigma_loop import config_bounds, doubled, interleaved, loop_sigmas, sigma_to_t_float32
+from .base import SigmaConfig, step_output
+from .common import check_float_timestep, predict_x0_sigma
+from .sigma_loop import LoopSigmaScheduler, config_bounds, doubled, interleaved, loop_sigmas, sigma_to_t_float32
 
 
 @dataclasses.dataclass
-class KDPM2DiscreteConfig:
-    num_train_timesteps: int = 1000
+class KDPM2DiscreteConfig(SigmaConfig):
     beta_start: float = 0.00085
     beta_end: float = 0.012
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
-    prediction_type: str = "epsilon"
-    timestep_spacing: str = "linspace"
-    steps_offset: int = 0
 
-    def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction"))  # diffusers has no "sample" form either
-        check_sigma_schedule(self, where)
+    prediction_types = ("epsilon", "v_prediction")  # diffusers has no "sample" form either
+
+
+def dpm2_loop_sigmas(scheduler, num_inference_steps):
+    """loop_sigmas for DPM2 and DPM2 ancestral (diffusers rounds DPM2's Karras timesteps, not the midpoints')."""
+    return loop_sigmas(scheduler.cfg, scheduler.alphas_cumprod, num_inference_steps, round_converted=True,
+                       bounds=config_bounds(scheduler))
 
 
 def midpoint_sigmas(sigmas, sigmas_to):
@@ -40,21 +34,13 @@ def midpoint_sigmas(sigmas, sigmas_to):
     return sigmas.log().lerp(sigmas_to.log(), 0.5).exp()
 
 
-class KDPM2DiscreteScheduler(SigmaScheduler):
+class KDPM2DiscreteScheduler(LoopSigmaScheduler):
     config_dataclass = KDPM2DiscreteConfig
     order = 2
-    _compatibles = KARRAS_SCHEDULERS
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.betas, self.alphas_cumprod = train_schedule(self.cfg)
-        self.set_timesteps(self.cfg.num_train_timesteps)  # as diffusers: a full-length loop until set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None):
         self.num_inference_steps = num_inference_steps
-        # (diffusers rounds DPM2's Karras timesteps, not the midpoints')
-        t, sigmas, log_sigmas = loop_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps, round_converted=True,
-                                            bounds=config_bounds(self))
+        t, sigmas, log_sigmas = dpm2_loop_sigmas(self, num_inference_steps)
         mid = midpoint_sigmas(sigmas, sigmas.roll(1))  # mid[i]: between sigma_{i-1} and sigma_i
         t_mid = sigma_to_t_float32(mid.numpy(), log_sigmas)
         self.sigmas = torch.cat([doubled(sigmas), sigmas[-1:]])  # CPU: indexed once per call

@@ -9,10 +9,10 @@ import dataclasses
 
 import torch
 
-from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
-from .common import check_float_timestep, train_schedule, predict_x0_sigma, randn_tensor
-from .kdpm2 import KDPM2DiscreteConfig, midpoint_sigmas
-from .sigma_loop import config_bounds, doubled, interleaved, loop_sigmas, sigma_to_t_float32
+from .base import step_output
+from .common import check_float_timestep, predict_x0_sigma, randn_tensor
+from .kdpm2 import KDPM2DiscreteConfig, KDPM2DiscreteScheduler, dpm2_loop_sigmas, midpoint_sigmas
+from .sigma_loop import doubled, interleaved, sigma_to_t_float32
 
 
 @dataclasses.dataclass
@@ -20,21 +20,12 @@ class KDPM2AncestralDiscreteConfig(KDPM2DiscreteConfig):  # the same keys and de
     pass
 
 
-class KDPM2AncestralDiscreteScheduler(SigmaScheduler):
+class KDPM2AncestralDiscreteScheduler(KDPM2DiscreteScheduler):  # DPM2's two-call loop state; its own schedule, step
     config_dataclass = KDPM2AncestralDiscreteConfig
-    order = 2
-    _compatibles = KARRAS_SCHEDULERS
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.betas, self.alphas_cumprod = train_schedule(self.cfg)
-        self.set_timesteps(self.cfg.num_train_timesteps)  # as diffusers: a full-length loop until set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None):
         self.num_inference_steps = num_inference_steps
-        # (diffusers rounds DPM2's Karras timesteps, not the midpoints')
-        t, sigmas, log_sigmas = loop_sigmas(self.cfg, self.alphas_cumprod, num_inference_steps, round_converted=True,
-                                            bounds=config_bounds(self))
+        t, sigmas, log_sigmas = dpm2_loop_sigmas(self, num_inference_steps)
         to = torch.cat([sigmas[1:], sigmas[:1] * 0])
         up = (to ** 2 * (sigmas ** 2 - to ** 2) / sigmas ** 2) ** 0.5  # DDPM's ancestral noise (eta = 1)
         down = (to ** 2 - up ** 2) ** 0.5
@@ -47,10 +38,6 @@ class KDPM2AncestralDiscreteScheduler(SigmaScheduler):
         self.timesteps = interleaved(torch.from_numpy(t), torch.from_numpy(t_mid[:-2])).to(device)
         self.sample = None  # the step's start, kept between its two calls
         self.reset_loop()
-
-    @property
-    def state_in_first_order(self):
-        return self.sample is None
 
     def scale_model_input(self, sample, timestep):
         i = self.enter_loop(timestep)

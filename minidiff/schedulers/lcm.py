@@ -6,37 +6,23 @@ boundary condition denoised = c_skip(t) x_t + c_out(t) x_0(x_t), then noises it 
 timestep with fresh noise; the last step returns the clean estimate (no noise drawn).
 """
 import dataclasses
-from typing import Optional
 
 import numpy as np
 import torch
 
-from .base import LCMSchedulerOutput, Scheduler
-from .common import alpha_at, alpha_schedule, check_schedule, predict_x0, randn_tensor, threshold_sample
+from .base import LCMSchedulerOutput, PredictedX0Config, Scheduler
+from .common import alpha_at, alpha_schedule, check_timesteps, predict_x0, randn_tensor, threshold_sample
 
 
 @dataclasses.dataclass
-class LCMConfig:
-    num_train_timesteps: int = 1000
+class LCMConfig(PredictedX0Config):  # (timestep_spacing and steps_offset: unused by LCM's schedule, as in diffusers)
     beta_start: float = 0.00085
     beta_end: float = 0.012
     beta_schedule: str = "scaled_linear"
-    trained_betas: Optional[list] = None
-    original_inference_steps: int = 50
     clip_sample: bool = False
-    clip_sample_range: float = 1.0
+    original_inference_steps: int = 50
     set_alpha_to_one: bool = True
-    steps_offset: int = 0  # unused by LCM's schedule (as in diffusers)
-    prediction_type: str = "epsilon"
-    thresholding: bool = False  # Imagen's dynamic thresholding of x_0 (pixel-space models; it replaces clipping)
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
-    timestep_spacing: str = "leading"  # unused by LCM's schedule (as in diffusers)
     timestep_scaling: float = 10.0
-    rescale_betas_zero_snr: bool = False
-
-    def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
 
 
 class LCMScheduler(Scheduler):
@@ -63,10 +49,7 @@ class LCMScheduler(Scheduler):
                              f"{N} training timesteps")
         grid = np.arange(1, int(original * strength) + 1) * (N // original) - 1  # ascending
         if timesteps is not None:
-            if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
-                raise ValueError(f"LCMScheduler.set_timesteps: timesteps must be descending, got {list(timesteps)}")
-            if timesteps[0] >= N:
-                raise ValueError(f"LCMScheduler.set_timesteps: timesteps must be below {N}, got {timesteps[0]}")
+            check_timesteps("LCMScheduler.set_timesteps", timesteps, N)
             timesteps = np.array(timesteps, dtype=np.int64)
             self.num_inference_steps = len(timesteps)
             self.custom_timesteps = True

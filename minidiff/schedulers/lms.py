@@ -7,33 +7,18 @@ polynomial j. The polynomial has degree order - 1 <= 3, so Gauss-Legendre quadra
 exact (diffusers calls scipy's adaptive quad for the same number).
 """
 import dataclasses
-from typing import Optional
 
 import numpy as np
 import torch
 
-from .base import KARRAS_SCHEDULERS, SigmaScheduler, step_output
-from .common import check_float_timestep, check_schedule, check_sigma_schedule, train_schedule, predict_x0_sigma
-from .sigma_loop import config_bounds, loop_sigmas
+from .base import SigmaConfig, step_output
+from .common import check_float_timestep, predict_x0_sigma
+from .sigma_loop import LoopSigmaScheduler, config_bounds, loop_sigmas
 
 
 @dataclasses.dataclass
-class LMSDiscreteConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
-    use_karras_sigmas: bool = False
-    use_exponential_sigmas: bool = False
-    use_beta_sigmas: bool = False
-    prediction_type: str = "epsilon"
-    timestep_spacing: str = "linspace"
-    steps_offset: int = 0
-
-    def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
-        check_sigma_schedule(self, where)
+class LMSDiscreteConfig(SigmaConfig):  # the shared keys with diffusers' defaults (base.py)
+    pass
 
 
 def lms_coefficient(sigmas, order, i, j):
@@ -50,14 +35,8 @@ def lms_coefficient(sigmas, order, i, j):
     return float((b - a) / 2 * np.dot(weights, basis))
 
 
-class LMSDiscreteScheduler(SigmaScheduler):
+class LMSDiscreteScheduler(LoopSigmaScheduler):
     config_dataclass = LMSDiscreteConfig
-    _compatibles = KARRAS_SCHEDULERS
-
-    def __init__(self, **config):
-        super().__init__(**config)
-        self.betas, self.alphas_cumprod = train_schedule(self.cfg)
-        self.set_timesteps(self.cfg.num_train_timesteps)  # as diffusers: a full-length loop until set_timesteps
 
     def set_timesteps(self, num_inference_steps, device=None):
         self.num_inference_steps = num_inference_steps

@@ -6,12 +6,11 @@ level s. They keep the last model outputs (converted to x_0 or eps) for their mu
 UNet input unscaled and start from unit noise.
 """
 import dataclasses
-from typing import Optional
 
 import numpy as np
 import torch
 
-from .base import SigmaScheduler
+from .base import SigmaScheduler, TrainScheduleConfig
 from .common import check_choice, convert_sigmas, sigma_schedule, sigma_to_t, threshold_sample, train_sigmas
 
 
@@ -115,15 +114,9 @@ def check_solver(cfg, where):
 
 
 @dataclasses.dataclass
-class SolverConfig:
+class SolverConfig(TrainScheduleConfig):
     """The config keys the four solvers share (each file adds its own)."""
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
     solver_order: int = 2
-    prediction_type: str = "epsilon"
     thresholding: bool = False
     dynamic_thresholding_ratio: float = 0.995
     sample_max_value: float = 1.0

@@ -7,30 +7,21 @@ mean of eps(x_t0) and eps at the result (a Heun step), which is why `timesteps` 
 Without `skip_prk_steps` the first three steps are pseudo Runge-Kutta (RK4, 4 UNet calls each) instead.
 """
 import dataclasses
-from typing import Optional
 
 import numpy as np
 import torch
 
-from .base import KARRAS_SCHEDULERS, Scheduler, step_output
-from .common import alpha_at, alpha_schedule, check_schedule, predict_eps, spaced_timesteps
+from .base import KARRAS_SCHEDULERS, Scheduler, TrainScheduleConfig, step_output
+from .common import alpha_at, alpha_schedule, predict_eps, spaced_timesteps
 
 
 @dataclasses.dataclass
-class PNDMConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.0001
-    beta_end: float = 0.02
-    beta_schedule: str = "linear"
-    trained_betas: Optional[list] = None
+class PNDMConfig(TrainScheduleConfig):
     skip_prk_steps: bool = False
     set_alpha_to_one: bool = False
-    prediction_type: str = "epsilon"
     timestep_spacing: str = "leading"
     steps_offset: int = 0
-
-    def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction"))
+    prediction_types = ("epsilon", "v_prediction")
 
 
 class PNDMScheduler(Scheduler):

@@ -1,5 +1,6 @@
 """What the k-diffusion-style samplers of issue 15 share (Heun, DPM2, DPM2 ancestral, LMS): the loop's noise
-levels and the timesteps the UNet sees at each, and the doubled schedule of the two-call samplers.
+levels and the timesteps the UNet sees at each, the doubled schedule of the two-call samplers, and the base
+class of DPM2, DPM2 ancestral and LMS (`LoopSigmaScheduler`).
 
 The loop runs over sigmas spaced by `timestep_spacing` (interpolated between training steps), optionally
 replaced by a Karras / exponential / beta schedule between the same end points, whose timesteps are then
@@ -8,7 +9,18 @@ found back by interpolating in log sigma.
 import numpy as np
 import torch
 
-from .common import convert_sigmas, sigma_to_t, spaced_sigmas, train_sigmas
+from .base import KARRAS_SCHEDULERS, SigmaScheduler
+from .common import convert_sigmas, sigma_to_t, spaced_sigmas, train_schedule, train_sigmas
+
+
+class LoopSigmaScheduler(SigmaScheduler):
+    """Base of DPM2, DPM2 ancestral and LMS: the training schedule, and a full-length loop until set_timesteps."""
+    _compatibles = KARRAS_SCHEDULERS
+
+    def __init__(self, **config):
+        super().__init__(**config)
+        self.betas, self.alphas_cumprod = train_schedule(self.cfg)
+        self.set_timesteps(self.cfg.num_train_timesteps)  # as diffusers: a full-length loop until set_timesteps
 
 
 def loop_sigmas(cfg, alphas_cumprod, num_inference_steps, timesteps=None, round_converted=False, bounds=(None, None)):

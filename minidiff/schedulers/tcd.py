@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from .base import Output, Scheduler
-from .common import check_schedule, train_schedule, predict_eps, predict_x0, randn_tensor
+from .common import check_timesteps, predict_eps, predict_x0, randn_tensor, train_schedule
+from .lcm import LCMConfig
 
 
 @dataclasses.dataclass(eq=False)
@@ -23,27 +24,8 @@ class TCDSchedulerOutput(Output):
 
 
 @dataclasses.dataclass
-class TCDConfig:
-    num_train_timesteps: int = 1000
-    beta_start: float = 0.00085
-    beta_end: float = 0.012
-    beta_schedule: str = "scaled_linear"
-    trained_betas: Optional[list] = None
-    original_inference_steps: int = 50
-    clip_sample: bool = False  # (unused by TCD's step, as in diffusers)
-    clip_sample_range: float = 1.0
-    set_alpha_to_one: bool = True
-    steps_offset: int = 0  # unused by TCD's schedule (as in diffusers)
-    prediction_type: str = "epsilon"
-    thresholding: bool = False  # (unused by TCD's step, as in diffusers)
-    dynamic_thresholding_ratio: float = 0.995
-    sample_max_value: float = 1.0
-    timestep_spacing: str = "leading"  # unused by TCD's schedule (as in diffusers)
-    timestep_scaling: float = 10.0
-    rescale_betas_zero_snr: bool = False
-
-    def validate(self, where):
-        check_schedule(self, where, ("epsilon", "v_prediction", "sample"))
+class TCDConfig(LCMConfig):  # LCM's keys and defaults (clip_sample, thresholding: unused by TCD's step, as in diffusers)
+    pass
 
 
 class TCDScheduler(Scheduler):
@@ -71,10 +53,7 @@ class TCDScheduler(Scheduler):
         else:  # (as diffusers: an explicit original_inference_steps means every training step)
             grid = np.arange(0, int(N * strength))
         if timesteps is not None:
-            if any(b >= a for a, b in zip(timesteps, timesteps[1:])):
-                raise ValueError(f"{where}: timesteps must be descending, got {list(timesteps)}")
-            if timesteps[0] >= N:
-                raise ValueError(f"{where}: timesteps must be below {N}, got {timesteps[0]}")
+            check_timesteps(where, timesteps, N)
             timesteps = np.array(timesteps, dtype=np.int64)
             self.num_inference_steps, self.custom_timesteps = len(timesteps), True
             kept = min(int(self.num_inference_steps * strength), self.num_inference_steps)  # img2img
