@@ -5,7 +5,7 @@
 #   2. the kernel workbench (python -m minidiff.kernels.bench: per op / shape of SD 1.5 and SDXL, fp16),
 #   3. SD 1.5 / SDXL UNet steps at fp16: eager, compiled, with kernels, kernels + compiled, peak memory,
 #   4. SD 1.5 (512x512) / SDXL (1024x1024) whole images at fp16 (bench/gpu_images.py): eager, compiled, with
-#      kernels, model offload, sequential offload, peak memory (IMAGE_STEPS Euler steps, default 10).
+#      kernels, model offload, sequential offload, peak memory (IMAGE_STEPS Euler steps, default 4).
 # Everything is printed as Markdown tables and kept in bench/gpu-results.md.
 #   bench/gpu.sh            # on the CUDA machine
 #   DRY_RUN=1 bench/gpu.sh  # anywhere: the existing venv (PYTHON=...), CPU, small shapes, no install
@@ -23,7 +23,7 @@ else
     $PY -m pip install -q torch triton  # PyPI's Linux torch wheel is the CUDA build
     $PY -m pip install -q -e ".[test]"
     $PY -m pip install -q --no-deps open-clip-torch k-diffusion==0.1.1.post1
-    SMALL="" STEP="" IMAGES="--steps ${IMAGE_STEPS:-10}"
+    SMALL="" STEP="" IMAGES="--steps ${IMAGE_STEPS:-4}"
 fi
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 {
