@@ -100,7 +100,7 @@ def png_parameters(a, steps, guidance, width, height, sampler, model, dtype=None
     """The text block image tools (A1111, ComfyUI readers) show for a PNG: prompt, negative, settings."""
     settings = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance, "Seed": a.seed, "Size": f"{width}x{height}",
                 "Model": model, "LoRA": "LCM" if a.lcm else None, "Clip skip": a.clip_skip,
-                "Prompt syntax": a.prompt_syntax, "Dtype": dtype}
+                "Prompt syntax": a.prompt_syntax, "Dtype": dtype, "Layout": getattr(a, "layout", None)}
     return format_infotext(a.prompt, a.negative, settings)
 
 
@@ -133,6 +133,7 @@ def apply_png(a):
     a.lcm = a.lcm or s.get("LoRA") == "LCM"
     if getattr(a, "dtype", "auto") is None and s.get("Dtype") in ("float32", "float16", "bfloat16"):
         a.dtype = s["Dtype"]  # the same dtype makes the same picture
+        a.layout = s.get("Layout")  # and the same layout (channels_last: another summation order)
     model = s.get("Model")
     if a.model is None and model is not None and not model.endswith("(bundled)"):
         if not (os.path.exists(model) or model.count("/") == 1):
@@ -179,7 +180,7 @@ def generate(a):
     import torch
     from PIL import PngImagePlugin
 
-    from .device import resolve_dtype
+    from .device import resolve_dtype, use_fast_layout
     from .pipelines import DiffusionPipeline
     from .samplers import name_of, scheduler_for
     from .schedulers import LCMScheduler
@@ -201,6 +202,11 @@ def generate(a):
                                                  allow_pickle=a.allow_pickle)
     if a.vae:
         pipe.vae = load_vae(a.vae, pipe.vae, dtype, a.device, xl="XL" in type(pipe).__name__)
+    wanted = a.dtype == "auto" or getattr(a, "layout", None) == "channels_last"  # auto, or a --from-png made so
+    a.layout = None
+    if wanted and any([use_fast_layout(m, a.device) for m in pipe.modules()]):
+        a.layout = "channels_last"  # recorded in the PNG: --from-png makes the same picture
+        print("minidiff: layout channels_last (auto: bf16 convolutions on a CPU run in NHWC)", file=sys.stderr)
     if a.lcm:
         lora = a.lora or (BUNDLED_LCM_LORA if bundled else None)
         if lora is None:
