@@ -57,6 +57,8 @@ def parse_args(argv):
                    help="weights and compute dtype (default: auto = bfloat16 on a CPU with AVX512_BF16 or AMX, "
                         "float32 on other CPUs; see minidiff/device.py; --from-png: the PNG's)")
     g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: auto = torch's, one per core, "
+                   "fewer on a busy machine: the cores the load average leaves free)")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g.add_argument("--allow-pickle", action="store_true", help="read pickle checkpoints/LoRAs (.bin, .ckpt; with "
                    "torch.load(weights_only=True)); refused by default")
@@ -69,6 +71,8 @@ def check_args(a):
     """Every argument checked before anything is loaded (the rules: minidiff/cli_checks.py)."""
     if a.prompt is None:
         raise SystemExit("minidiff: generate needs a prompt (or --from-png image.png)")
+    if getattr(a, "threads", None) is not None and a.threads < 1:
+        raise SystemExit(f"minidiff: --threads {a.threads} must be >= 1")
     if a.clip_skip is not None and a.clip_skip < 1:
         raise SystemExit(f"minidiff: --clip-skip {a.clip_skip} must be >= 1 (1 = the last layer)")
     from .cli_checks import check_cli_args
@@ -180,7 +184,7 @@ def generate(a):
     import torch
     from PIL import PngImagePlugin
 
-    from .device import resolve_dtype, use_fast_layout
+    from .device import auto_threads, resolve_dtype, use_fast_layout
     from .pipelines import DiffusionPipeline
     from .samplers import name_of, scheduler_for
     from .schedulers import LCMScheduler
@@ -190,6 +194,12 @@ def generate(a):
     bundled = a.model is None
     if bundled and not os.path.isdir(BUNDLED):
         raise SystemExit(f"minidiff: the bundled model is missing from {BUNDLED}; pass --model")
+    if a.threads is not None or torch.device(a.device).type == "cpu":
+        threads = a.threads or auto_threads()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        print(f"minidiff: threads {threads}" + ("" if a.threads else f" (auto: {os.cpu_count()} cores, load average "
+              f"{os.getloadavg()[0]:.1f}; --threads N to choose)"), file=sys.stderr)
     a.dtype = a.dtype or "auto"
     dtype = resolve_dtype(a.dtype, a.device)
     print(f"minidiff: dtype {str(dtype).replace('torch.', '')}"

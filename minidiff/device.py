@@ -11,6 +11,7 @@ The library's default stays diffusers' (fp32 when nothing is passed); the CLI pi
 Note: here "auto" means "this device's fast dtype", not transformers' "the dtype the file was saved in".
 """
 import functools
+import os
 
 import torch
 
@@ -92,3 +93,20 @@ def use_fast_layout(model, device=None):
         return False
     model.to(memory_format=fmt)
     return True
+
+
+def free_cores(cores=None, load=None):
+    """How many cores other processes leave this one: the cores it may run on less the 1-minute load average
+    (the processes that were runnable), at least 1. PyTorch's OpenMP threads wait for each other at every op, so
+    one thread more than there are free cores runs the whole step at the speed of the busiest core (on 2 cores
+    with one busy: 2 threads 3.6x slower than 1, README "Threads")."""
+    if cores is None:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    if load is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+    return max(1, min(cores, round(cores - load)))
+
+
+def auto_threads():
+    """The CLI's default thread count: torch's (one per core), lowered to free_cores() on a busy machine."""
+    return min(torch.get_num_threads(), free_cores())

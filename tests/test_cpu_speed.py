@@ -49,6 +49,32 @@ def channels_last(model):
     return model.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and model.conv_in.weight.shape[-1] > 1
 
 
+def test_free_cores_leaves_the_busy_ones(monkeypatch):
+    assert device.free_cores(cores=2, load=0.1) == 2      # an idle box: every core
+    assert device.free_cores(cores=2, load=1.0) == 1      # one core busy: one thread, not two waiting on it
+    assert device.free_cores(cores=2, load=7.9) == 1      # at least one
+    assert device.free_cores(cores=16, load=3.2) == 13
+    monkeypatch.setattr(device, "free_cores", lambda: 1)
+    assert device.auto_threads() == 1
+
+
+def test_cli_threads(folder, tmp_path, capsys, monkeypatch):
+    """--threads N sets torch's threads (and is checked); by default the CLI prints the count it runs with."""
+    before = torch.get_num_threads()
+    try:
+        main(["generate", "a red cube", "--model", folder, "--steps", "1", "--width", "32", "--height", "32",
+              "--dtype", "float32", "--threads", "2", "--out", str(tmp_path / "a.png")])
+        assert torch.get_num_threads() == 2 and "minidiff: threads 2\n" in capsys.readouterr().err
+        monkeypatch.setattr(device, "free_cores", lambda: 1)
+        main(["generate", "a red cube", "--model", folder, "--steps", "1", "--width", "32", "--height", "32",
+              "--dtype", "float32", "--out", str(tmp_path / "b.png")])
+        assert torch.get_num_threads() == 1 and "minidiff: threads 1 (auto" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit, match="--threads 0 must be >= 1"):
+        main(["generate", "a red cube", "--model", folder, "--threads", "0"])
+
+
 def test_auto_dtype_and_default(folder, bf16_cpu):
     plain = StableDiffusionPipeline.from_pretrained(folder)
     assert plain.unet.dtype == torch.float32 and not channels_last(plain.unet)  # diffusers' default
@@ -220,3 +246,38 @@ def test_compiled_unet_matches_eager(folder):
         ref = pipe.unet(x, 10, ctx).sample
         pipe.unet.compile()
         torch.testing.assert_close(pipe.unet(x, 10, ctx).sample, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(os.environ.get("MINIDIFF_COMPILE_TESTS") != "1",
+                    reason="torch.compile takes minutes on a small CPU: MINIDIFF_COMPILE_TESTS=1 runs it")
+def test_compiled_unet_lora_swapping(tmp_path):
+    """Opt-in: LoRA load, set_adapters, a second adapter and unload on a compiled UNet: after each swap the
+    compiled output equals the eager UNet's with the same adapters (a stale graph would not); how many new
+    graphs each swap compiles is printed (README: "torch.compile and LoRA")."""
+    from utils import build_lora_sd, peft, save, targets, unet_inputs
+    folder = build_lora_sd(str(tmp_path / "sd"))
+    eager, comp = StableDiffusionPipeline.from_pretrained(folder), StableDiffusionPipeline.from_pretrained(folder)
+    names = [n for n in targets(eager.unet) if ".attn" in n]
+    files = [save(peft(eager.unet, "unet", names, seed=s), str(tmp_path / f"{s}.safetensors")) for s in (1, 2)]
+    comp.unet.compile()
+    graphs = torch._dynamo.utils.counters["stats"]
+    kw = unet_inputs(eager.unet)
+    swaps = [("no LoRA", lambda p: None),
+             ("load_lora_weights a", lambda p: p.load_lora_weights(files[0], adapter_name="a")),
+             ("load_lora_weights b", lambda p: p.load_lora_weights(files[1], adapter_name="b")),
+             ("set_adapters a, b", lambda p: p.set_adapters(["a", "b"], adapter_weights=[1.0, 0.5])),
+             ("set_adapters a, b again, other weights", lambda p: p.set_adapters(["a", "b"], adapter_weights=[0.3, 0.8])),
+             ("unload_lora_weights", lambda p: p.unload_lora_weights())]
+    seen = []
+    with torch.no_grad():
+        base = eager.unet(**kw).sample
+        for what, swap in swaps:
+            swap(eager)
+            swap(comp)
+            before = graphs["unique_graphs"]
+            want, got = eager.unet(**kw).sample, comp.unet(**kw).sample
+            seen.append((what, graphs["unique_graphs"] - before))
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=what)
+            if what.startswith(("load", "set")):
+                assert (want - base).abs().max() > 1e-3, what  # the adapter changed the output
+    print("new graphs compiled per swap:", seen)
