@@ -68,6 +68,8 @@ def parse_args(argv):
                    help="weights and compute dtype (default: auto = bfloat16 on a CPU with AVX512_BF16 or AMX, "
                         "float32 on other CPUs; see minidiff/device.py; --from-png: the PNG's)")
     g.add_argument("--device", default="cpu")
+    g.add_argument("--threads", type=int, default=None, help="CPU threads (default: auto = torch's, one per core, "
+                   "fewer on a busy machine: the cores the load average leaves free)")
     g.add_argument("--overwrite", action="store_true", help="replace --out if it exists")
     g.add_argument("--allow-pickle", action="store_true", help="read pickle checkpoints/LoRAs (.bin, .ckpt; with "
                    "torch.load(weights_only=True)); refused by default")
@@ -82,6 +84,8 @@ def check_args(a):
     """Every argument checked before anything is loaded (the rules: check_cli_args, below)."""
     if a.prompt is None:
         raise SystemExit("minidiff: generate needs a prompt (or --from-png image.png)")
+    if getattr(a, "threads", None) is not None and a.threads < 1:
+        raise SystemExit(f"minidiff: --threads {a.threads} must be >= 1")
     if a.clip_skip is not None and a.clip_skip < 1:
         raise SystemExit(f"minidiff: --clip-skip {a.clip_skip} must be >= 1 (1 = the last layer)")
     from .errors import MinidiffError
@@ -183,7 +187,7 @@ def png_parameters(a, steps, guidance, width, height, sampler, model, dtype=None
     """The text block image tools (A1111, ComfyUI readers) show for a PNG: prompt, negative, settings."""
     settings = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance, "Seed": a.seed, "Size": f"{width}x{height}",
                 "Model": model, "LoRA": "LCM" if a.lcm else None, "Clip skip": a.clip_skip,
-                "Prompt syntax": a.prompt_syntax, "Dtype": dtype}
+                "Prompt syntax": a.prompt_syntax, "Dtype": dtype, "Layout": getattr(a, "layout", None)}
     return format_infotext(a.prompt, a.negative, settings)
 
 
@@ -216,6 +220,7 @@ def apply_png(a):
     a.lcm = a.lcm or s.get("LoRA") == "LCM"
     if getattr(a, "dtype", "auto") is None and s.get("Dtype") in ("float32", "float16", "bfloat16"):
         a.dtype = s["Dtype"]  # the same dtype makes the same picture
+        a.layout = s.get("Layout")  # and the same layout (channels_last: another summation order)
     model = s.get("Model")
     if a.model is None and model == SMALL_NAME:
         a.model = "small"
@@ -264,7 +269,7 @@ def generate(a):
     import torch
     from PIL import PngImagePlugin
 
-    from .device import resolve_dtype
+    from .device import auto_threads, resolve_dtype, use_fast_layout
     from .pipelines import DiffusionPipeline
     from .samplers import name_of, scheduler_for
     from .schedulers import LCMScheduler
@@ -275,6 +280,12 @@ def generate(a):
     bundled = a.model is None
     if bundled and not os.path.isdir(BUNDLED):
         raise SystemExit(f"minidiff: the bundled model is missing from {BUNDLED}; pass --model")
+    if a.threads is not None or torch.device(a.device).type == "cpu":
+        threads = a.threads or auto_threads()
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+        print(f"minidiff: threads {threads}" + ("" if a.threads else f" (auto: {os.cpu_count()} cores, load average "
+              f"{os.getloadavg()[0]:.1f}; --threads N to choose)"), file=sys.stderr)
     a.dtype = a.dtype or "auto"
     dtype = resolve_dtype(a.dtype, a.device)
     print(f"minidiff: dtype {str(dtype).replace('torch.', '')}"
@@ -292,6 +303,11 @@ def generate(a):
                                                          device=a.device)
     if a.vae:
         pipe.vae = load_vae(a.vae, pipe.vae, dtype, a.device, xl="XL" in type(pipe).__name__)
+    wanted = a.dtype == "auto" or getattr(a, "layout", None) == "channels_last"  # auto, or a --from-png made so
+    a.layout = None
+    if wanted and any([use_fast_layout(m, a.device) for m in pipe.modules()]):
+        a.layout = "channels_last"  # recorded in the PNG: --from-png makes the same picture
+        print("minidiff: layout channels_last (auto: bf16 convolutions on a CPU run in NHWC)", file=sys.stderr)
     if a.lcm:
         from .assets import SMALL_LORA_DIR
         lora = a.lora or (SMALL_LORA_DIR if small else BUNDLED_LCM_LORA if bundled else None)

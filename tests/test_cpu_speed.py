@@ -7,7 +7,7 @@ import pytest
 import torch
 from PIL import Image
 
-from minidiff import StableDiffusionPipeline, device
+from minidiff import StableDiffusionPipeline, UNet2DConditionModel, device
 from minidiff.cli import main
 from minidiff.assets import MODEL_DIR
 from utils import build_sd
@@ -45,20 +45,86 @@ def folder(tmp_path_factory):
     return path
 
 
+def channels_last(model):
+    return model.conv_in.weight.is_contiguous(memory_format=torch.channels_last) and model.conv_in.weight.shape[-1] > 1
+
+
+def test_free_cores_leaves_the_busy_ones(monkeypatch):
+    assert device.free_cores(cores=2, load=0.1) == 2      # an idle box: every core
+    assert device.free_cores(cores=2, load=1.0) == 1      # one core busy: one thread, not two waiting on it
+    assert device.free_cores(cores=2, load=7.9) == 1      # at least one
+    assert device.free_cores(cores=16, load=3.2) == 13
+    monkeypatch.setattr(device, "free_cores", lambda: 1)
+    assert device.auto_threads() == 1
+
+
+def test_cli_threads(folder, tmp_path, capsys, monkeypatch):
+    """--threads N sets torch's threads (and is checked); by default the CLI prints the count it runs with."""
+    before = torch.get_num_threads()
+    try:
+        main(["generate", "a red cube", "--model", folder, "--steps", "1", "--width", "32", "--height", "32",
+              "--dtype", "float32", "--threads", "2", "--out", str(tmp_path / "a.png")])
+        assert torch.get_num_threads() == 2 and "minidiff: threads 2\n" in capsys.readouterr().err
+        monkeypatch.setattr(device, "free_cores", lambda: 1)
+        main(["generate", "a red cube", "--model", folder, "--steps", "1", "--width", "32", "--height", "32",
+              "--dtype", "float32", "--out", str(tmp_path / "b.png")])
+        assert torch.get_num_threads() == 1 and "minidiff: threads 1 (auto" in capsys.readouterr().err
+    finally:
+        torch.set_num_threads(before)
+    with pytest.raises(SystemExit, match="--threads 0 must be >= 1"):
+        main(["generate", "a red cube", "--model", folder, "--threads", "0"])
+
+
 def test_auto_dtype_and_default(folder, bf16_cpu):
-    assert StableDiffusionPipeline.from_pretrained(folder).unet.dtype == torch.float32  # diffusers' default
+    plain = StableDiffusionPipeline.from_pretrained(folder)
+    assert plain.unet.dtype == torch.float32 and not channels_last(plain.unet)  # diffusers' default
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype="auto")
     assert {m.dtype for m in pipe.modules()} == {torch.bfloat16}
+    # and the fast layout: bf16 convolutions in NHWC (oneDNN reorders NCHW on every call)
+    assert channels_last(pipe.unet) and channels_last(pipe.vae.decoder)
+    assert not channels_last(StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16).unet)
+    assert channels_last(UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype="auto"))
     with pytest.raises(ValueError, match="torch_dtype='fast'"):
         StableDiffusionPipeline.from_pretrained(folder, torch_dtype="fast")
+
+
+def test_auto_on_a_cpu_without_bf16_units_is_fp32_as_loaded(folder, plain_cpu):
+    pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype="auto")
+    assert pipe.unet.dtype == torch.float32 and not channels_last(pipe.unet)
+
+
+def test_bf16_channels_last_matches_fp32_eager(folder):
+    """The default path on a bf16 CPU (bf16 weights, channels_last) against fp32 eager: the UNet's and the VAE
+    decoder's outputs within bf16's rounding, and against bf16 in the default layout."""
+    g = torch.Generator().manual_seed(0)
+    ref = StableDiffusionPipeline.from_pretrained(folder)
+    x = torch.randn(2, 4, 8, 8, generator=g)
+    ctx = torch.randn(2, 7, ref.unet.config.cross_attention_dim, generator=g)
+    outs = {}
+    with torch.no_grad():
+        want = ref.unet(x, 10, ctx).sample, ref.vae.decode(x).sample
+        for layout in ("nchw", "cl"):
+            pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype=torch.bfloat16)
+            if layout == "cl":
+                assert device.use_fast_layout(pipe.unet, "cpu") and device.use_fast_layout(pipe.vae, "cpu")
+                assert channels_last(pipe.unet)
+            outs[layout] = (pipe.unet(x.bfloat16(), 10, ctx.bfloat16()).sample.float(),
+                            pipe.vae.decode(x.bfloat16()).sample.float())
+    for got, ref_out in zip(outs["cl"], want):
+        assert (got - ref_out).abs().max() <= 3e-2 * ref_out.abs().max(), (got - ref_out).abs().max()
+    for cl, nchw in zip(outs["cl"], outs["nchw"]):
+        assert (cl - nchw).abs().max() <= 2e-2 * nchw.abs().max()
+    assert not device.use_fast_layout(ref.unet, "cpu")  # fp32: the layout stays
 
 
 def test_cli_prints_and_records_the_dtype(folder, tmp_path, capsys, bf16_cpu):
     out = tmp_path / "a.png"
     main(["generate", "a red cube", "--model", folder, "--steps", "2", "--width", "32", "--height", "32",
           "--sampler", "Euler", "--out", str(out)])
-    assert "dtype bfloat16 (auto" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert "dtype bfloat16 (auto" in err and "layout channels_last" in err
     assert "Dtype: bfloat16" in Image.open(out).text["parameters"]
+    assert "Layout: channels_last" in Image.open(out).text["parameters"]
     # --from-png re-creates it in the PNG's dtype, even on a CPU whose default differs
     device.cpu_flags = lambda: frozenset({"avx2"})  # undone by the fixture's monkeypatch
     again = tmp_path / "b.png"
@@ -180,3 +246,38 @@ def test_compiled_unet_matches_eager(folder):
         ref = pipe.unet(x, 10, ctx).sample
         pipe.unet.compile()
         torch.testing.assert_close(pipe.unet(x, 10, ctx).sample, ref, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(os.environ.get("MINIDIFF_COMPILE_TESTS") != "1",
+                    reason="torch.compile takes minutes on a small CPU: MINIDIFF_COMPILE_TESTS=1 runs it")
+def test_compiled_unet_lora_swapping(tmp_path):
+    """Opt-in: LoRA load, set_adapters, a second adapter and unload on a compiled UNet: after each swap the
+    compiled output equals the eager UNet's with the same adapters (a stale graph would not); how many new
+    graphs each swap compiles is printed (README: "torch.compile and LoRA")."""
+    from utils import build_lora_sd, peft, save, targets, unet_inputs
+    folder = build_lora_sd(str(tmp_path / "sd"))
+    eager, comp = StableDiffusionPipeline.from_pretrained(folder), StableDiffusionPipeline.from_pretrained(folder)
+    names = [n for n in targets(eager.unet) if ".attn" in n]
+    files = [save(peft(eager.unet, "unet", names, seed=s), str(tmp_path / f"{s}.safetensors")) for s in (1, 2)]
+    comp.unet.compile()
+    graphs = torch._dynamo.utils.counters["stats"]
+    kw = unet_inputs(eager.unet)
+    swaps = [("no LoRA", lambda p: None),
+             ("load_lora_weights a", lambda p: p.load_lora_weights(files[0], adapter_name="a")),
+             ("load_lora_weights b", lambda p: p.load_lora_weights(files[1], adapter_name="b")),
+             ("set_adapters a, b", lambda p: p.set_adapters(["a", "b"], adapter_weights=[1.0, 0.5])),
+             ("set_adapters a, b again, other weights", lambda p: p.set_adapters(["a", "b"], adapter_weights=[0.3, 0.8])),
+             ("unload_lora_weights", lambda p: p.unload_lora_weights())]
+    seen = []
+    with torch.no_grad():
+        base = eager.unet(**kw).sample
+        for what, swap in swaps:
+            swap(eager)
+            swap(comp)
+            before = graphs["unique_graphs"]
+            want, got = eager.unet(**kw).sample, comp.unet(**kw).sample
+            seen.append((what, graphs["unique_graphs"] - before))
+            torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4, msg=what)
+            if what.startswith(("load", "set")):
+                assert (want - base).abs().max() > 1e-3, what  # the adapter changed the output
+    print("new graphs compiled per swap:", seen)

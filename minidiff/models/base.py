@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..weights.hub import hub_options
-from ..device import resolve_dtype
+from ..device import resolve_dtype, use_fast_layout
 from ..weights.load import load_model, save_model
 
 
@@ -34,11 +34,15 @@ class Model(nn.Module):
         revision, token, local_files_only, force_download, use_safetensors, low_cpu_mem_usage, device_map as
         one device) are taken as minidiff/loading.py says."""
         from .. import loading
+        auto = torch_dtype == "auto"
         torch_dtype = resolve_dtype(torch_dtype, device)  # "auto": the device's fast dtype (minidiff/device.py)
         where = f"{cls.__name__}.from_pretrained({repo_or_path!r})"
         hub, device, allow_pickle = loading.model_options(loading_args, torch_dtype, device, allow_pickle, where)
         with hub_options(**hub):
-            return load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
+            model = load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
+        if auto:  # and the fast layout: channels_last for bf16 convolutions on a CPU
+            use_fast_layout(model)
+        return model
 
     @classmethod
     def from_single_file(cls, path, config=None, original_config=None, torch_dtype=None, device=None,
@@ -49,9 +53,12 @@ class Model(nn.Module):
             raise ValueError(f"{cls.__name__}.from_single_file: single files hold UNets, VAEs and CLIP text encoders, "
                              f"not {cls.__name__}")
         from ..weights.single_file import load_component
-        return load_component(cls, path, cls.single_file_part, config, original_config,
-                              resolve_dtype(torch_dtype, device), device,
-                              allow_pickle, subfolder)
+        model = load_component(cls, path, cls.single_file_part, config, original_config,
+                               resolve_dtype(torch_dtype, device), device,
+                               allow_pickle, subfolder)
+        if torch_dtype == "auto":
+            use_fast_layout(model)
+        return model
 
     def save_pretrained(self, folder, variant=None, safe_serialization=True):
         """Write config.json and <weight_names[0]>[.<variant>].safetensors, the layout from_pretrained (and

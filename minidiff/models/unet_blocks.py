@@ -128,9 +128,11 @@ class BasicTransformerBlock(nn.Module):
         self.ff = FeedForward(dim)
 
     def forward(self, x, context, mask=None, context_mask=None):
-        x = x + self.attn1(self.norm1(x), context if self.only_cross_attention else None, mask)
-        x = x + self.attn2(self.norm2(x), context, context_mask)
-        return x + self.ff(self.norm3(x))
+        # branch first: the sum takes the branch's contiguous layout, so that the tokens of an NCHW map (a transposed
+        # view) are copied once, by norm1, not again by each norm after it (the same sum: addition commutes)
+        x = self.attn1(self.norm1(x), context if self.only_cross_attention else None, mask) + x
+        x = self.attn2(self.norm2(x), context, context_mask) + x
+        return self.ff(self.norm3(x)) + x
 
 
 class Transformer2DModel(nn.Module):

@@ -19,7 +19,7 @@ import torch
 from ..errors import ArgumentTypeError, FileFormatError
 from ..tokenizer_files import check_tokenizers_fit
 from .. import layerwise_casting, loading
-from ..device import resolve_dtype
+from ..device import resolve_dtype, use_fast_layout
 from ..models.base import ModelOutput
 from ..weights.config import AttrDict
 from ..weights.hub import hub_options, read_json
@@ -107,6 +107,7 @@ class DiffusionPipeline:
         """
         repo_or_path = os.fspath(repo_or_path)
         where = f"{cls.__name__}.from_pretrained({repo_or_path!r})"
+        auto = isinstance(torch_dtype, str) and torch_dtype == "auto"
         if not isinstance(torch_dtype, dict):  # "auto": the device's fast dtype (minidiff/device.py)
             torch_dtype = resolve_dtype(torch_dtype, device)
         opts = loading.pop_loading(kwargs)
@@ -115,11 +116,19 @@ class DiffusionPipeline:
             index = read_json(repo_or_path, "model_index.json")
             pick = cls.pipeline_class(index, os.path.join(repo_or_path, "model_index.json"))
             if pick is not cls:  # DiffusionPipeline and the AutoPipelines pick the class the repo names
-                return pick.from_pretrained(repo_or_path, torch_dtype=torch_dtype, variant=variant, device=device,
-                                            allow_pickle=allow_pickle, **opts, **kwargs)
+                return pick.from_pretrained(repo_or_path, torch_dtype="auto" if auto else torch_dtype, variant=variant,
+                                            device=device, allow_pickle=allow_pickle, **opts, **kwargs)
             pipe = cls._from_index(repo_or_path, index, torch_dtype, variant, device, allow_pickle, kwargs)
         pipe._name_or_path = repo_or_path
+        if auto:
+            pipe._use_fast_layout()
         return pipe
+
+    def _use_fast_layout(self):
+        """torch_dtype="auto" picks the layout too: channels_last for the bf16 conv models on a CPU (device.py)."""
+        for m in self.components.values():
+            if isinstance(m, torch.nn.Module):
+                use_fast_layout(m)
 
     @classmethod
     def pipeline_class(cls, index, where):
@@ -179,8 +188,11 @@ class DiffusionPipeline:
         arguments (`vae=`, `scheduler=`) replace the file's. See weights/single_file.py.
         """
         from ..weights.single_file import load_pipeline
-        return load_pipeline(cls, path, config=config, original_config=original_config, prediction_type=prediction_type,
+        pipe = load_pipeline(cls, path, config=config, original_config=original_config, prediction_type=prediction_type,
                              torch_dtype=resolve_dtype(torch_dtype, device), device=device, allow_pickle=allow_pickle, **kwargs)
+        if isinstance(torch_dtype, str) and torch_dtype == "auto":
+            pipe._use_fast_layout()
+        return pipe
 
     @classmethod
     def from_pipe(cls, pipeline, **kwargs):
