@@ -13,6 +13,7 @@ from minidiff.distill import lcm_lora
 from minidiff.models.unet import UNet2DConditionModel
 from minidiff.pipelines.stable_diffusion import StableDiffusionPipeline
 from minidiff.schedulers import DDPMScheduler
+from minidiff.schedulers.common import train_schedule
 
 if __name__ != "__main__":  # the torchrun worker at the end needs neither (each import costs it seconds)
     import diffusers
@@ -57,7 +58,7 @@ def fixed_loss(unet, data, config, scheduler_cfg, seed=123):
     """The distillation loss of one fixed batch (same items, timesteps, noise): a measure that does not move."""
     g = torch.Generator().manual_seed(seed)
     latents, cond = data.sample(8, g)
-    acp = lcm_lora.train_alphas_cumprod(scheduler_cfg)
+    acp = train_schedule(scheduler_cfg)[1]
     grid, skip = lcm_lora.ddim_grid(1000, config.num_ddim_timesteps), config.jump()
     t = grid[torch.randint(config.num_ddim_timesteps, (8,), generator=g)]
     noise = torch.randn(latents.shape, generator=g)
@@ -111,7 +112,7 @@ def test_teacher_ddim_path_matches_diffusers_ddim_scheduler(prediction_type, ski
     ref = diffusers.DDIMScheduler(**kw, timestep_spacing="leading", steps_offset=0)
     ref.set_timesteps(1000 // (skip // solver_steps))
     ours_cfg = diffusers_to_ours(diffusers.DDPMScheduler(**{k: v for k, v in kw.items() if k != "set_alpha_to_one"}).config)
-    acp = lcm_lora.train_alphas_cumprod(ours_cfg)
+    acp = train_schedule(ours_cfg)[1]
     assert torch.allclose(acp, ref.alphas_cumprod, rtol=0, atol=1e-7)
     g = torch.Generator().manual_seed(0)
     t = torch.tensor([19, 39, 259, 999])

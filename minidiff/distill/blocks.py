@@ -33,26 +33,10 @@ STATE_DIR = "distill-state"  # under the output folder: the data cache and the c
 # ----------------------------------------------------------------------------- the UNet with its block outputs
 
 def unet_features(unet, sample, timestep, context):
-    """(prediction, {block name: output}) of a minidiff UNet2DConditionModel (SD 1.x/2.x conditioning):
-    its forward, written out so that the matched blocks' outputs are kept."""
-    emb = unet.time_embed(sample, timestep, None, None, None)
-    x = unet.conv_in(sample)
-    skips, feats = [x], {}
-    for i, block in enumerate(unet.down_blocks):
-        x, block_skips = block(x, emb, context)
-        skips += block_skips
-        feats[f"down_blocks.{i}"] = block_skips[len(block.resnets) - 1]  # the last pair's output
-    if unet.mid_block is not None:
-        x = unet.mid_block(x, emb, context)
-        feats["mid_block"] = x
-    for i, block in enumerate(unet.up_blocks):
-        n = len(block.resnets)
-        block_skips = skips[-n:]
-        del skips[-n:]
-        size = tuple(skips[-1].shape[-2:]) if skips else None
-        x = block(x, block_skips, emb, context, upsample_size=size)
-        feats[f"up_blocks.{i}"] = x
-    return unet.conv_out(unet.conv_norm_out(x, silu=True)), feats
+    """(prediction, {block name: output}) of a minidiff UNet2DConditionModel (SD 1.x/2.x conditioning): its
+    forward, keeping the blocks' outputs (`features=`, named as the UNet's modules)."""
+    feats = {}
+    return unet(sample, timestep, context, return_dict=False, features=feats)[0], feats
 
 
 class FeatureUNet(nn.Module):

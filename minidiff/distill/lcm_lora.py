@@ -36,7 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import lora
-from ..schedulers.common import make_betas, predict_eps, predict_x0
+from ..schedulers.common import predict_eps, predict_x0, train_schedule
 from ..schedulers.lcm import LCMScheduler
 from ..pipelines.common import guidance_scale_embedding
 from . import parallel
@@ -182,11 +182,6 @@ def save_lora(adapters, folder, rank, alpha, dtype=torch.float16):
 
 # ----------------------------------------------------------------------------- the consistency distillation
 
-def train_alphas_cumprod(scheduler_config):
-    """alpha_bar of every training timestep of the teacher's schedule (betas, zero-terminal-SNR rescale)."""
-    return torch.cumprod(1 - make_betas(scheduler_config), 0)
-
-
 def ddim_grid(num_train_timesteps, num_ddim_timesteps):
     """The skipping timesteps t_k = k * (N // n) - 1, k = 1..n (LCMScheduler's original_inference_steps grid)."""
     return torch.arange(1, num_ddim_timesteps + 1) * (num_train_timesteps // num_ddim_timesteps) - 1
@@ -315,7 +310,7 @@ def train(unet, scheduler_config, data, config, out=None, resume=False, stop_aft
     state = TrainState(params, ema)
     student = parallel.wrap(unet)
     device = next(unet.parameters()).device
-    acp = train_alphas_cumprod(scheduler_config).to(device)
+    acp = train_schedule(scheduler_config)[1].to(device)  # betas with the zero-terminal-SNR rescale
     uncond = {k: v.to(device) for k, v in data.uncond.items()}
     grid, skip = ddim_grid(N, config.num_ddim_timesteps), config.jump(N)
     scalings = LCMScheduler(timestep_scaling=config.timestep_scaling, num_train_timesteps=N)

@@ -227,12 +227,14 @@ class UNet2DConditionModel(Model):
     def forward(self, sample, timestep, encoder_hidden_states, class_labels=None, timestep_cond=None,
                 attention_mask=None, cross_attention_kwargs=None, added_cond_kwargs=None,
                 down_block_additional_residuals=None, mid_block_additional_residual=None, *,
-                encoder_attention_mask=None, return_dict=True):
+                encoder_attention_mask=None, return_dict=True, features=None):
         """Predict the noise (or v) of `sample` (B, C, H, W) at `timestep` given text `encoder_hidden_states`.
 
         Masks are (B, tokens), 1 = keep: `encoder_attention_mask` over the text, `attention_mask` over
         what attn1 attends to. `cross_attention_kwargs` (e.g. a LoRA {"scale": s}) is accepted and unused:
         LoRA acts through the modules it replaces. The residual arguments are ControlNet's additions.
+        `features` (minidiff's own, for distillation): a dict that receives each block's output by name
+        (`down_blocks.i`: its last resnet/attention pair, before the downsampler; `mid_block`; `up_blocks.i`).
         """
         context = encoder_hidden_states
         # keep = 0, drop = -10000 added to the attention logits, as diffusers does
@@ -245,22 +247,28 @@ class UNet2DConditionModel(Model):
 
         x = self.conv_in(sample)
         skips = [x]
-        for block in self.down_blocks:
+        for i, block in enumerate(self.down_blocks):
             x, block_skips = block(x, emb, context, mask, context_mask)
             skips += block_skips
+            if features is not None:
+                features[f"down_blocks.{i}"] = block_skips[len(block.resnets) - 1]
         if down_block_additional_residuals is not None:
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
         if self.mid_block is not None:
             x = self.mid_block(x, emb, context, mask, context_mask)
+            if features is not None:
+                features["mid_block"] = x
         if mid_block_additional_residual is not None:
             x = x + mid_block_additional_residual
 
-        for block in self.up_blocks:
+        for i, block in enumerate(self.up_blocks):
             block_skips = skips[-len(block.resnets):]
             del skips[-len(block.resnets):]
             # upsample to the size of the next skip: odd sizes halved by a stride-2 conv come back exactly
             size = tuple(skips[-1].shape[-2:]) if skips else None
             x = block(x, block_skips, emb, context, mask, context_mask, upsample_size=size)
+            if features is not None:
+                features[f"up_blocks.{i}"] = x
 
         x = self.conv_out(self.conv_norm_out(x, silu=True))
         return UNet2DConditionOutput(sample=x) if return_dict else (x,)

@@ -36,7 +36,7 @@ from ..models.clip import CLIPTextModel
 from ..models.unet import UNet2DConditionModel
 from ..models.vae import AutoencoderKL
 from ..schedulers import EulerDiscreteScheduler
-from ..schedulers.common import make_betas
+from ..schedulers.common import train_schedule
 from ..tokenizer import BYTE_TO_CHAR, CLIPTokenizer
 from . import shapes
 from .common import MODEL_DIR, SEED_UNET_DATA, Progress, build, cosine_lr, setup
@@ -175,7 +175,7 @@ def alphas_cumprod():
     """alpha_bar of every training step, by the library's schedule functions from the scheduler config the model
     ships with: Stable Diffusion's scaled-linear betas, rescaled to zero terminal SNR (Lin et al. 2023,
     Algorithm 1), so training and sampling read one schedule."""
-    return torch.cumprod(1 - make_betas(EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).cfg), 0)
+    return train_schedule(EulerDiscreteScheduler.from_config(SCHEDULER_CONFIG).cfg)[1]
 
 
 def v_target(latents, noise, a):
