@@ -1,7 +1,8 @@
 """Which dtype runs fastest here without changing the picture, and what "auto" means for `torch_dtype`.
 
-On a CPU, bf16 matmuls and convolutions run on the AVX512_BF16 or AMX units (oneDNN) at ~1.8x fp32's
-speed for an SD 1.5 UNet step; without those units bf16 is emulated and slower than fp32, so fp32 stays.
+On a CPU, bf16 matmuls and convolutions run on the AMX units (oneDNN) at ~4x fp32's speed for an SD 1.5 UNet
+step, on AVX512_BF16 alone anywhere from 1.8x faster (AMD Zen 4) to 1.3x slower (an Intel Xeon VM without AMX),
+so that case is measured once per process; without those units bf16 is emulated and slower, so fp32 stays.
 On CUDA, bf16 where the GPU has it (same range as fp32: no VAE overflow), else fp16.
 
     from minidiff.device import fast_dtype
@@ -33,13 +34,41 @@ def cpu_flags():
 
 
 def cpu_has_fast_bf16():
-    """True where the CPU computes bf16 natively: AVX512_BF16 (Cooper Lake, Zen 4+) or AMX (Sapphire Rapids+)."""
+    """True where bf16 runs faster than fp32 on this CPU: AMX (Sapphire Rapids+, 4x here) by its flag; AVX512_BF16
+    alone (Cooper Lake, Zen 4+, an Intel VM that hides AMX) only where bf16_is_faster() measures it, because its
+    dot-product units are not always faster than fp32's FMAs (an Intel Xeon VM without AMX: an SD 1.5 bf16 UNet
+    step 1.3x slower than fp32; an AMD EPYC Zen 4: 1.8x faster)."""
     flags = cpu_flags()
     if flags:
-        return bool(flags & {"avx512_bf16", "amx_bf16"})
+        if "amx_bf16" in flags:
+            return True
+        return "avx512_bf16" in flags and bf16_is_faster()
     # no /proc/cpuinfo (macOS, Windows): ask torch's dispatcher what it found (AMX-capable builds name it)
     capability = str(torch.backends.cpu.get_cpu_capability())
-    return "AMX" in capability or "BF16" in capability
+    return "AMX" in capability or ("BF16" in capability and bf16_is_faster())
+
+
+@functools.lru_cache(maxsize=None)
+def bf16_is_faster(margin=0.8):
+    """Whether a 3x3 convolution plus a matmul (the two kinds of work of a UNet step, small sizes) take under
+    `margin` of their fp32 time in bf16 here: the best of 3 alternating rounds, ~0.1 s once per process. The margin
+    keeps a loaded machine from flipping the answer (the two cases measured: 0.55 and 1.3)."""
+    import time
+    import torch.nn.functional as F
+    g = torch.Generator().manual_seed(0)
+    x, w = torch.randn(1, 256, 32, 32, generator=g), torch.randn(256, 256, 3, 3, generator=g) * 0.02
+    a, b = torch.randn(2048, 512, generator=g), torch.randn(512, 512, generator=g)
+    cases = {dtype: [t.to(dtype) for t in (x, w, a, b)] for dtype in (torch.float32, torch.bfloat16)}
+    best = {dtype: float("inf") for dtype in cases}
+    with torch.no_grad():
+        for round in range(4):  # round 0 warms oneDNN up (its kernels are made on the first call)
+            for dtype, (x, w, a, b) in cases.items():
+                start = time.perf_counter()
+                F.conv2d(x, w, padding=1)
+                a @ b
+                if round:
+                    best[dtype] = min(best[dtype], time.perf_counter() - start)
+    return best[torch.bfloat16] < margin * best[torch.float32]
 
 
 def fast_dtype(device="cpu"):

@@ -16,6 +16,7 @@ from utils import build_sd
 @pytest.fixture
 def bf16_cpu(monkeypatch):
     monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(device, "bf16_is_faster", lambda: True)
 
 
 @pytest.fixture
@@ -23,12 +24,17 @@ def plain_cpu(monkeypatch):
     monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx2", "fma"}))
 
 
-def test_fast_dtype_follows_the_cpu_flags(monkeypatch):
-    for flags, want in (({"avx512f", "avx512_bf16"}, torch.bfloat16), ({"amx_bf16", "amx_tile"}, torch.bfloat16),
-                        ({"avx512f", "avx2"}, torch.float32)):
+def test_fast_dtype_follows_the_cpu_flags_and_the_measurement(monkeypatch):
+    probed = []
+    for flags, faster, want in (({"avx512f", "avx512_bf16"}, True, torch.bfloat16),
+                                ({"avx512f", "avx512_bf16"}, False, torch.float32),  # bf16 units, slower here
+                                ({"amx_bf16", "amx_tile"}, False, torch.bfloat16),  # AMX: not measured
+                                ({"avx512f", "avx2"}, True, torch.float32)):  # no bf16 units: not measured
         monkeypatch.setattr(device, "cpu_flags", lambda f=flags: frozenset(f))
+        monkeypatch.setattr(device, "bf16_is_faster", lambda f=faster, fl=flags: probed.append(fl) or f)
         assert device.fast_dtype("cpu") == want
         assert device.resolve_dtype("auto", "cpu") == want
+    assert all("avx512_bf16" in flags for flags in probed)
     assert device.resolve_dtype(None) is None  # nothing given: the library keeps diffusers' default
     assert device.resolve_dtype(torch.float16) == torch.float16  # the user's dtype always wins
     assert device.resolve_dtype("bf16") == device.resolve_dtype("bfloat16") == torch.bfloat16
@@ -115,6 +121,14 @@ def test_bf16_channels_last_matches_fp32_eager(folder):
     for cl, nchw in zip(outs["cl"], outs["nchw"]):
         assert (cl - nchw).abs().max() <= 2e-2 * nchw.abs().max()
     assert not device.use_fast_layout(ref.unet, "cpu")  # fp32: the layout stays
+
+
+def test_the_bf16_measurement_runs_and_is_cached():
+    device.bf16_is_faster.cache_clear()
+    assert device.bf16_is_faster() in (True, False)
+    assert device.bf16_is_faster.cache_info().currsize == 1
+    assert device.bf16_is_faster.__wrapped__(margin=1e-9) is False  # no dtype is a billion times faster
+    assert device.bf16_is_faster.__wrapped__(margin=1e9) is True
 
 
 def test_cli_prints_and_records_the_dtype(folder, tmp_path, capsys, bf16_cpu):
