@@ -44,8 +44,10 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers writes the PEFT LoraConfig o
 
 
 def is_target(module):
-    """A layer a LoRA can land on: a plain nn.Linear / nn.Conv2d, or one minidiff.lora has already adapted."""
-    return type(module) in (nn.Linear, nn.Conv2d) or getattr(type(module), "is_lora_layer", False)
+    """A layer a LoRA can land on: a plain nn.Linear / nn.Conv2d (prepacked or not), or one minidiff.lora has
+    already adapted."""
+    return (type(module) in (nn.Linear, nn.Conv2d) or getattr(type(module), "is_lora_layer", False)
+            or getattr(type(module), "is_prepacked", False))
 
 
 # ----------------------------------------------------------------------------- SAI (LDM) UNet names

@@ -1,0 +1,88 @@
+"""SD 1.5 UNet steps of several sides taken in turns in one process (issue 18): on a VM whose speed drifts
+10-30% from minute to minute, alternating the sides step by step puts the drift on all of them alike, so the
+ratios hold where separate processes' timings do not. Same random-weight SD 1.5 files as bench/cpu.py.
+
+    python bench/cpu_ab.py --rounds 6 --batch 2 "minidiff fp32" "minidiff fp32 prepack" "diffusers fp32"
+    python bench/cpu_ab.py --rounds 5 "minidiff bf16 channels_last" "diffusers bf16"
+
+A side is "LIBRARY DTYPE [channels_last] [prepack] [fuse]" (minidiff or diffusers; fp32, bf16 or fp16). Prints
+each side's median and min step time and its ratio to the first side's median, and the machine.
+"""
+import argparse
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+import bench  # noqa: E402 (the SD 1.5 files' builder)
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def check(spec):
+    lib, dt, *options = spec.split() + [""]
+    options = [o for o in options if o]
+    if lib not in ("minidiff", "diffusers") or dt not in DTYPES or set(options) - {"channels_last", "prepack", "fuse"}:
+        raise SystemExit(f"cpu_ab.py: side {spec!r}: want 'minidiff|diffusers fp32|bf16|fp16 [channels_last] "
+                         "[prepack] [fuse]'")
+    if "prepack" in options and lib != "minidiff":
+        raise SystemExit(f"cpu_ab.py: side {spec!r}: prepack is minidiff's")
+    return lib, dt, options
+
+
+def load(spec, root):
+    lib, dt, options = check(spec)
+    model = __import__(lib).UNet2DConditionModel.from_pretrained(os.path.join(root, "unet"), torch_dtype=DTYPES[dt])
+    model.eval()
+    if "channels_last" in options:
+        model.to(memory_format=torch.channels_last)
+    if "prepack" in options:
+        from minidiff.prepack import prepack_weights
+        prepack_weights(model)
+    if "fuse" in options:
+        model.fuse_qkv_projections()
+    return model, DTYPES[dt], "channels_last" in options
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("sides", nargs="+")
+    p.add_argument("--rounds", type=int, default=6, help="timed steps per side (after one warm-up step each)")
+    p.add_argument("--batch", type=int, default=2, help="UNet batch: 2 = classifier-free guidance, 1 = LCM")
+    p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "minidiff-bench"))
+    a = p.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+    for spec in a.sides:
+        check(spec)  # before the 4 GB of files are built
+    root = os.path.join(a.cache, "sd15")
+    bench.build_sd15(root)
+    g = torch.Generator().manual_seed(0)
+    x, c, t = torch.randn(a.batch, 4, 64, 64, generator=g), torch.randn(a.batch, 77, 768, generator=g), torch.tensor(500.0)
+    sides = []
+    for spec in a.sides:
+        model, dtype, cl = load(spec, root)
+        xs = x.to(dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        sides.append((spec, model, (xs, t, c.to(dtype)), []))
+    print(f"# {bench.machine()}; {torch.get_num_threads()} threads; batch {a.batch}, 64x64 latents")
+    with torch.no_grad():
+        for _, model, args, _ in sides:
+            model(*args)  # warm-up: oneDNN makes its kernels on the first call
+        for r in range(a.rounds):
+            for spec, model, args, times in (sides if r % 2 == 0 else sides[::-1]):
+                start = time.perf_counter()
+                model(*args)
+                times.append(time.perf_counter() - start)
+    base = statistics.median(sides[0][3])
+    for spec, _, _, times in sides:
+        print(f"{spec:34s} median {statistics.median(times):7.3f} s  min {min(times):7.3f} s  "
+              f"/ first {statistics.median(times) / base:.3f}  steps {[round(v, 2) for v in times]}")
+
+
+if __name__ == "__main__":
+    main()
