@@ -273,7 +273,7 @@ def generate(a):
     import torch
     from PIL import PngImagePlugin
 
-    from .device import auto_threads, resolve_dtype, use_fast_layout
+    from .device import auto_threads, keep_freed_memory, resolve_dtype, use_fast_layout
     from .pipelines import DiffusionPipeline
     from .samplers import name_of, scheduler_for
     from .schedulers import LCMScheduler
@@ -290,6 +290,8 @@ def generate(a):
             torch.set_num_threads(threads)
         print(f"minidiff: threads {threads}" + ("" if a.threads else f" (auto: {os.cpu_count()} cores, load average "
               f"{os.getloadavg()[0]:.1f}; --threads N to choose)"), file=sys.stderr)
+        if torch.device(a.device).type == "cpu" and keep_freed_memory():  # glibc: large temporaries reused, not faulted in afresh at every layer
+            print("minidiff: malloc keeps freed memory for reuse (device.keep_freed_memory)", file=sys.stderr)
     a.dtype = a.dtype or "auto"
     dtype = resolve_dtype(a.dtype, a.device)
     print(f"minidiff: dtype {str(dtype).replace('torch.', '')}"

@@ -131,12 +131,34 @@ def test_the_bf16_measurement_runs_and_is_cached():
     assert device.bf16_is_faster.__wrapped__(margin=1e9) is True
 
 
+def test_keep_freed_memory_sets_glibcs_thresholds(monkeypatch):
+    import ctypes
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        assert device.keep_freed_memory() in (True, False)
+        return
+    calls = []
+    real = ctypes.CDLL
+
+    class Libc:  # records the calls, then makes them (so that a wrong parameter would fail on glibc)
+        def __init__(self, name):
+            self.lib = real(name)
+
+        def mallopt(self, param, value):
+            calls.append((param, value))
+            return self.lib.mallopt(param, value)
+    monkeypatch.setattr(ctypes, "CDLL", Libc)
+    assert device.keep_freed_memory() is True
+    assert calls == [(device.M_MMAP_THRESHOLD, 2 ** 30), (device.M_TRIM_THRESHOLD, 2 ** 30)]
+
+
 def test_cli_prints_and_records_the_dtype(folder, tmp_path, capsys, bf16_cpu):
     out = tmp_path / "a.png"
     main(["generate", "a red cube", "--model", folder, "--steps", "2", "--width", "32", "--height", "32",
           "--sampler", "Euler", "--out", str(out)])
     err = capsys.readouterr().err
     assert "dtype bfloat16 (auto" in err and "layout channels_last" in err
+    assert "malloc keeps freed memory" in err or __import__("platform").libc_ver()[0] != "glibc"
     assert "Dtype: bfloat16" in Image.open(out).text["parameters"]
     assert "Layout: channels_last" in Image.open(out).text["parameters"]
     # --from-png re-creates it in the PNG's dtype, even on a CPU whose default differs
