@@ -12,7 +12,7 @@ copy of every convolution weight (SD 1.5 UNet fp32: +2.3 GB). Output as the plai
 order (fp32: max |diff| ~3e-5 on unit-scale maps; bitwise in channels_last), in channels_last layout.
 
     from minidiff.prepack import prepack_weights, unpack_weights
-    prepack_weights(pipe.unet, pipe.vae)        # or pipe.enable_weight_prepacking(); CLI --prepack
+    prepack_weights(*pipe.modules())            # every model of a pipeline; CLI --prepack
 """
 import torch
 import torch.nn as nn
