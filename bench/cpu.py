@@ -17,8 +17,10 @@ torch.compile): with the thread count fixed, CPU time barely moves when other jo
 share the machine, wall time does. Peak RSS is the process's VmHWM (file-backed pages of the mapped weights
 included), anon RSS the memory it owns at the end. The load average is recorded at each process's start.
 
-Sides: "minidiff default" is what the CLI runs (torch_dtype="auto": bf16 on a CPU with AVX512_BF16 / AMX, so
-"minidiff bf16" is the same run there and is left out unless named); "minidiff compiled" is the default plus
+Sides: "minidiff default" is the library's torch_dtype="auto" (the fast dtype, layout and linears: bf16 on a CPU
+where bf16 is fast, so "minidiff bf16" is the same run there and is left out unless named); "minidiff CLI
+default" and "minidiff CLI fp32" are what `minidiff generate` runs with --dtype auto and --dtype float32 (its
+allocator setting first, device.keep_freed_memory; the linears on oneDNN where measured faster); "minidiff compiled" is the default plus
 `pipe.unet.compile()`; compile time = step 1 - the median step. The compiled side's inductor cache
 (TORCHINDUCTOR_CACHE_DIR) starts empty for each benchmark: its first process compiles cold, later ones (the
 same shapes) read the cache. Ratios are against diffusers fp32, diffusers' default.
@@ -39,8 +41,14 @@ import bench  # noqa: E402 (the SD 1.5 configs and the builder of the random-wei
 
 MAX_RSS_MB = 8000  # a child past this is killed (the machine's memory is shared)
 
-# side: (library, torch_dtype expression, what is done to the loaded pipeline `p`)
+CLI_ALLOCATOR = "from minidiff.device import keep_freed_memory; keep_freed_memory()"  # what the CLI does first
+CLI_LINEAR = "from minidiff.device import use_fast_linear; [use_fast_linear(m) for m in p.modules()]"
+
+# side: (library, torch_dtype expression, what is done to the loaded pipeline `p`[, what runs before loading])
 SIDES = {
+    # as `minidiff generate` runs them: its allocator setting, "auto" (dtype, layout, linears) or --dtype float32
+    "minidiff CLI default": ("minidiff", "'auto'", "", CLI_ALLOCATOR),
+    "minidiff CLI fp32": ("minidiff", "torch.float32", CLI_LINEAR, CLI_ALLOCATOR),
     "minidiff default": ("minidiff", "'auto'", ""),
     "minidiff fp32": ("minidiff", "torch.float32", ""),
     "minidiff bf16": ("minidiff", "torch.bfloat16", ""),
@@ -81,6 +89,7 @@ def mark(what):
     marks.append((what, time.perf_counter(), cpu()))
 
 out = dict(loadavg_start=os.getloadavg()[0], threads=torch.get_num_threads())
+{before}
 from {lib} import StableDiffusionPipeline, {scheduler} as S
 mark("start")
 p = StableDiffusionPipeline.from_pretrained({root!r}, torch_dtype={dtype}{extra})
@@ -150,9 +159,9 @@ def run_child(code, env, limit_mb=MAX_RSS_MB):
 
 
 def measure(side, run, root, threads, cache_dir, image_dir):
-    lib, dtype, option = SIDES[side]
+    lib, dtype, option, *before = SIDES[side]
     steps, guidance, scheduler = RUNS[run]
-    code = CHILD.format(threads=threads, lib=lib, scheduler=scheduler, root=root, dtype=dtype,
+    code = CHILD.format(threads=threads, lib=lib, before="".join(before), scheduler=scheduler, root=root, dtype=dtype,
                         extra=", safety_checker=None" if lib == "diffusers" else "", option=option,
                         steps=steps, guidance=guidance,
                         image=os.path.join(image_dir, f"{run}-{side.replace(' ', '_')}.npy"))

@@ -5,7 +5,9 @@ ratios hold where separate processes' timings do not. Same random-weight SD 1.5 
     python bench/cpu_ab.py --rounds 6 --batch 2 "minidiff fp32" "minidiff fp32 prepack" "diffusers fp32"
     python bench/cpu_ab.py --rounds 5 "minidiff bf16 channels_last" "diffusers bf16"
 
-A side is "LIBRARY DTYPE [channels_last] [prepack] [fuse]" (minidiff or diffusers; fp32, bf16 or fp16). Prints
+A side is "LIBRARY DTYPE [channels_last] [prepack] [onednn] [fuse]" (minidiff or diffusers; fp32, bf16 or fp16;
+onednn: the linears through oneDNN, minidiff.prepack.onednn_linears; prepack: that and the convolutions
+prepacked; --keep-freed: the CLI's allocator setting, for every side). Prints
 each side's median and min step time and its ratio to the first side's median, and the machine.
 """
 import argparse
@@ -26,11 +28,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check(spec):
     lib, dt, *options = spec.split() + [""]
     options = [o for o in options if o]
-    if lib not in ("minidiff", "diffusers") or dt not in DTYPES or set(options) - {"channels_last", "prepack", "fuse"}:
+    if lib not in ("minidiff", "diffusers") or dt not in DTYPES or set(options) - {"channels_last", "prepack", "onednn", "fuse"}:
         raise SystemExit(f"cpu_ab.py: side {spec!r}: want 'minidiff|diffusers fp32|bf16|fp16 [channels_last] "
-                         "[prepack] [fuse]'")
-    if "prepack" in options and lib != "minidiff":
-        raise SystemExit(f"cpu_ab.py: side {spec!r}: prepack is minidiff's")
+                         "[prepack] [onednn] [fuse]'")
+    if {"prepack", "onednn"} & set(options) and lib != "minidiff":
+        raise SystemExit(f"cpu_ab.py: side {spec!r}: prepack and onednn are minidiff's")
     return lib, dt, options
 
 
@@ -43,6 +45,9 @@ def load(spec, root):
     if "prepack" in options:
         from minidiff.prepack import prepack_weights
         prepack_weights(model)
+    if "onednn" in options:
+        from minidiff.prepack import onednn_linears
+        onednn_linears(model)
     if "fuse" in options:
         model.fuse_qkv_projections()
     return model, DTYPES[dt], "channels_last" in options
@@ -54,10 +59,15 @@ def main():
     p.add_argument("--rounds", type=int, default=6, help="timed steps per side (after one warm-up step each)")
     p.add_argument("--batch", type=int, default=2, help="UNet batch: 2 = classifier-free guidance, 1 = LCM")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    p.add_argument("--keep-freed", action="store_true", help="minidiff.device.keep_freed_memory() first, as the CLI "
+                   "does (process-wide: every side gets it)")
     p.add_argument("--cache", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "minidiff-bench"))
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
+    if a.keep_freed:
+        from minidiff.device import keep_freed_memory
+        keep_freed_memory()
     for spec in a.sides:
         check(spec)  # before the 4 GB of files are built
     root = os.path.join(a.cache, "sd15")

@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from minidiff import ops
+from minidiff.prepack import is_plain_layer
 from minidiff.assets import MODEL_DIR as BUNDLED  # the default model of `minidiff compress`
 
 NBITS = (1, 2, 4, 6, 8)
@@ -201,14 +202,14 @@ def _set(model, name, module):
 def palettisable(model, min_size=MIN_SIZE):
     """[(name, numel)] of the Linear and Conv2d layers with more than `min_size` weights (Apple's candidates)."""
     return [(n, m.weight.numel()) for n, m in model.named_modules()
-            if type(m) in (nn.Linear, nn.Conv2d) and m.weight.numel() > min_size]
+            if is_plain_layer(m) and m.weight.numel() > min_size]
 
 
 def check_recipe(model, recipe, where="recipe"):
     """Every name must be a Linear/Conv2d of `model` and every value in NBITS or 16; errors list what is wrong."""
     if not isinstance(recipe, dict):
         raise ValueError(f"{where}: a recipe is a JSON object {{layer name: bits}}, got {type(recipe).__name__}")
-    layers = {n: m for n, m in model.named_modules() if type(m) in (nn.Linear, nn.Conv2d) or isinstance(m, Palettised)}
+    layers = {n: m for n, m in model.named_modules() if is_plain_layer(m) or isinstance(m, Palettised)}
     unknown = sorted(n for n in recipe if n not in layers)
     bad = sorted(f"{n}: {b!r}" for n, b in recipe.items()
                  if isinstance(b, bool) or not isinstance(b, int) or b not in NBITS + (KEEP,))
@@ -417,7 +418,7 @@ def analyse(pipe, out=None, prompts=PROMPTS, seed=0, nbits=NBITS, min_size=MIN_S
             for name in weights:
                 unet.get_submodule(name).weight.data = originals.get(name, weights[name])
 
-    all_layers = {n: m for n, m in unet.named_modules() if type(m) in (nn.Linear, nn.Conv2d)}
+    all_layers = {n: m for n, m in unet.named_modules() if is_plain_layer(m)}
     saved = {n: m.weight.data.clone() for n, m in all_layers.items()}
     originals.update(saved)
     results["baselines"] = {

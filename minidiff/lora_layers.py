@@ -65,6 +65,8 @@ class LoRALayer(nn.Module):
         # the base layer's own Parameters under their own names: `weight` and `bias` keep their state-dict keys
         self.weight = base.weight
         self.bias = base.bias
+        # what unloading gives back: a prepacked / oneDNN layer (minidiff/prepack.py) stays one
+        self.base_class = type(base) if getattr(type(base), "is_prepacked", False) else None
         self.adapters = nn.ModuleDict()
         self.adapter_weights = {}  # name -> weight from set_adapters (1.0 when loaded)
         self.active = []  # adapters of this layer in use, in the order set_adapters named them
@@ -154,6 +156,7 @@ class LoRALinear(LoRALayer):
     def plain(self):
         with torch.device("meta"):
             m = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        m.__class__ = self.base_class or type(m)
         m.weight, m.bias = self.weight, self.bias
         return m
 
@@ -184,6 +187,7 @@ class LoRAConv2d(LoRALayer):
         with torch.device("meta"):
             m = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                           self.dilation, bias=self.bias is not None)
+        m.__class__ = self.base_class or type(m)
         m.weight, m.bias = self.weight, self.bias
         return m
 

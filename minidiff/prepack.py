@@ -1,4 +1,6 @@
-"""Convolution weights prepacked for oneDNN on a CPU: reordered once into the blocked layout its kernel reads.
+"""oneDNN's own calls for the CPU's convolutions and linears: convolution weights prepacked (reordered once into
+the blocked layout its kernel reads; opt-in, a second copy) and linears on oneDNN's matmul (no copy; what
+torch_dtype="auto" and the CLI do where it measures faster: device.use_fast_linear).
 
 PyTorch's CPU convolution hands oneDNN the weight in PyTorch's layout (OIHW, or OHWI in channels_last), and oneDNN
 reorders it into its blocked layout on every call: for the 1280-channel convolutions of an SD 1.5 UNet at 8x8 and
@@ -11,8 +13,9 @@ is repacked at its next call (the cache is keyed on the tensor's version counter
 copy of every convolution weight (SD 1.5 UNet fp32: +2.3 GB). Output as the plain convolution's up to summation
 order (fp32: max |diff| ~3e-5 on unit-scale maps; bitwise in channels_last), in channels_last layout.
 
-    from minidiff.prepack import prepack_weights, unpack_weights
-    prepack_weights(*pipe.modules())            # every model of a pipeline; CLI --prepack
+    from minidiff.prepack import onednn_linears, prepack_weights, unpack_weights
+    prepack_weights(*pipe.modules())            # convolutions packed and linears on oneDNN; CLI --prepack
+    onednn_linears(*pipe.modules())             # the linears alone (no memory cost)
 """
 import torch
 import torch.nn as nn
@@ -23,6 +26,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 class PackedConv2d(nn.Conv2d):
     """nn.Conv2d whose forward reads a oneDNN-packed copy of its weight, where oneDNN can take the call."""
     is_prepacked = True  # a LoRA may land on it (its LoRAConv2d takes the weight and the plain path)
+    _packed_key = _packed = None  # until the first call packs (class defaults: a layer made by class swap has none)
 
     def packable(self, x):
         return (x.device.type == "cpu" and x.dtype in DTYPES and self.weight.dtype == x.dtype
@@ -44,34 +48,74 @@ class PackedConv2d(nn.Conv2d):
         return torch.ops.mkldnn._convolution_pointwise(x, self._packed, self.bias, *args, "none", [], "")
 
 
+class OneDNNLinear(nn.Linear):
+    """nn.Linear computed by oneDNN's matmul with the bias fused in (torch.ops.mkldnn._linear_pointwise, what
+    inductor emits), reading the Parameter as it is: no copy, no memory cost. PyTorch's own CPU linear sends fp32 to
+    MKL's sgemm, which runs at about half oneDNN's speed on AMD CPUs (Zen 5: an SD 1.5 UNet's linears 0.45x the
+    time), and in bf16 (oneDNN there too) first copies the bias into the output for the matmul to add to. Same
+    result: bf16 bitwise, fp32 to summation order (~1e-6 relative). Where oneDNN cannot take the call (autograd,
+    other dtypes or devices) it is the plain nn.Linear."""
+    is_prepacked = True  # a layer LoRA and the compressors take as a plain nn.Linear
+
+    def forward(self, x):
+        if (x.device.type == "cpu" and x.dtype in DTYPES and x.dim() >= 2 and self.weight.dtype == x.dtype
+                and self.weight.is_contiguous() and (self.bias is None or self.bias.dtype == x.dtype)
+                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return super().forward(x)
+
+
+def is_plain_layer(module):
+    """A plain nn.Linear / nn.Conv2d, or one of this file's (the same layer, computed another way): what the
+    compressors and the LoRA trainer select."""
+    return type(module) in (nn.Linear, nn.Conv2d) or getattr(type(module), "is_prepacked", False)
+
+
 def available():
     """oneDNN is built into this torch (the x86 and Arm CPU wheels have it)."""
     return torch.backends.mkldnn.is_available()
 
 
-def prepack_weights(*models):
-    """Every plain nn.Conv2d of `models` becomes a PackedConv2d (in place; LoRA layers keep their own path).
-    Returns how many; raises where this torch has no oneDNN."""
-    if not available():
-        raise RuntimeError("prepack_weights: this torch build has no oneDNN (torch.backends.mkldnn.is_available() "
-                           "is False); the plain convolutions are all there is")
+def swap(models, plain, fast):
+    """Every module of exactly class `plain` in `models` becomes a `fast` one (a class swap: same Parameters,
+    nothing copied). Returns how many."""
     count = 0
     for model in models:
         for module in model.modules():
-            if type(module) is nn.Conv2d:
-                module.__class__ = PackedConv2d
-                module._packed_key, module._packed = None, None
+            if type(module) is plain:
+                module.__class__ = fast
                 count += 1
     return count
+
+
+def check_available(what):
+    if not available():
+        raise RuntimeError(f"{what}: this torch build has no oneDNN (torch.backends.mkldnn.is_available() "
+                           "is False); the plain layers are all there is")
+
+
+def onednn_linears(*models):
+    """Every plain nn.Linear of `models` becomes a OneDNNLinear (in place, no copy). Returns how many; raises
+    where this torch has no oneDNN. torch_dtype="auto" and the CLI do it where it measures faster
+    (minidiff.device.use_fast_linear)."""
+    check_available("onednn_linears")
+    return swap(models, nn.Linear, OneDNNLinear)
+
+
+def prepack_weights(*models):
+    """Every plain nn.Conv2d of `models` becomes a PackedConv2d (in place; LoRA layers keep their own path), and
+    every plain nn.Linear a OneDNNLinear (onednn_linears). Returns how many convolutions; raises where this torch
+    has no oneDNN."""
+    check_available("prepack_weights")
+    onednn_linears(*models)
+    return swap(models, nn.Conv2d, PackedConv2d)
 
 
 def unpack_weights(*models):
-    """Undo prepack_weights: plain nn.Conv2d again, the packed copies freed. Returns how many."""
-    count = 0
+    """Undo prepack_weights and onednn_linears: plain nn.Conv2d and nn.Linear again, the packed copies freed.
+    Returns how many convolutions."""
     for model in models:
         for module in model.modules():
-            if type(module) is PackedConv2d:
-                del module._packed_key, module._packed
-                module.__class__ = nn.Conv2d
-                count += 1
-    return count
+            module.__dict__.pop("_packed_key", None), module.__dict__.pop("_packed", None)
+    swap(models, OneDNNLinear, nn.Linear)
+    return swap(models, PackedConv2d, nn.Conv2d)

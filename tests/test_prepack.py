@@ -114,3 +114,104 @@ def test_cli_prepack_prints_records_and_replays(folder, tmp_path, capsys):
     a, b, c = (np.asarray(Image.open(p)).astype(int) for p in (out, again, plain))
     assert (a == b).all()
     assert np.abs(a - c).max() <= 1  # fp32: only the summation order differs
+
+
+# ----------------------------------------------------------------------------- oneDNN linears (no copy)
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 1e-2)])
+def test_onednn_linear_matches_nn_linear(dtype, tol):
+    g = torch.Generator().manual_seed(0)
+    plain = torch.nn.Linear(64, 96).to(dtype)
+    layer = torch.nn.Linear(64, 96).to(dtype)
+    layer.load_state_dict(plain.state_dict())
+    no_bias = torch.nn.Linear(64, 32, bias=False).to(dtype)
+    assert prepack.onednn_linears(layer, no_bias) == 2
+    assert type(layer) is prepack.OneDNNLinear and list(layer.state_dict()) == ["weight", "bias"]
+    inputs = [torch.randn(5, 64, generator=g), torch.randn(2, 7, 64, generator=g),
+              torch.randn(2, 64, 7, generator=g).transpose(1, 2)]  # 2-D, 3-D, a strided view
+    with torch.no_grad():
+        for x in inputs:
+            x = x.to(dtype)
+            ref, out = F.linear(x, plain.weight, plain.bias), layer(x)
+            assert out.shape == ref.shape and out.dtype == dtype
+            assert (out.float() - ref.float()).abs().max().item() <= tol * ref.float().abs().max().item()
+            assert torch.allclose(no_bias(x).float(), F.linear(x, no_bias.weight).float(), atol=tol * 10)
+        one = torch.randn(64, generator=g).to(dtype)  # 1-D: the plain path
+        assert torch.equal(layer(one), F.linear(one, plain.weight, plain.bias))
+    assert prepack.unpack_weights(layer) == 0 and type(layer) is torch.nn.Linear
+
+
+def test_onednn_linear_falls_back_for_autograd_fp64_and_a_strided_weight():
+    layer = torch.nn.Linear(8, 4)
+    prepack.onednn_linears(layer)
+    x = torch.randn(3, 8, requires_grad=True)
+    layer(x).sum().backward()  # training: the plain linear, whose backward exists
+    assert x.grad is not None and layer.weight.grad is not None
+    with torch.no_grad():
+        assert torch.equal(layer.double()(x.double()), F.linear(x.double(), layer.weight, layer.bias))
+        layer.float()
+        layer.weight = torch.nn.Parameter(torch.randn(8, 4).t())  # not contiguous
+        assert torch.equal(layer(x), F.linear(x, layer.weight, layer.bias))
+
+
+@pytest.mark.parametrize("faster", [True, False])
+def test_auto_routes_linears_through_onednn_where_it_measures_faster(folder, faster, monkeypatch):
+    from minidiff import device
+    monkeypatch.setattr(device, "onednn_linear_is_faster", lambda dtype: faster)
+    monkeypatch.setattr(device, "cpu_has_fast_bf16", lambda: False)  # "auto" = fp32 here
+    plain = StableDiffusionPipeline.from_pretrained(folder)
+    auto = StableDiffusionPipeline.from_pretrained(folder, torch_dtype="auto")
+    kinds = {type(m) for model in auto.modules() for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert kinds == ({prepack.OneDNNLinear} if faster else {torch.nn.Linear})
+    assert list(auto.unet.state_dict()) == list(plain.unet.state_dict())
+    ref, out = step(plain.unet), step(auto.unet)
+    assert (out - ref).abs().max().item() <= 1e-5 * ref.abs().max().item()
+    ids = plain.tokenizer(["a red cube"], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.allclose(auto.text_encoder(ids)[0], plain.text_encoder(ids)[0], atol=1e-5)
+
+
+def test_the_probe_measures_fp32_and_says_yes_for_bf16():
+    from minidiff import device
+    assert device.onednn_linear_is_faster(torch.bfloat16) is True
+    assert device.onednn_linear_is_faster(torch.float64) is False
+    assert isinstance(device.onednn_linear_is_faster(torch.float32), bool)  # measured: the answer is the machine's
+    assert device.use_fast_linear(torch.nn.Conv2d(2, 2, 1)) == 0  # no linear layers: nothing to do
+
+
+def test_lora_on_onednn_linears_loads_unloads_and_compresses_as_on_plain_ones(tmp_path):
+    """A LoRA on the attention linears of a OneDNNLinear UNet gives the plain pipeline's output; unloading gives the
+    oneDNN layers back; the compressors and the LoRA trainer see the same layers."""
+    from minidiff import compress
+    from minidiff.distill import lcm_lora
+    folder = build_lora_sd(str(tmp_path / "sd"))
+    plain, fast = (StableDiffusionPipeline.from_pretrained(folder) for _ in range(2))
+    layers = prepack.onednn_linears(*fast.modules())
+    assert layers > 0
+    assert compress.palettisable(fast.unet, 0) == compress.palettisable(plain.unet, 0)
+    assert lcm_lora.target_names(fast.unet) == lcm_lora.target_names(plain.unet)
+    names = [n for n in targets(plain.unet) if isinstance(plain.unet.get_submodule(n), torch.nn.Linear)][:4]
+    save(kohya(plain.unet, "lora_unet_", names, alpha=4.0), str(tmp_path / "lora.safetensors"))
+    for pipe in (plain, fast):
+        pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
+    assert torch.allclose(step(fast.unet), step(plain.unet), atol=1e-5)
+    fast.unload_lora_weights()
+    plain.unload_lora_weights()
+    assert all(type(fast.unet.get_submodule(n)) is prepack.OneDNNLinear for n in names)
+    assert all(type(plain.unet.get_submodule(n)) is torch.nn.Linear for n in names)
+    assert torch.allclose(step(fast.unet), step(plain.unet), atol=1e-5)
+
+
+def test_cli_routes_linears_and_says_so(folder, tmp_path, capsys, monkeypatch):
+    from minidiff import device
+    monkeypatch.setattr(device, "onednn_linear_is_faster", lambda dtype: True)
+    out, plain = tmp_path / "a.png", tmp_path / "b.png"
+    args = ["generate", "a red cube", "--model", folder, "--steps", "2", "--width", "32", "--height", "32",
+            "--dtype", "float32"]
+    main(args + ["--out", str(out)])
+    assert "linear layers on oneDNN's matmul" in capsys.readouterr().err
+    monkeypatch.setattr(device, "onednn_linear_is_faster", lambda dtype: False)
+    main(args + ["--out", str(plain)])
+    assert "oneDNN" not in capsys.readouterr().err
+    a, b = (np.asarray(Image.open(p)).astype(int) for p in (out, plain))
+    assert np.abs(a - b).max() <= 1  # fp32: only the summation order differs

@@ -36,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import lora
+from ..prepack import is_plain_layer
 from ..schedulers.common import predict_eps, predict_x0, train_schedule
 from ..schedulers.lcm import LCMScheduler
 from ..pipelines.common import guidance_scale_embedding
@@ -116,7 +117,7 @@ class LCMDistillConfig:
 def target_names(unet, targets=TARGETS):
     """Module paths of the plain Linear/Conv2d layers of `unet` whose names end with one of `targets`."""
     return [n for n, m in unet.named_modules()
-            if type(m) in (nn.Linear, nn.Conv2d) and any(n == t or n.endswith("." + t) for t in targets)]
+            if is_plain_layer(m) and any(n == t or n.endswith("." + t) for t in targets)]
 
 
 def peft_init(module, rank):
