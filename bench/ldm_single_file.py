@@ -115,13 +115,14 @@ def convert(folder, out, dtype=torch.float16):
 def check(sd, origin):
     """Every LDM key maps back, by minidiff's own single-file rules, to the diffusers key it was made from (an
     independent check of the inverse: a wrong block number or name lands on another key or none)."""
-    from minidiff.weights import single_file as s
-    unet = {k[len(s.UNET):]: tuple(v.shape) for k, v in sd.items() if k.startswith(s.UNET)}
-    where, _ = s.unet_blocks(unet)
-    vae = {k[len(s.VAE):]: tuple(v.shape) for k, v in sd.items() if k.startswith(s.VAE)}
+    from minidiff.weights.single_file import UNET, VAE
+    from minidiff.weights.single_file_keys import unet_blocks, unet_rule, vae_rule
+    unet = {k[len(UNET):]: tuple(v.shape) for k, v in sd.items() if k.startswith(UNET)}
+    where, _ = unet_blocks(unet)
+    vae = {k[len(VAE):]: tuple(v.shape) for k, v in sd.items() if k.startswith(VAE)}
     up_levels = len({k.split(".")[2] for k in vae if k.startswith("decoder.up.")})
-    back = {s.UNET + k: s.unet_rule(k, where) for k in unet}
-    back.update({s.VAE + k: s.vae_rule(k, up_levels)[0] for k in vae})
+    back = {UNET + k: unet_rule(k, where) for k in unet}
+    back.update({VAE + k: vae_rule(k, up_levels)[0] for k in vae})
     wrong = [(k, v, origin[k]) for k, v in back.items() if v != origin[k]]
     if wrong:
         raise AssertionError(f"bench/ldm_single_file.py: the inverse key rules do not round-trip: {wrong[:5]}")

@@ -29,8 +29,8 @@ class PackedConv2d(nn.Conv2d):
     _packed_key = _packed = None  # until the first call packs (class defaults: a layer made by class swap has none)
 
     def packable(self, x):
-        return (x.device.type == "cpu" and x.dtype in DTYPES and self.weight.dtype == x.dtype
-                and self.padding_mode == "zeros" and not isinstance(self.padding, str)
+        return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in DTYPES
+                and self.weight.dtype == x.dtype and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
 
     def forward(self, x):
@@ -54,12 +54,14 @@ class OneDNNLinear(nn.Linear):
     MKL's sgemm, which runs at about half oneDNN's speed on AMD CPUs (Zen 5: an SD 1.5 UNet's linears 0.45x the
     time), and in bf16 (oneDNN there too) first copies the bias into the output for the matmul to add to. Same
     result: bf16 bitwise, fp32 to summation order (~1e-6 relative). Where oneDNN cannot take the call (autograd,
-    other dtypes or devices) it is the plain nn.Linear."""
+    other dtypes or devices; under torch.compile, whose inductor takes this op only for frozen weights) it is the
+    plain nn.Linear."""
     is_prepacked = True  # a layer LoRA and the compressors take as a plain nn.Linear
 
     def forward(self, x):
-        if (x.device.type == "cpu" and x.dtype in DTYPES and x.dim() >= 2 and self.weight.dtype == x.dtype
-                and self.weight.is_contiguous() and (self.bias is None or self.bias.dtype == x.dtype)
+        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in DTYPES and x.dim() >= 2
+                and self.weight.dtype == x.dtype and self.weight.is_contiguous()
+                and (self.bias is None or self.bias.dtype == x.dtype)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return super().forward(x)

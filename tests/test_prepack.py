@@ -215,3 +215,19 @@ def test_cli_routes_linears_and_says_so(folder, tmp_path, capsys, monkeypatch):
     assert "oneDNN" not in capsys.readouterr().err
     a, b = (np.asarray(Image.open(p)).astype(int) for p in (out, plain))
     assert np.abs(a - b).max() <= 1  # fp32: only the summation order differs
+
+
+def test_prepacked_and_onednn_layers_compile_in_one_graph():
+    """torch.compile (fullgraph) over PackedConv2d and OneDNNLinear: inductor lowers oneDNN's linear only for frozen
+    weights, so under compile both layers are the plain ones, and the compiled output is the eager one's (a small
+    model: the whole UNet's compile is the opt-in test_cpu_speed.py::test_compiled_unet_matches_eager)."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Conv2d(4, 8, 3, padding=1), torch.nn.Flatten(2), torch.nn.Linear(36, 24),
+                                torch.nn.GELU(), torch.nn.Linear(24, 8))
+    x = torch.randn(2, 4, 6, 6)
+    with torch.no_grad():
+        ref = model(x)
+        prepack.prepack_weights(model)
+        assert {type(m) for m in model} >= {prepack.PackedConv2d, prepack.OneDNNLinear}
+        out = torch.compile(model, fullgraph=True)(x)
+    assert torch.allclose(out, ref, atol=1e-5)
