@@ -175,7 +175,9 @@ def test_variant_only_some_components_have_falls_back_per_component(tmp_path):
     ours.set_progress_bar_config(disable=True)
     plain = minidiff.UNet2DConditionModel.from_pretrained(folder / "unet")
     assert not torch.equal(ours.unet.conv_in.weight, plain.conv_in.weight), "the variant file was not taken"
-    kw = dict(prompt="a cat", num_inference_steps=2, height=64, width=64, output_type="np")
+    # 128 x 128: at 64 x 64 this UNet's last level is 1 x 1, where GroupNorms over 2 values amplify rounding (an
+    # AMD Zen 5 gave 1.8e-4 against diffusers there, 1.3e-5 here; the plain files' image differs by ~1)
+    kw = dict(prompt="a cat", num_inference_steps=2, height=128, width=128, output_type="np")
     assert_close(ours(**kw, generator=_gen()).images, ref(**kw, generator=_gen()).images)
     with pytest.raises(ValueError, match="variant=fp32x`, but no such modeling files"):  # diffusers: ValueError too
         minidiff.DiffusionPipeline.from_pretrained(folder, variant="fp32x")
