@@ -131,7 +131,7 @@ def onednn_linear_is_faster(dtype=torch.float32, margin=0.9):
     bf16: yes wherever oneDNN is built in (PyTorch's bf16 linear is the same oneDNN matmul plus a copy of the bias
     into the output). fp32: PyTorch calls MKL's sgemm, fast on Intel CPUs and about half oneDNN's speed on AMD
     ones (Zen 5: an SD 1.5 UNet's linears 0.45x the time), so it is measured: a 1024 x 640 -> 1280 linear both
-    ways, best of 3 alternating rounds (~0.05 s, once per process); oneDNN only under `margin` of MKL's time."""
+    ways, best of 3 alternating rounds (~0.1 s, once per process); oneDNN only under `margin` of MKL's time."""
     import time
     import torch.nn.functional as F
     from .prepack import available
@@ -186,14 +186,16 @@ def auto_threads():
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt parameters (malloc.h)
 
 
-def keep_freed_memory(threshold=2 ** 30):
+def keep_freed_memory(threshold=2 ** 27):
     """Ask glibc's malloc to serve blocks up to `threshold` bytes from its heap and keep freed memory for reuse,
     instead of mapping each large temporary afresh and handing it back to the OS when freed: a UNet step frees
-    and re-allocates the same ~10-60 MB activations at every layer, and each fresh mapping is faulted in page by
+    and re-allocates the same ~10-85 MB activations at every layer, and each fresh mapping is faulted in page by
     page (hundreds of thousands of page faults per step). Measured on an Intel Xeon VM without AMX (fp32 SD 1.5
-    UNet, batch 1, fresh processes in turns): 5.0 s per step against 5.5-6.9 s, peak RSS not higher. A process-wide
-    setting, so the CLI makes it and the library does not; returns False where the C library has no mallopt
-    (macOS, musl)."""
+    UNet, batch 1, fresh processes in turns): 5.0 s per step against 5.5-6.9 s, peak RSS not higher. 128 MiB
+    rather than more: the VAE's 512x512 decode maps ~134 MB tensors, which a larger threshold kept on a
+    fragmented heap (an fp32 batch-2 image on an AMD Zen 5: peak RSS 6150 MB with 1 GiB, 5442 MB with 128 MiB,
+    diffusers' 5656 MB; its steps as fast). A process-wide setting, so the CLI makes it and the library does not;
+    returns False where the C library has no mallopt (macOS, musl)."""
     import ctypes
     try:
         mallopt = ctypes.CDLL(None).mallopt

@@ -21,6 +21,8 @@ import torch
 import torch.nn as nn
 
 DTYPES = (torch.float32, torch.bfloat16)
+# under torch.compile the layers are the plain ones (dynamo folds this call); torch < 2.3 has no such function
+compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
 
 
 class PackedConv2d(nn.Conv2d):
@@ -29,7 +31,7 @@ class PackedConv2d(nn.Conv2d):
     _packed_key = _packed = None  # until the first call packs (class defaults: a layer made by class swap has none)
 
     def packable(self, x):
-        return (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in DTYPES
+        return (not compiling() and x.device.type == "cpu" and x.dtype in DTYPES
                 and self.weight.dtype == x.dtype and self.padding_mode == "zeros" and not isinstance(self.padding, str)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
 
@@ -59,7 +61,7 @@ class OneDNNLinear(nn.Linear):
     is_prepacked = True  # a layer LoRA and the compressors take as a plain nn.Linear
 
     def forward(self, x):
-        if (not torch.compiler.is_compiling() and x.device.type == "cpu" and x.dtype in DTYPES and x.dim() >= 2
+        if (not compiling() and x.device.type == "cpu" and x.dtype in DTYPES and x.dim() >= 2
                 and self.weight.dtype == x.dtype and self.weight.is_contiguous()
                 and (self.bias is None or self.bias.dtype == x.dtype)
                 and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):

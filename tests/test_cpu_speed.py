@@ -149,7 +149,7 @@ def test_keep_freed_memory_sets_glibcs_thresholds(monkeypatch):
             return self.lib.mallopt(param, value)
     monkeypatch.setattr(ctypes, "CDLL", Libc)
     assert device.keep_freed_memory() is True
-    assert calls == [(device.M_MMAP_THRESHOLD, 2 ** 30), (device.M_TRIM_THRESHOLD, 2 ** 30)]
+    assert calls == [(device.M_MMAP_THRESHOLD, 2 ** 27), (device.M_TRIM_THRESHOLD, 2 ** 27)]
 
 
 def test_cli_prints_and_records_the_dtype(folder, tmp_path, capsys, bf16_cpu):
