@@ -49,6 +49,8 @@ SIDES = {
     # as `minidiff generate` runs them: its allocator setting, "auto" (dtype, layout, linears) or --dtype float32
     "minidiff CLI default": ("minidiff", "'auto'", "", CLI_ALLOCATOR),
     "minidiff CLI fp32": ("minidiff", "torch.float32", CLI_LINEAR, CLI_ALLOCATOR),
+    "minidiff CLI prepack": ("minidiff", "'auto'", "from minidiff.prepack import prepack_weights; "
+                             "prepack_weights(*p.modules())", CLI_ALLOCATOR),  # --prepack
     "minidiff default": ("minidiff", "'auto'", ""),
     "minidiff fp32": ("minidiff", "torch.float32", ""),
     "minidiff bf16": ("minidiff", "torch.bfloat16", ""),
