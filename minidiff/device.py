@@ -54,22 +54,29 @@ def bf16_is_faster(margin=0.8):
     `margin` of their fp32 time in bf16 here: the best of 3 alternating rounds, ~0.1 s once per process. The margin
     keeps a loaded machine from flipping the answer (whole UNet steps measured 0.55x on Zen 4, 1.3x on an
     Intel Xeon without AMX; this probe's ratio there: between 1.2 and 2)."""
-    import time
     import torch.nn.functional as F
     g = torch.Generator().manual_seed(0)
     x, w = torch.randn(1, 256, 32, 32, generator=g), torch.randn(256, 256, 3, 3, generator=g) * 0.02
     a, b = torch.randn(2048, 512, generator=g), torch.randn(512, 512, generator=g)
     cases = {dtype: [t.to(dtype) for t in (x, w, a, b)] for dtype in (torch.float32, torch.bfloat16)}
-    best = {dtype: float("inf") for dtype in cases}
-    with torch.no_grad():
-        for i in range(4):  # round 0 warms oneDNN up (its kernels are made on the first call)
-            for dtype, (x, w, a, b) in cases.items():
-                start = time.perf_counter()
-                F.conv2d(x, w, padding=1)
-                a @ b
-                if i:
-                    best[dtype] = min(best[dtype], time.perf_counter() - start)
+    best = best_times({dtype: lambda x=x, w=w, a=a, b=b: (F.conv2d(x, w, padding=1), a @ b)
+                       for dtype, (x, w, a, b) in cases.items()})
     return best[torch.bfloat16] < margin * best[torch.float32]
+
+
+def best_times(ways, rounds=3):
+    """{name: best seconds of `rounds`} for each no-argument function of `ways`, called in alternating rounds
+    after one warm-up round (oneDNN makes its kernels on the first call), without autograd."""
+    import time
+    best = {k: float("inf") for k in ways}
+    with torch.no_grad():
+        for i in range(rounds + 1):
+            for k, f in ways.items():
+                start = time.perf_counter()
+                f()
+                if i:
+                    best[k] = min(best[k], time.perf_counter() - start)
+    return best
 
 
 def fast_dtype(device="cpu"):
@@ -132,7 +139,6 @@ def onednn_linear_is_faster(dtype=torch.float32, margin=0.9):
     into the output). fp32: PyTorch calls MKL's sgemm, fast on Intel CPUs and about half oneDNN's speed on AMD
     ones (Zen 5: an SD 1.5 UNet's linears 0.45x the time), so it is measured: a 1024 x 640 -> 1280 linear both
     ways, best of 3 alternating rounds (~0.1 s, once per process); oneDNN only under `margin` of MKL's time."""
-    import time
     import torch.nn.functional as F
     from .prepack import available
     if not available() or dtype not in (torch.float32, torch.bfloat16):
@@ -141,15 +147,8 @@ def onednn_linear_is_faster(dtype=torch.float32, margin=0.9):
         return True
     g = torch.Generator().manual_seed(0)
     x, w, b = torch.randn(1024, 640, generator=g), torch.randn(1280, 640, generator=g), torch.randn(1280, generator=g)
-    ways = {"mkl": lambda: F.linear(x, w, b), "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")}
-    best = {k: float("inf") for k in ways}
-    with torch.no_grad():
-        for i in range(4):  # round 0 warms both libraries up
-            for k, f in ways.items():
-                start = time.perf_counter()
-                f()
-                if i:
-                    best[k] = min(best[k], time.perf_counter() - start)
+    best = best_times({"mkl": lambda: F.linear(x, w, b),
+                       "onednn": lambda: torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")})
     return best["onednn"] < margin * best["mkl"]
 
 

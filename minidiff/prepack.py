@@ -25,15 +25,20 @@ DTYPES = (torch.float32, torch.bfloat16)
 compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
 
 
+def onednn_can_take(x, weight):
+    """What both layers' oneDNN calls need: CPU tensors of one dtype it takes, no autograd (the ops have no
+    backward), not under torch.compile."""
+    return (not compiling() and x.device.type == "cpu" and x.dtype in DTYPES and weight.dtype == x.dtype
+            and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad)))
+
+
 class PackedConv2d(nn.Conv2d):
     """nn.Conv2d whose forward reads a oneDNN-packed copy of its weight, where oneDNN can take the call."""
     is_prepacked = True  # a LoRA may land on it (its LoRAConv2d takes the weight and the plain path)
     _packed_key = _packed = None  # until the first call packs (class defaults: a layer made by class swap has none)
 
     def packable(self, x):
-        return (not compiling() and x.device.type == "cpu" and x.dtype in DTYPES
-                and self.weight.dtype == x.dtype and self.padding_mode == "zeros" and not isinstance(self.padding, str)
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad)))
+        return onednn_can_take(x, self.weight) and self.padding_mode == "zeros" and not isinstance(self.padding, str)
 
     def forward(self, x):
         if not self.packable(x):
@@ -61,10 +66,8 @@ class OneDNNLinear(nn.Linear):
     is_prepacked = True  # a layer LoRA and the compressors take as a plain nn.Linear
 
     def forward(self, x):
-        if (not compiling() and x.device.type == "cpu" and x.dtype in DTYPES and x.dim() >= 2
-                and self.weight.dtype == x.dtype and self.weight.is_contiguous()
-                and (self.bias is None or self.bias.dtype == x.dtype)
-                and not (torch.is_grad_enabled() and (x.requires_grad or self.weight.requires_grad))):
+        if (onednn_can_take(x, self.weight) and x.dim() >= 2 and self.weight.is_contiguous()
+                and (self.bias is None or self.bias.dtype == x.dtype)):
             return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
         return super().forward(x)
 

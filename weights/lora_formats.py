@@ -28,12 +28,12 @@ import re
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn as nn
 
 from . import lycoris
 from .hub import is_local, resolve_file
 from .load import read_state_dict
 from ..errors import LoRAFileError
+from ..prepack import is_plain_layer
 from .lora_checks import alpha_value, check_lora_config
 from .safe import check_pickle, read_json_file, read_safetensors_header
 
@@ -46,8 +46,7 @@ METADATA_KEY = "lora_adapter_metadata"  # diffusers writes the PEFT LoraConfig o
 def is_target(module):
     """A layer a LoRA can land on: a plain nn.Linear / nn.Conv2d (prepacked or not), or one minidiff.lora has
     already adapted."""
-    return (type(module) in (nn.Linear, nn.Conv2d) or getattr(type(module), "is_lora_layer", False)
-            or getattr(type(module), "is_prepacked", False))
+    return is_plain_layer(module) or getattr(type(module), "is_lora_layer", False)
 
 
 # ----------------------------------------------------------------------------- SAI (LDM) UNet names

@@ -125,12 +125,10 @@ class DiffusionPipeline:
         return pipe
 
     def _use_fast_layout(self):
-        """torch_dtype="auto" picks the layout and the matmul too: channels_last for the bf16 conv models on a
-        CPU, and oneDNN's linear where it measures faster there (device.py)."""
-        for m in self.components.values():
-            if isinstance(m, torch.nn.Module):
-                use_fast_layout(m)
-                use_fast_linear(m)
+        """torch_dtype="auto" also picks the CPU's fast layout and matmul for each model (device.py)."""
+        for m in self.modules():
+            use_fast_layout(m)
+            use_fast_linear(m)
 
     @classmethod
     def pipeline_class(cls, index, where):
