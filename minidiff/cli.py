@@ -273,7 +273,7 @@ def generate(a):
     import torch
     from PIL import PngImagePlugin
 
-    from .device import auto_threads, keep_freed_memory, resolve_dtype, use_fast_layout, use_fast_linear
+    from .device import auto_threads, fast_memory_format, keep_freed_memory, resolve_dtype, use_fast_layout, use_fast_linear
     from .pipelines import DiffusionPipeline
     from .samplers import name_of, scheduler_for
     from .schedulers import LCMScheduler
@@ -296,20 +296,21 @@ def generate(a):
     dtype = resolve_dtype(a.dtype, a.device)
     print(f"minidiff: dtype {str(dtype).replace('torch.', '')}"
           + (" (auto: this device's fast dtype; --dtype float32 for fp32)" if a.dtype == "auto" else ""), file=sys.stderr)
+    wanted = a.dtype == "auto" or getattr(a, "layout", None) == "channels_last"  # auto, or a --from-png made so
+    fmt = fast_memory_format(dtype, a.device) if wanted else None  # set while the weights are read: one copy
     if os.path.isfile(model):
         pipe = DiffusionPipeline.from_single_file(model, torch_dtype=dtype, device=a.device,
-                                                  allow_pickle=a.allow_pickle)
+                                                  allow_pickle=a.allow_pickle, memory_format=fmt)
     else:
         pipe = DiffusionPipeline.from_pretrained(model, torch_dtype=dtype, variant=a.variant, device=a.device,
-                                                 allow_pickle=a.allow_pickle)
+                                                 allow_pickle=a.allow_pickle, memory_format=fmt)
     if small:
         from .assets import SMALL_UNET_DIR
         from .models.unet import UNet2DConditionModel
         pipe.unet = UNet2DConditionModel.from_pretrained(SMALL_UNET_DIR, subfolder="unet", torch_dtype=dtype,
-                                                         device=a.device)
+                                                         device=a.device, memory_format=fmt)
     if a.vae:
         pipe.vae = load_vae(a.vae, pipe.vae, dtype, a.device, xl="XL" in type(pipe).__name__)
-    wanted = a.dtype == "auto" or getattr(a, "layout", None) == "channels_last"  # auto, or a --from-png made so
     a.layout = None
     if wanted and any([use_fast_layout(m, a.device) for m in pipe.modules()]):
         a.layout = "channels_last"  # recorded in the PNG: --from-png makes the same picture

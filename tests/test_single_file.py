@@ -351,6 +351,22 @@ def test_fp16_file_loads_at_the_requested_dtype(family_file, tmp_path):
     assert torch.equal(te.state_dict()[w], pipe.text_encoder.state_dict()[w].bfloat16().half())
 
 
+def test_auto_lays_the_weights_out_while_reading_them(family_file, monkeypatch):
+    """torch_dtype="auto" on a CPU with bf16: the file's convolution weights read straight into channels_last (one
+    copy), the same values as a bf16 load (test_cpu_speed.py checks diffusers folders the same way)."""
+    from minidiff import device
+    from test_cpu_speed import laid_out_while_read
+    monkeypatch.setattr(device, "cpu_flags", lambda: frozenset({"avx512f", "avx512_bf16"}))
+    monkeypatch.setattr(device, "bf16_is_faster", lambda: True)
+    pipe, _, path, _ = family_file("sd1")
+    got = minidiff.StableDiffusionPipeline.from_single_file(path, torch_dtype="auto")
+    vae = minidiff.AutoencoderKL.from_single_file(path, torch_dtype="auto")
+    assert laid_out_while_read([got.unet, got.vae]) and laid_out_while_read([vae])
+    for name, ours in (("unet", got.unet), ("vae", got.vae), ("vae", vae)):
+        for k, v in getattr(pipe, name).state_dict().items():
+            assert torch.equal(ours.state_dict()[k], v.bfloat16()), (name, k)
+
+
 def test_vae_only_file(family_file, tmp_path):
     pipe, _, _, folder = family_file("sd1")
     path = str(tmp_path / "vae-ft-mse-840000-ema-pruned.safetensors")

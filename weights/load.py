@@ -40,14 +40,24 @@ def _torch_dtype(name):
 
 
 def _needs_copy(header, key, cast):
-    """Is `key` to be read into memory and cast (or moved) rather than mapped? `cast`: (dtype, device) or None."""
+    """Is `key` to be read into memory and cast (or moved, or laid out) rather than mapped? `cast`: (dtype, device,
+    memory_format) or None."""
     if cast is None or sys.byteorder != "little":
         return False
-    file_dtype = _torch_dtype(header.tensors[key][1])
+    shape, name = header.tensors[key]
+    file_dtype = _torch_dtype(name)
     if file_dtype is None:
         return False
-    dtype, device = cast
-    return torch.device(device).type != "cpu" or (file_dtype.is_floating_point and file_dtype != dtype)
+    dtype, device, memory_format = cast
+    return (torch.device(device).type != "cpu" or (file_dtype.is_floating_point and file_dtype != dtype)
+            or (memory_format is not None and len(shape) == 4))
+
+
+def cast_tensor(t, dtype, device, memory_format=None):
+    """`t` on `device`, in `dtype` if floating, and a 4-D one (a convolution's weight) in `memory_format` if given:
+    one copy for all three (a model laid out after loading would copy its weights a second time)."""
+    fmt = memory_format if memory_format is not None and t.dim() == 4 else torch.preserve_format
+    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype, memory_format=fmt)
 
 
 def _read_cast(f, header, key, cast, buf=None):
@@ -56,7 +66,7 @@ def _read_cast(f, header, key, cast, buf=None):
     process, so the peak is the cast copies plus one buffer (not the whole file's pages too)."""
     shape, name = header.tensors[key]
     begin, end = header.offsets[key]
-    file_dtype, (dtype, device) = _torch_dtype(name), cast
+    file_dtype = _torch_dtype(name)
     buf = torch.empty(end - begin, dtype=torch.uint8) if buf is None else buf[:end - begin]
     view, got = memoryview(buf.numpy()), 0
     while got < len(view):
@@ -65,14 +75,15 @@ def _read_cast(f, header, key, cast, buf=None):
             raise FileFormatError(f"{header.path}: tensor {key!r} ends past the end of the file (truncated?)")
         got += n
     t = buf.view(file_dtype).reshape(shape) if len(view) else torch.empty(shape, dtype=file_dtype)
-    return t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
+    out = cast_tensor(t, *cast)
+    return out.clone() if out is t else out  # already in that layout (a 1x1 kernel's): not a view of the buffer
 
 
 def _iter_tensors(files, allow_pickle, keys=None, cast=None):
     """(file, key, tensor) one at a time, so that only one tensor is in flight; the kind of each file is
     told by its content (a pickle is read only with allow_pickle). `keys`: only these. `cast` (dtype,
-    device): tensors of another floating dtype, or all for a device other than the CPU, come read and cast
-    (_read_cast); the others are the file's memory-mapped tensors."""
+    device, memory_format): tensors of another floating dtype, all for a device other than the CPU, and 4-D ones
+    given a memory format come read and cast (_read_cast); the others are the file's memory-mapped tensors."""
     for path in files:
         if check_pickle(path, allow_pickle) == "safetensors":
             from safetensors import safe_open
@@ -127,12 +138,14 @@ def _listing(keys, n=12):
     return ", ".join(keys[:n]) + more
 
 
-def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=False, shapes=None):
+def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=False, shapes=None,
+              memory_format=None):
     """Assign the tensors of `files` to `model` (built on meta), checking every key and shape first.
 
     `rename(file_key) -> module_key` maps another key form of the same model (None: keys are equal);
     a key it maps to None is skipped (a stale buffer some files carry, e.g. CLIP's position_ids).
-    Floating tensors are cast to `dtype` (None: float32); others keep theirs.
+    Floating tensors are cast to `dtype` (None: float32); others keep theirs. `memory_format`
+    (torch.channels_last): the layout of the 4-D tensors, the convolutions' weights.
     """
     rename = rename or (lambda k: k)
     dtype = dtype or torch.float32
@@ -159,11 +172,10 @@ def load_into(model, files, dtype=None, device=None, rename=None, allow_pickle=F
         raise ConfigError("\n  ".join(parts))
     sd = {}
     wanted = {k for k in shapes if rename(k) is not None}  # a skipped key is neither read nor cast
-    for _, k, t in _iter_tensors(files, allow_pickle, keys=wanted, cast=(dtype, device)):
+    for _, k, t in _iter_tensors(files, allow_pickle, keys=wanted, cast=(dtype, device, memory_format)):
         if rename(k) is None:
             continue
-        t = t.to(device=device, dtype=dtype if t.is_floating_point() else t.dtype)
-        sd[rename(k)] = t
+        sd[rename(k)] = cast_tensor(t, dtype, device, memory_format)
     model.load_state_dict(sd, strict=True, assign=True)
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
@@ -223,7 +235,7 @@ def _no_gc():
 
 
 def load_model(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
-               allow_pickle=False, config=None):
+               allow_pickle=False, config=None, memory_format=None):
     """Build `cls` from its config.json and load its weights: the body of every model's from_pretrained.
 
     The class provides `config_class` (a dataclass), `weight_names` (file stems) and optionally
@@ -242,7 +254,8 @@ def load_model(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None
             model = cls(config)
             if palettised:
                 build_palettised(model, palettised, files[0])
-        load_into(model, files, torch_dtype, device, getattr(cls, "rename_key", None), allow_pickle, shapes)
+        load_into(model, files, torch_dtype, device, getattr(cls, "rename_key", None), allow_pickle, shapes,
+                  memory_format)
     return model.eval()
 
 

@@ -25,7 +25,7 @@ import torch
 from ..errors import ArgumentError, FileFormatError
 from .config import config_from_dict
 from .hub import read_json
-from .load import _listing, _no_gc, _no_init, read_header
+from .load import _listing, _no_gc, _no_init, cast_tensor, read_header
 from .safe import check_pickle
 from .single_file_configs import (FAMILIES, apply_original_config, choose_prediction_type, infer_clip_config,
                                   infer_unet_config, infer_vae_config)
@@ -182,8 +182,9 @@ class Report:
         return f"{os.path.basename(self.path)}: loaded {loaded} tensors; skipped {skipped}{notes}"
 
 
-def build(cls, cfg_dict, f, prefix, mapping, torch_dtype, device, report, name, where):
-    """Build `cls` on meta from `cfg_dict`, map the file's keys under `prefix`, check every key and shape, read."""
+def build(cls, cfg_dict, f, prefix, mapping, torch_dtype, device, report, name, where, memory_format=None):
+    """Build `cls` on meta from `cfg_dict`, map the file's keys under `prefix`, check every key and shape, read
+    (cast, and the convolutions' weights laid out in `memory_format` if given, in one copy)."""
     cfg = config_from_dict(cls.config_class, cfg_dict, where=where)
     with _no_gc():
         with torch.device("meta"), _no_init():
@@ -221,7 +222,7 @@ def build(cls, cfg_dict, f, prefix, mapping, torch_dtype, device, report, name, 
         for src, t in f.read(sorted(targets)):
             for target, transform in targets[src]:
                 part = apply_transform(t, transform)
-                sd[target] = part.to(device=device or "cpu", dtype=dtype if part.is_floating_point() else part.dtype)
+                sd[target] = cast_tensor(part, dtype, device or "cpu", memory_format)
         model.load_state_dict(sd, strict=True, assign=True)
     report.loaded[name] = len(sd)
     if unused:
@@ -260,7 +261,7 @@ def _is_diffusers_vae(shapes):
 
 
 def load_models(f, family, components, config_dicts=None, original=None, torch_dtype=None, device=None,
-                prediction_type=None, report=None, scheduler_config=None):
+                prediction_type=None, report=None, scheduler_config=None, memory_format=None):
     """Build the named models from the file, each from `config_dicts[component]` (a config.json's dict) when
     given, else from the file's shapes over the family's config. Returns ({component: model}, (prediction, why))."""
     fam = FAMILIES[family]
@@ -306,7 +307,7 @@ def load_models(f, family, components, config_dicts=None, original=None, torch_d
         else:
             mapping = openclip_mapping(shapes, cfg["num_hidden_layers"], component == "text_encoder_2")
         models[component] = build(_model_class(component), cfg, f, prefix, mapping, torch_dtype, device, report,
-                                  component, where)
+                                  component, where, memory_format)
     return models, (pred, why)
 
 
@@ -341,7 +342,7 @@ def clip_tokenizer(pad_token, max_length=77):
 
 
 def load_pipeline(cls, path, config=None, original_config=None, prediction_type=None, torch_dtype=None, device=None,
-                  allow_pickle=False, **kwargs):
+                  allow_pickle=False, memory_format=None, **kwargs):
     """The body of every pipeline's from_single_file (see DiffusionPipeline.from_single_file)."""
     from .. import schedulers
     from ..tokenizer import CLIPTokenizer
@@ -366,7 +367,7 @@ def load_pipeline(cls, path, config=None, original_config=None, prediction_type=
         sched_raw = read_json(config, "scheduler_config.json", "scheduler") if "scheduler" not in kwargs else None
     report = Report(f.path)
     components, (pred, why) = load_models(f, family, wanted, config_dicts, original, torch_dtype, device,
-                                          prediction_type, report, sched_raw)
+                                          prediction_type, report, sched_raw, memory_format)
     for encoder, tokenizer in (("text_encoder", "tokenizer"), ("text_encoder_2", "tokenizer_2")):
         if encoder not in cls.component_names:
             continue
@@ -408,7 +409,7 @@ def load_pipeline(cls, path, config=None, original_config=None, prediction_type=
 
 
 def load_component(cls, path, component, config=None, original_config=None, torch_dtype=None, device=None,
-                   allow_pickle=False, subfolder=None, prediction_type=None):
+                   allow_pickle=False, subfolder=None, prediction_type=None, memory_format=None):
     """The body of a model's from_single_file: one model out of a whole checkpoint or out of a file holding only it.
     `config`: a folder or repo whose config.json (in `subfolder`) is the model's."""
     f = SingleFile(path, allow_pickle)
@@ -417,7 +418,8 @@ def load_component(cls, path, component, config=None, original_config=None, torc
     report = Report(f.path)
     config_dicts = {component: read_json(config, "config.json", subfolder)} if config is not None else None
     parts = _parts(f)
-    models, _ = load_models(f, family, [component], config_dicts, original, torch_dtype, device, prediction_type, report)
+    models, _ = load_models(f, family, [component], config_dicts, original, torch_dtype, device, prediction_type, report,
+                            memory_format=memory_format)
     for other, (p, _) in parts.items():
         if other != component:
             report.skipped[f"{other} (not asked for)"] += len(f.under(p))

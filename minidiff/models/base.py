@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..weights.hub import hub_options
-from ..device import resolve_dtype, use_fast_layout
+from ..device import fast_memory_format, resolve_dtype, use_fast_linear
 from ..weights.load import load_model, save_model
 
 
@@ -28,36 +28,45 @@ class Model(nn.Module):
 
     @classmethod
     def from_pretrained(cls, repo_or_path, subfolder=None, variant=None, torch_dtype=None, device=None,
-                        allow_pickle=False, **loading_args):
+                        allow_pickle=False, memory_format=None, **loading_args):
         """Build from `config.json` on the meta device and assign the weights file's tensors (every key and
         shape checked first); see minidiff.weights.load.load_model. diffusers' loading arguments (cache_dir,
         revision, token, local_files_only, force_download, use_safetensors, low_cpu_mem_usage, device_map as
-        one device) are taken as minidiff/loading.py says."""
+        one device) are taken as minidiff/loading.py says. `memory_format` (minidiff's): the convolution
+        weights' layout, set while they are read (torch.channels_last); torch_dtype="auto" picks the device's
+        fast dtype, layout and matmul (minidiff/device.py)."""
         from .. import loading
         auto = torch_dtype == "auto"
-        torch_dtype = resolve_dtype(torch_dtype, device)  # "auto": the device's fast dtype (minidiff/device.py)
+        torch_dtype = resolve_dtype(torch_dtype, device)
         where = f"{cls.__name__}.from_pretrained({repo_or_path!r})"
         hub, device, allow_pickle = loading.model_options(loading_args, torch_dtype, device, allow_pickle, where)
+        if auto and memory_format is None:
+            memory_format = fast_memory_format(torch_dtype, device)
         with hub_options(**hub):
-            model = load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle)
-        if auto:  # and the fast layout: channels_last for bf16 convolutions on a CPU
-            use_fast_layout(model)
+            model = load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle,
+                               memory_format=memory_format)
+        if auto:
+            use_fast_linear(model, device)
         return model
 
     @classmethod
     def from_single_file(cls, path, config=None, original_config=None, torch_dtype=None, device=None,
-                         allow_pickle=False, subfolder=None):
+                         allow_pickle=False, subfolder=None, memory_format=None):
         """Load from one LDM-layout checkpoint (a whole model file or one holding only this part); see
-        weights/single_file.py. `config=`: a folder or repo with this model's config.json (in `subfolder`)."""
+        weights/single_file.py. `config=`: a folder or repo with this model's config.json (in `subfolder`);
+        `memory_format` and torch_dtype="auto" as in from_pretrained."""
         if cls.single_file_part is None:
             raise ValueError(f"{cls.__name__}.from_single_file: single files hold UNets, VAEs and CLIP text encoders, "
                              f"not {cls.__name__}")
         from ..weights.single_file import load_component
-        model = load_component(cls, path, cls.single_file_part, config, original_config,
-                               resolve_dtype(torch_dtype, device), device,
-                               allow_pickle, subfolder)
-        if torch_dtype == "auto":
-            use_fast_layout(model)
+        auto = torch_dtype == "auto"
+        torch_dtype = resolve_dtype(torch_dtype, device)
+        if auto and memory_format is None:
+            memory_format = fast_memory_format(torch_dtype, device)
+        model = load_component(cls, path, cls.single_file_part, config, original_config, torch_dtype, device,
+                               allow_pickle, subfolder, memory_format=memory_format)
+        if auto:
+            use_fast_linear(model, device)
         return model
 
     def save_pretrained(self, folder, variant=None, safe_serialization=True):

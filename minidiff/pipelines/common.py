@@ -19,7 +19,7 @@ import torch
 from ..errors import ArgumentTypeError, FileFormatError
 from ..tokenizer_files import check_tokenizers_fit
 from .. import layerwise_casting, loading
-from ..device import resolve_dtype, use_fast_layout, use_fast_linear
+from ..device import fast_memory_format, resolve_dtype, use_fast_layout, use_fast_linear
 from ..models.base import ModelOutput
 from ..weights.config import AttrDict
 from ..weights.hub import hub_options, read_json
@@ -96,20 +96,25 @@ class DiffusionPipeline:
 
     # ---- construction -------------------------------------------------------------------------
     @classmethod
-    def from_pretrained(cls, repo_or_path, torch_dtype=None, variant=None, device=None, allow_pickle=False, **kwargs):
+    def from_pretrained(cls, repo_or_path, torch_dtype=None, variant=None, device=None, allow_pickle=False,
+                        memory_format=None, **kwargs):
         """Build the pipeline from a Hub repo id or a local folder holding model_index.json.
 
         Keyword arguments named after a component replace it (`vae=AutoencoderTiny.from_pretrained(...)`,
         `text_encoder=None`); other keyword arguments go to the pipeline's constructor. diffusers' loading
         arguments are taken as diffusers takes them (see minidiff/loading.py): cache_dir, revision, token,
         local_files_only, force_download, use_safetensors, low_cpu_mem_usage, device_map (one device), and
-        torch_dtype as one dtype or a dict {component or "default": dtype}.
+        torch_dtype as one dtype or a dict {component or "default": dtype}. torch_dtype="auto": the device's fast
+        dtype, layout and matmul (minidiff/device.py); `memory_format` (minidiff's): the convolution weights'
+        layout, set while they are read (torch.channels_last).
         """
         repo_or_path = os.fspath(repo_or_path)
         where = f"{cls.__name__}.from_pretrained({repo_or_path!r})"
         auto = isinstance(torch_dtype, str) and torch_dtype == "auto"
         if not isinstance(torch_dtype, dict):  # "auto": the device's fast dtype (minidiff/device.py)
             torch_dtype = resolve_dtype(torch_dtype, device)
+        if auto and memory_format is None:  # laid out while read: one copy of the weights, not two
+            memory_format = fast_memory_format(torch_dtype, device)
         opts = loading.pop_loading(kwargs)
         hub, device, allow_pickle = loading.model_options(opts, None, device, allow_pickle, where)
         with hub_options(**hub):
@@ -117,15 +122,18 @@ class DiffusionPipeline:
             pick = cls.pipeline_class(index, os.path.join(repo_or_path, "model_index.json"))
             if pick is not cls:  # DiffusionPipeline and the AutoPipelines pick the class the repo names
                 return pick.from_pretrained(repo_or_path, torch_dtype="auto" if auto else torch_dtype, variant=variant,
-                                            device=device, allow_pickle=allow_pickle, **opts, **kwargs)
-            pipe = cls._from_index(repo_or_path, index, torch_dtype, variant, device, allow_pickle, kwargs)
+                                            device=device, allow_pickle=allow_pickle, memory_format=memory_format,
+                                            **opts, **kwargs)
+            pipe = cls._from_index(repo_or_path, index, torch_dtype, variant, device, allow_pickle, kwargs,
+                                   memory_format)
         pipe._name_or_path = repo_or_path
         if auto:
             pipe._use_fast_layout()
         return pipe
 
     def _use_fast_layout(self):
-        """torch_dtype="auto" also picks the CPU's fast layout and matmul for each model (device.py)."""
+        """torch_dtype="auto" also picks the CPU's fast layout and matmul for each model (device.py); the layout
+        of models loaded with it is set already (then this costs nothing), not of components passed in."""
         for m in self.modules():
             use_fast_layout(m)
             use_fast_linear(m)
@@ -143,7 +151,7 @@ class DiffusionPipeline:
         return PIPELINES[name]
 
     @classmethod
-    def _from_index(cls, repo_or_path, index, torch_dtype, variant, device, allow_pickle, kwargs):
+    def _from_index(cls, repo_or_path, index, torch_dtype, variant, device, allow_pickle, kwargs, memory_format=None):
         where = os.path.join(repo_or_path, "model_index.json")
         names = [k for k in index if not k.startswith("_")]
         init_params = inspect.signature(cls.__init__).parameters
@@ -165,7 +173,7 @@ class DiffusionPipeline:
                     dtype = loading.dtype_for(torch_dtype, key, names, f"{cls.__name__}.from_pretrained")
                     components[key] = klass.from_pretrained(repo_or_path, subfolder=key, variant=variants[key],
                                                             torch_dtype=dtype, device=device,
-                                                            allow_pickle=allow_pickle)
+                                                            allow_pickle=allow_pickle, memory_format=memory_format)
                 else:  # a scheduler or a tokenizer
                     components[key] = klass.from_pretrained(repo_or_path, subfolder=key)
         unknown = [k for k in kwargs if k not in init_params]
@@ -180,17 +188,23 @@ class DiffusionPipeline:
 
     @classmethod
     def from_single_file(cls, path, config=None, original_config=None, prediction_type=None, torch_dtype=None,
-                         device=None, allow_pickle=False, **kwargs):
+                         device=None, allow_pickle=False, memory_format=None, **kwargs):
         """Build the pipeline from one A1111 / ComfyUI / civitai checkpoint file (LDM / SGM layout), offline.
 
         The family (SD 1.x, SD 2.x, SDXL base or refiner) is told from the tensors; `config=` a diffusers folder or
         repo, `original_config=` the LDM yaml and `prediction_type=` override the guess. Component keyword
-        arguments (`vae=`, `scheduler=`) replace the file's. See weights/single_file.py.
+        arguments (`vae=`, `scheduler=`) replace the file's. See weights/single_file.py. torch_dtype="auto" and
+        `memory_format` as in from_pretrained.
         """
         from ..weights.single_file import load_pipeline
+        auto = isinstance(torch_dtype, str) and torch_dtype == "auto"
+        torch_dtype = resolve_dtype(torch_dtype, device)
+        if auto and memory_format is None:
+            memory_format = fast_memory_format(torch_dtype, device)
         pipe = load_pipeline(cls, path, config=config, original_config=original_config, prediction_type=prediction_type,
-                             torch_dtype=resolve_dtype(torch_dtype, device), device=device, allow_pickle=allow_pickle, **kwargs)
-        if isinstance(torch_dtype, str) and torch_dtype == "auto":
+                             torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle,
+                             memory_format=memory_format, **kwargs)
+        if auto:
             pipe._use_fast_layout()
         return pipe
 
