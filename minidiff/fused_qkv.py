@@ -10,6 +10,8 @@ unfuse_qkv_projections() and fuse again, as in diffusers.
 import torch
 import torch.nn.functional as F
 
+from .prepack import OneDNNLinear, onednn_linear
+
 NAMES = ("to_q", "to_k", "to_v")
 
 
@@ -39,10 +41,12 @@ def project(module, x, context=None):
     weight = module._buffers.get("fused_weight")
     if weight is not None and not any(getattr(getattr(module, n), "is_lora_layer", False) for n in NAMES):
         bias = module._buffers.get("fused_bias")
+        # the fused matmul runs the way its layers did: oneDNN's where they are OneDNNLinear (minidiff/prepack.py)
+        linear = onednn_linear if isinstance(module.to_k, OneDNNLinear) else F.linear
         if context is None and not module.is_cross_attention:
-            return F.linear(x, weight, bias).chunk(3, dim=-1)
+            return linear(x, weight, bias).chunk(3, dim=-1)
         if context is not None and module.is_cross_attention:
-            k, v = F.linear(context, weight, bias).chunk(2, dim=-1)
+            k, v = linear(context, weight, bias).chunk(2, dim=-1)
             return module.to_q(x), k, v
     context = x if context is None else context
     return module.to_q(x), module.to_k(context), module.to_v(context)

@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 
 from . import ops
+from .prepack import OneDNNLinear, onednn_linear
 from .weights import lycoris
 
 
@@ -148,7 +149,10 @@ class LoRALinear(LoRALayer):
         self.in_features, self.out_features = base.in_features, base.out_features
 
     def forward(self, x):
-        return ops.lora_linear(x, *self.adapted_weight(), self.active_loras())
+        loras = self.active_loras()
+        if not loras and self.base_class is OneDNNLinear:  # all fused (fuse_lora) or off: the base layer's matmul
+            return onednn_linear(x, *self.adapted_weight())
+        return ops.lora_linear(x, *self.adapted_weight(), loras)
 
     def expected_shapes(self, rank):
         return (rank, self.in_features), (self.out_features, rank)

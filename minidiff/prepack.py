@@ -19,6 +19,7 @@ order (fp32: max |diff| ~3e-5 on unit-scale maps; bitwise in channels_last), in 
 """
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 DTYPES = (torch.float32, torch.bfloat16)
 # under torch.compile the layers are the plain ones (dynamo folds this call); torch < 2.3 has no such function
@@ -66,10 +67,16 @@ class OneDNNLinear(nn.Linear):
     is_prepacked = True  # a layer LoRA and the compressors take as a plain nn.Linear
 
     def forward(self, x):
-        if (onednn_can_take(x, self.weight) and x.dim() >= 2 and self.weight.is_contiguous()
-                and (self.bias is None or self.bias.dtype == x.dtype)):
-            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
-        return super().forward(x)
+        return onednn_linear(x, self.weight, self.bias)
+
+
+def onednn_linear(x, weight, bias=None):
+    """F.linear through oneDNN's matmul where it can take the call (OneDNNLinear's forward; also what a fused QKV
+    projection and a LoRA layer with no adapter left unfused run where their layers were OneDNNLinear)."""
+    if (onednn_can_take(x, weight) and x.dim() >= 2 and weight.is_contiguous()
+            and (bias is None or bias.dtype == x.dtype)):
+        return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+    return F.linear(x, weight, bias)
 
 
 def is_plain_layer(module):

@@ -202,6 +202,42 @@ def test_lora_on_onednn_linears_loads_unloads_and_compresses_as_on_plain_ones(tm
     assert torch.allclose(step(fast.unet), step(plain.unet), atol=1e-5)
 
 
+def test_fused_lora_and_fused_qkv_run_onednns_matmul_where_their_layers_did(tmp_path, monkeypatch):
+    """A LoRA layer whose adapters are all fused (fuse_lora, the LCM-LoRA speed path) and a fused QKV projection run
+    the matmul of the layers they replace: oneDNN's on a OneDNNLinear UNet (counted), with the plain pipeline's
+    output; an unfused adapter still goes through the ops seam (where kernels plug in)."""
+    from minidiff import fused_qkv, lora_layers
+    calls = []
+
+    def counted(x, weight, bias=None):
+        calls.append(tuple(weight.shape))
+        return prepack.onednn_linear(x, weight, bias)
+    monkeypatch.setattr(lora_layers, "onednn_linear", counted)
+    monkeypatch.setattr(fused_qkv, "onednn_linear", counted)
+    folder = build_lora_sd(str(tmp_path / "sd"))
+    plain, fast = (StableDiffusionPipeline.from_pretrained(folder) for _ in range(2))
+    prepack.onednn_linears(*fast.modules())
+    names = [n for n in targets(plain.unet) if isinstance(plain.unet.get_submodule(n), torch.nn.Linear)][:4]
+    save(kohya(plain.unet, "lora_unet_", names, alpha=4.0), str(tmp_path / "lora.safetensors"))
+    for pipe in (plain, fast):
+        pipe.load_lora_weights(str(tmp_path), weight_name="lora.safetensors")
+    assert torch.allclose(step(fast.unet), step(plain.unet), atol=1e-5) and not calls  # unfused: the seam's op
+    for pipe in (plain, fast):
+        pipe.fuse_lora()
+    assert torch.allclose(step(fast.unet), step(plain.unet), atol=1e-5)
+    assert len(calls) == len(names)  # each fused LoRA layer once, through oneDNN
+    for pipe in (plain, fast):
+        pipe.unload_lora_weights()
+        pipe.fuse_qkv_projections()
+    calls.clear()
+    assert torch.allclose(step(fast.unet), step(plain.unet), atol=1e-5)
+    fused = [m for m in fast.unet.modules() if "fused_weight" in m._buffers]
+    assert fused and len(calls) == len(fused)  # one fused projection per attention, through oneDNN
+    calls.clear()
+    step(plain.unet)
+    assert not calls  # plain nn.Linear layers: the fused matmul is F.linear, as they are
+
+
 def test_cli_routes_linears_and_says_so(folder, tmp_path, capsys, monkeypatch):
     from minidiff import device
     monkeypatch.setattr(device, "onednn_linear_is_faster", lambda dtype: True)
