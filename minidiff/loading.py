@@ -90,6 +90,16 @@ def check_dtype(dtype, where="from_pretrained"):
                          "{component name or 'default': torch.dtype}")
 
 
+LAYOUTS = {"torch.channels_last": torch.channels_last, "torch.contiguous_format": torch.contiguous_format}
+
+
+def check_memory_format(memory_format, where="from_pretrained"):
+    """memory_format= is None or a layout a convolution weight can take (before anything is read)."""
+    if memory_format is not None and memory_format not in LAYOUTS.values():
+        raise ValueError(f"{where}: memory_format={memory_format!r} must be None (the file's layout) or one of "
+                         f"{', '.join(LAYOUTS)}")
+
+
 def model_options(loading, torch_dtype, device, allow_pickle, where):
     """(hub options, device, allow_pickle) for one model's from_pretrained from diffusers' loading arguments."""
     unknown = set(loading) - set(LOADING_NAMES)

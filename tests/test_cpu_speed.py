@@ -123,6 +123,16 @@ def test_auto_lays_the_weights_out_while_reading_them(folder, bf16_cpu):
     assert {type(m).__name__ for m in linears} == {"OneDNNLinear"}  # a model's "auto" is the pipeline's
 
 
+def test_a_wrong_memory_format_is_refused_before_anything_is_read(tmp_path):
+    missing = str(tmp_path / "nowhere")  # the argument is checked before the folder is looked at
+    for load in (StableDiffusionPipeline.from_pretrained, StableDiffusionPipeline.from_single_file,
+                 lambda p, **kw: UNet2DConditionModel.from_pretrained(p, subfolder="unet", **kw),
+                 UNet2DConditionModel.from_single_file):
+        for bad in ("channels_last", torch.channels_last_3d, torch.bfloat16):
+            with pytest.raises(ValueError, match=r"memory_format=.* must be None .*torch\.channels_last"):
+                load(missing, memory_format=bad)
+
+
 def test_auto_on_a_cpu_without_bf16_units_is_fp32_as_loaded(folder, plain_cpu):
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype="auto")
     assert pipe.unet.dtype == torch.float32 and not channels_last(pipe.unet)

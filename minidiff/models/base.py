@@ -40,6 +40,7 @@ class Model(nn.Module):
         torch_dtype = resolve_dtype(torch_dtype, device)
         where = f"{cls.__name__}.from_pretrained({repo_or_path!r})"
         hub, device, allow_pickle = loading.model_options(loading_args, torch_dtype, device, allow_pickle, where)
+        loading.check_memory_format(memory_format, where)
         if auto and memory_format is None:
             memory_format = fast_memory_format(torch_dtype, device)
         with hub_options(**hub):
@@ -58,7 +59,9 @@ class Model(nn.Module):
         if cls.single_file_part is None:
             raise ValueError(f"{cls.__name__}.from_single_file: single files hold UNets, VAEs and CLIP text encoders, "
                              f"not {cls.__name__}")
+        from .. import loading
         from ..weights.single_file import load_component
+        loading.check_memory_format(memory_format, f"{cls.__name__}.from_single_file({path!r})")
         auto = torch_dtype == "auto"
         torch_dtype = resolve_dtype(torch_dtype, device)
         if auto and memory_format is None:

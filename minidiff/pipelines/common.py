@@ -113,6 +113,7 @@ class DiffusionPipeline:
         auto = isinstance(torch_dtype, str) and torch_dtype == "auto"
         if not isinstance(torch_dtype, dict):  # "auto": the device's fast dtype (minidiff/device.py)
             torch_dtype = resolve_dtype(torch_dtype, device)
+        loading.check_memory_format(memory_format, where)
         if auto and memory_format is None:  # laid out while read: one copy of the weights, not two
             memory_format = fast_memory_format(torch_dtype, device)
         opts = loading.pop_loading(kwargs)
@@ -197,6 +198,7 @@ class DiffusionPipeline:
         `memory_format` as in from_pretrained.
         """
         from ..weights.single_file import load_pipeline
+        loading.check_memory_format(memory_format, f"{cls.__name__}.from_single_file({os.fspath(path)!r})")
         auto = isinstance(torch_dtype, str) and torch_dtype == "auto"
         torch_dtype = resolve_dtype(torch_dtype, device)
         if auto and memory_format is None:
