@@ -17,6 +17,7 @@ import warnings
 
 import torch
 
+from .device import fast_memory_format, resolve_dtype
 from .weights.hub import HUB_OPTION_NAMES, resolve_weights
 
 # diffusers' loading arguments that minidiff honours (beside torch_dtype, variant, device, allow_pickle).
@@ -98,6 +99,19 @@ def check_memory_format(memory_format, where="from_pretrained"):
     if memory_format is not None and memory_format not in LAYOUTS.values():
         raise ValueError(f"{where}: memory_format={memory_format!r} must be None (the file's layout) or one of "
                          f"{', '.join(LAYOUTS)}")
+
+
+def dtype_and_layout(torch_dtype, memory_format, device=None, where="from_pretrained"):
+    """(auto, dtype, memory_format) as loading takes them: torch_dtype "auto" (or a name) resolved to a dtype (a dict
+    per component stays as it is) and, with "auto" and no memory_format given, the device's fast layout for it."""
+    check_memory_format(memory_format, where)
+    auto = isinstance(torch_dtype, str) and torch_dtype == "auto"
+    if isinstance(torch_dtype, dict):
+        return False, torch_dtype, memory_format
+    dtype = resolve_dtype(torch_dtype, device)
+    if auto and memory_format is None:  # laid out while read: one copy of the weights, not two
+        memory_format = fast_memory_format(dtype, device)
+    return auto, dtype, memory_format
 
 
 def model_options(loading, torch_dtype, device, allow_pickle, where):

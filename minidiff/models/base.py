@@ -13,7 +13,7 @@ import torch
 import torch.nn as nn
 
 from ..weights.hub import hub_options
-from ..device import fast_memory_format, resolve_dtype, use_fast_linear
+from ..device import use_fast_linear
 from ..weights.load import load_model, save_model
 
 
@@ -36,13 +36,9 @@ class Model(nn.Module):
         weights' layout, set while they are read (torch.channels_last); torch_dtype="auto" picks the device's
         fast dtype, layout and matmul (minidiff/device.py)."""
         from .. import loading
-        auto = torch_dtype == "auto"
-        torch_dtype = resolve_dtype(torch_dtype, device)
         where = f"{cls.__name__}.from_pretrained({repo_or_path!r})"
+        auto, torch_dtype, memory_format = loading.dtype_and_layout(torch_dtype, memory_format, device, where)
         hub, device, allow_pickle = loading.model_options(loading_args, torch_dtype, device, allow_pickle, where)
-        loading.check_memory_format(memory_format, where)
-        if auto and memory_format is None:
-            memory_format = fast_memory_format(torch_dtype, device)
         with hub_options(**hub):
             model = load_model(cls, repo_or_path, subfolder, variant, torch_dtype, device, allow_pickle,
                                memory_format=memory_format)
@@ -61,11 +57,8 @@ class Model(nn.Module):
                              f"not {cls.__name__}")
         from .. import loading
         from ..weights.single_file import load_component
-        loading.check_memory_format(memory_format, f"{cls.__name__}.from_single_file({path!r})")
-        auto = torch_dtype == "auto"
-        torch_dtype = resolve_dtype(torch_dtype, device)
-        if auto and memory_format is None:
-            memory_format = fast_memory_format(torch_dtype, device)
+        auto, torch_dtype, memory_format = loading.dtype_and_layout(torch_dtype, memory_format, device,
+                                                                    f"{cls.__name__}.from_single_file({path!r})")
         model = load_component(cls, path, cls.single_file_part, config, original_config, torch_dtype, device,
                                allow_pickle, subfolder, memory_format=memory_format)
         if auto:

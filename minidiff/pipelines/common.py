@@ -9,8 +9,6 @@ import inspect
 import json
 import logging
 import os
-import sys
-import time
 from contextlib import contextmanager
 from dataclasses import dataclass
 
@@ -19,7 +17,7 @@ import torch
 from ..errors import ArgumentTypeError, FileFormatError
 from ..tokenizer_files import check_tokenizers_fit
 from .. import layerwise_casting, loading
-from ..device import fast_memory_format, resolve_dtype, use_fast_layout, use_fast_linear
+from ..device import use_fast_layout, use_fast_linear
 from ..models.base import ModelOutput
 from ..weights.config import AttrDict
 from ..weights.hub import hub_options, read_json
@@ -27,7 +25,7 @@ from ..weights.hub import hub_options, read_json
 from .arguments import (callback_inputs, check_batch, check_latents, check_negative, check_size_and_steps,  # noqa: F401,E501
                         negative_list, prompt_batch, steps_of)
 from .steps import (guidance_scale_embedding, initial_latents, numpy_to_pil, postprocess,  # noqa: F401
-                    preprocess_image, repeat_to, rescale_noise_cfg, retrieve_timesteps, step_callback)
+                    preprocess_image, progress, repeat_to, rescale_noise_cfg, retrieve_timesteps, step_callback)
 
 logger = logging.getLogger("minidiff")
 
@@ -110,12 +108,7 @@ class DiffusionPipeline:
         """
         repo_or_path = os.fspath(repo_or_path)
         where = f"{cls.__name__}.from_pretrained({repo_or_path!r})"
-        auto = isinstance(torch_dtype, str) and torch_dtype == "auto"
-        if not isinstance(torch_dtype, dict):  # "auto": the device's fast dtype (minidiff/device.py)
-            torch_dtype = resolve_dtype(torch_dtype, device)
-        loading.check_memory_format(memory_format, where)
-        if auto and memory_format is None:  # laid out while read: one copy of the weights, not two
-            memory_format = fast_memory_format(torch_dtype, device)
+        auto, torch_dtype, memory_format = loading.dtype_and_layout(torch_dtype, memory_format, device, where)
         opts = loading.pop_loading(kwargs)
         hub, device, allow_pickle = loading.model_options(opts, None, device, allow_pickle, where)
         with hub_options(**hub):
@@ -198,11 +191,8 @@ class DiffusionPipeline:
         `memory_format` as in from_pretrained.
         """
         from ..weights.single_file import load_pipeline
-        loading.check_memory_format(memory_format, f"{cls.__name__}.from_single_file({os.fspath(path)!r})")
-        auto = isinstance(torch_dtype, str) and torch_dtype == "auto"
-        torch_dtype = resolve_dtype(torch_dtype, device)
-        if auto and memory_format is None:
-            memory_format = fast_memory_format(torch_dtype, device)
+        auto, torch_dtype, memory_format = loading.dtype_and_layout(
+            torch_dtype, memory_format, device, f"{cls.__name__}.from_single_file({os.fspath(path)!r})")
         pipe = load_pipeline(cls, path, config=config, original_config=original_config, prediction_type=prediction_type,
                              torch_dtype=torch_dtype, device=device, allow_pickle=allow_pickle,
                              memory_format=memory_format, **kwargs)
@@ -491,26 +481,3 @@ def _variants(repo_or_path, index, given, variant, allow_pickle, where):
         if hasattr(klass, "config_class"):
             models[key] = klass
     return component_variants(repo_or_path, models, variant, allow_pickle, where)
-
-
-def progress(iterable, desc="", disable=False, stream=None, order=1):
-    """A one-line progress bar on stderr: `desc  12/25 [00:01<00:02, 9.1it/s]`. With `order` model calls per
-    step it advances once per `order` items and on the last, as diffusers' bar does."""
-    items = list(iterable)
-    if disable or not items:
-        yield from items
-        return
-    stream = stream or sys.stderr
-    n, start, done = -(-len(items) // order), time.perf_counter(), 0
-    for i, item in enumerate(items):
-        yield item
-        if (i + 1) % order and i != len(items) - 1:
-            continue
-        done += 1
-        elapsed = time.perf_counter() - start
-        rate = done / elapsed if elapsed > 0 else 0.0
-        left = (n - done) / rate if rate > 0 else 0.0
-        bar = "#" * (20 * done // n)
-        stream.write(f"\r{desc} |{bar:<20}| {done}/{n} [{elapsed:5.1f}s<{left:5.1f}s, {rate:5.2f}it/s]")
-        stream.flush()
-    stream.write("\n")

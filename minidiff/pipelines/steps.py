@@ -1,9 +1,11 @@
 """The steps of a pipeline call that every pipeline shares, in the order a call takes them: the input image
 (`preprocess_image`), the scheduler's timesteps (`retrieve_timesteps`), the first latents (`initial_latents`;
 `repeat_to` batches an img2img input), classifier-free guidance's rescale and LCM's guidance embedding, the
-step-end callback (`step_callback`), and the decoded images out (`postprocess`).
+step-end callback (`step_callback`), the decoded images out (`postprocess`), and the progress bar (`progress`).
 """
 import inspect
+import sys
+import time
 
 import numpy as np
 import torch
@@ -143,3 +145,26 @@ def numpy_to_pil(images):
     if images.shape[-1] == 1:
         return [Image.fromarray(im[..., 0], mode="L") for im in images]
     return [Image.fromarray(im) for im in images]
+
+
+def progress(iterable, desc="", disable=False, stream=None, order=1):
+    """A one-line progress bar on stderr: `desc  12/25 [00:01<00:02, 9.1it/s]`. With `order` model calls per
+    step it advances once per `order` items and on the last, as diffusers' bar does."""
+    items = list(iterable)
+    if disable or not items:
+        yield from items
+        return
+    stream = stream or sys.stderr
+    n, start, done = -(-len(items) // order), time.perf_counter(), 0
+    for i, item in enumerate(items):
+        yield item
+        if (i + 1) % order and i != len(items) - 1:
+            continue
+        done += 1
+        elapsed = time.perf_counter() - start
+        rate = done / elapsed if elapsed > 0 else 0.0
+        left = (n - done) / rate if rate > 0 else 0.0
+        bar = "#" * (20 * done // n)
+        stream.write(f"\r{desc} |{bar:<20}| {done}/{n} [{elapsed:5.1f}s<{left:5.1f}s, {rate:5.2f}it/s]")
+        stream.flush()
+    stream.write("\n")
