@@ -162,6 +162,31 @@ def test_bf16_channels_last_matches_fp32_eager(folder):
     assert not device.use_fast_layout(ref.unet, "cpu")  # fp32: the layout stays
 
 
+def test_cpu_bf16_attention_hands_sdpa_head_major_copies(monkeypatch):
+    """Long bf16 self-attention on a CPU gives SDPA contiguous head-major q/k/v (its flash kernel is faster so);
+    fp32, short key sequences and the upcast path keep the strided views. The output is the same bits."""
+    from minidiff import ops
+    import torch.nn.functional as F
+    seen, sdpa = [], F.scaled_dot_product_attention
+
+    def spy(q, k, v, **kw):
+        seen.append((q.dtype, k.shape[2], q.is_contiguous(), k.is_contiguous(), v.is_contiguous()))
+        return sdpa(q, k, v, **kw)
+
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(2, ops.HEAD_MAJOR_FROM, 4 * 8, generator=g) for _ in range(3))
+    ctx = torch.randn(2, 77, 4 * 8, generator=g)
+    want = sdpa(*(t.bfloat16().view(2, -1, 4, 8).transpose(1, 2) for t in (q, k, v)))
+    monkeypatch.setattr(F, "scaled_dot_product_attention", spy)
+    got = ops.ref_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=4)
+    assert seen.pop() == (torch.bfloat16, ops.HEAD_MAJOR_FROM, True, True, True)
+    assert torch.equal(got, want.transpose(1, 2).reshape(2, -1, 32))
+    ops.ref_attention(q, k, v, heads=4)  # fp32
+    ops.ref_attention(q.bfloat16(), ctx.bfloat16(), ctx.bfloat16(), heads=4)  # 77 keys
+    ops.ref_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), heads=4, upcast=True)
+    assert [s[2:] for s in seen] == [(False, False, False)] * 3, seen
+
+
 def test_the_bf16_measurement_runs_and_is_cached():
     device.bf16_is_faster.cache_clear()
     assert device.bf16_is_faster() in (True, False)
