@@ -50,7 +50,7 @@ SIDES = {
     "minidiff CLI default": ("minidiff", "'auto'", "", CLI_ALLOCATOR),
     "minidiff CLI fp32": ("minidiff", "torch.float32", CLI_LINEAR, CLI_ALLOCATOR),
     "minidiff CLI prepack": ("minidiff", "'auto'", "from minidiff.prepack import prepack_weights; "
-                             "prepack_weights(*p.modules())", CLI_ALLOCATOR),  # --prepack
+                             "prepack_weights(p.unet)", CLI_ALLOCATOR),  # --prepack (the VAE decodes once)
     "minidiff default": ("minidiff", "'auto'", ""),
     "minidiff fp32": ("minidiff", "torch.float32", ""),
     "minidiff bf16": ("minidiff", "torch.bfloat16", ""),

@@ -48,8 +48,8 @@ def parse_args(argv):
                                                "madebyollin/taesd (taesdxl for SDXL), a fast decode for LCM/Turbo")
     g.add_argument("--compile", action="store_true", help="torch.compile the UNet (slow first step; inductor "
                                                           "caches the kernels across runs)")
-    g.add_argument("--prepack", action="store_true", help="CPU: each convolution weight reordered once for oneDNN "
-                                                          "(faster steps, one more copy of the conv weights)")
+    g.add_argument("--prepack", action="store_true", help="CPU: the denoiser's convolution weights reordered once "
+                                                          "for oneDNN (one more copy of them; faster fp32 steps)")
     g.add_argument("--out", default="out.png", help="PNG file to write (default: out.png)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25, or 4 with --lcm)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 7.5 / bundled 5.0 / 1.0 with --lcm)")
@@ -321,8 +321,12 @@ def generate(a):
               file=sys.stderr)
     if a.prepack:
         from .prepack import prepack_weights
+        # the models every step calls; the VAE / VQGAN decode once per image, so packing them only adds the
+        # reorder (SD 1.5 on Zen 4: decode 10.1 s prepacked against 7.6 s)
+        stepped = [m for name, m in pipe.components.items() if isinstance(m, torch.nn.Module)
+                   and name not in ("vae", "vqgan")]
         try:
-            count = prepack_weights(*pipe.modules())
+            count = prepack_weights(*stepped)
         except RuntimeError as e:
             raise SystemExit(f"minidiff: --prepack: {e}") from None
         print(f"minidiff: --prepack: {count} convolution weights prepacked for oneDNN", file=sys.stderr)

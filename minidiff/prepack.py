@@ -14,7 +14,8 @@ copy of every convolution weight (SD 1.5 UNet fp32: +2.3 GB). Output as the plai
 order (fp32: max |diff| ~3e-5 on unit-scale maps; bitwise in channels_last), in channels_last layout.
 
     from minidiff.prepack import onednn_linears, prepack_weights, unpack_weights
-    prepack_weights(*pipe.modules())            # convolutions packed and linears on oneDNN; CLI --prepack
+    prepack_weights(pipe.unet)                  # its convolutions packed, linears on oneDNN; CLI --prepack
+                                                # (not the VAE: it decodes once per image, the packing is all cost)
     onednn_linears(*pipe.modules())             # the linears alone (no memory cost)
 """
 import torch

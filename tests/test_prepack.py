@@ -100,12 +100,15 @@ def test_lora_on_a_prepacked_unet(tmp_path):
     assert path
 
 
-def test_cli_prepack_prints_records_and_replays(folder, tmp_path, capsys):
+def test_cli_prepack_prints_records_and_replays(folder, tmp_path, capsys, monkeypatch):
     out, again, plain = tmp_path / "a.png", tmp_path / "b.png", tmp_path / "c.png"
     args = ["generate", "a red cube", "--model", folder, "--steps", "2", "--width", "32", "--height", "32",
             "--dtype", "float32"]
+    packed, pack = [], prepack.prepack_weights
+    monkeypatch.setattr(prepack, "prepack_weights", lambda *models: packed.extend(models) or pack(*models))
     main(args + ["--prepack", "--out", str(out)])
     assert "convolution weights prepacked" in capsys.readouterr().err
+    assert [type(m).__name__ for m in packed] == ["CLIPTextModel", "UNet2DConditionModel"]  # not the VAE (decodes once)
     assert "Prepacked: yes" in Image.open(out).text["parameters"]
     main(["generate", "--from-png", str(out), "--out", str(again)])
     assert "prepacked" in capsys.readouterr().err
