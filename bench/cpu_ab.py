@@ -5,9 +5,10 @@ ratios hold where separate processes' timings do not. Same random-weight SD 1.5 
     python bench/cpu_ab.py --rounds 6 --batch 2 "minidiff fp32" "minidiff fp32 prepack" "diffusers fp32"
     python bench/cpu_ab.py --rounds 5 "minidiff bf16 channels_last" "diffusers bf16"
 
-A side is "LIBRARY DTYPE [channels_last] [prepack] [onednn] [fuse]" (minidiff or diffusers; fp32, bf16 or fp16;
-onednn: the linears through oneDNN, minidiff.prepack.onednn_linears; prepack: that and the convolutions
-prepacked; --keep-freed: the CLI's allocator setting, for every side). Prints
+A side is "LIBRARY DTYPE [channels_last] [prepack] [onednn] [fuse] [views]" (minidiff or diffusers; fp32, bf16 or
+fp16; onednn: the linears through oneDNN, minidiff.prepack.onednn_linears; prepack: that and the convolutions
+prepacked; views: bf16 attention on the projections' strided views, as before ops.HEAD_MAJOR_FROM; --keep-freed:
+the CLI's allocator setting, for every side). Prints
 each side's median and min step time and its ratio to the first side's median, and the machine.
 """
 import argparse
@@ -28,11 +29,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check(spec):
     lib, dt, *options = spec.split() + [""]
     options = [o for o in options if o]
-    if lib not in ("minidiff", "diffusers") or dt not in DTYPES or set(options) - {"channels_last", "prepack", "onednn", "fuse"}:
+    if lib not in ("minidiff", "diffusers") or dt not in DTYPES or set(options) - {"channels_last", "prepack", "onednn", "fuse", "views"}:
         raise SystemExit(f"cpu_ab.py: side {spec!r}: want 'minidiff|diffusers fp32|bf16|fp16 [channels_last] "
-                         "[prepack] [onednn] [fuse]'")
-    if {"prepack", "onednn"} & set(options) and lib != "minidiff":
-        raise SystemExit(f"cpu_ab.py: side {spec!r}: prepack and onednn are minidiff's")
+                         "[prepack] [onednn] [fuse] [views]'")
+    if {"prepack", "onednn", "views"} & set(options) and lib != "minidiff":
+        raise SystemExit(f"cpu_ab.py: side {spec!r}: prepack, onednn and views are minidiff's")
     return lib, dt, options
 
 
@@ -50,7 +51,7 @@ def load(spec, root):
         onednn_linears(model)
     if "fuse" in options:
         model.fuse_qkv_projections()
-    return model, DTYPES[dt], "channels_last" in options
+    return model, DTYPES[dt], "channels_last" in options, "views" in options
 
 
 def main():
@@ -74,22 +75,26 @@ def main():
     bench.build_sd15(root)
     g = torch.Generator().manual_seed(0)
     x, c, t = torch.randn(a.batch, 4, 64, 64, generator=g), torch.randn(a.batch, 77, 768, generator=g), torch.tensor(500.0)
+    from minidiff import ops
+    head_major_from = ops.HEAD_MAJOR_FROM
     sides = []
     for spec in a.sides:
-        model, dtype, cl = load(spec, root)
+        model, dtype, cl, views = load(spec, root)
         xs = x.to(dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-        sides.append((spec, model, (xs, t, c.to(dtype)), []))
+        sides.append((spec, model, (xs, t, c.to(dtype)), [], views))
     print(f"# {bench.machine()}; {torch.get_num_threads()} threads; batch {a.batch}, 64x64 latents")
     with torch.no_grad():
-        for _, model, args, _ in sides:
+        for _, model, args, _, _ in sides:
             model(*args)  # warm-up: oneDNN makes its kernels on the first call
         for r in range(a.rounds):
-            for spec, model, args, times in (sides if r % 2 == 0 else sides[::-1]):
+            for spec, model, args, times, views in (sides if r % 2 == 0 else sides[::-1]):
+                ops.HEAD_MAJOR_FROM = float("inf") if views else head_major_from
                 start = time.perf_counter()
                 model(*args)
                 times.append(time.perf_counter() - start)
+    ops.HEAD_MAJOR_FROM = head_major_from
     base = statistics.median(sides[0][3])
-    for spec, _, _, times in sides:
+    for spec, _, _, times, _ in sides:
         print(f"{spec:34s} median {statistics.median(times):7.3f} s  min {min(times):7.3f} s  "
               f"/ first {statistics.median(times) / base:.3f}  steps {[round(v, 2) for v in times]}")
 

@@ -35,7 +35,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 from cpu import RUNS, run_child  # noqa: E402 (the child runner with the RSS limit)
 
-SIDES = {"sd.cpp f16": "sdcpp", "sd.cpp q8_0": "sdcpp", "OpenVINO": "openvino"}
+SIDES = {"sd.cpp f16": "sdcpp", "sd.cpp q8_0": "sdcpp", "sd.cpp q8_0 fa": "sdcpp", "OpenVINO": "openvino"}
+# "fa": its diffusion_flash_attn (--diffusion-fa), the fused attention it offers for the UNet
 # the one-off export peaked at 8.0 GB with transformers 4.57 and was killed past 8 GB with transformers 5.5 / torch 2.14
 EXPORT_MAX_RSS_MB = 16000
 
@@ -78,7 +79,8 @@ print("RESULT", json.dumps(out))
 SDCPP = r"""
 from stable_diffusion_cpp import StableDiffusion
 mark("start")
-sd = StableDiffusion(model_path={ldm!r}, n_threads={threads}, wtype={wtype!r}, verbose=False)
+sd = StableDiffusion(model_path={ldm!r}, n_threads={threads}, wtype={wtype!r}, diffusion_flash_attn={fa},
+                     verbose=False)
 mark("loaded")
 def on_step(step, steps, t):
     if steps == steps_n:
@@ -146,6 +148,7 @@ def measure(side, run, a):
     code = COMMON.format(threads=a.threads, steps=steps, guidance=guidance)
     if SIDES[side] == "sdcpp":
         code += SDCPP.format(ldm=ldm, threads=a.threads, wtype="q8_0" if "q8_0" in side else "default",
+                             fa=side.endswith(" fa"),
                              method="euler" if run == "euler20" else "lcm")
     else:
         code += OPENVINO.format(ov=ov, threads=a.threads, scheduler=scheduler)
