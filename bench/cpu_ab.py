@@ -5,9 +5,10 @@ ratios hold where separate processes' timings do not. Same random-weight SD 1.5 
     python bench/cpu_ab.py --rounds 6 --batch 2 "minidiff fp32" "minidiff fp32 prepack" "diffusers fp32"
     python bench/cpu_ab.py --rounds 5 "minidiff bf16 channels_last" "diffusers bf16"
 
-A side is "LIBRARY DTYPE [channels_last] [prepack] [onednn] [fuse] [views]" (minidiff or diffusers; fp32, bf16 or
+A side is "LIBRARY DTYPE [channels_last] [prepack] [onednn] [fuse] [views] [shared]" (minidiff or diffusers; fp32, bf16 or
 fp16; onednn: the linears through oneDNN, minidiff.prepack.onednn_linears; prepack: that and the convolutions
-prepacked; views: bf16 attention on the projections' strided views, as before ops.HEAD_MAJOR_FROM; --keep-freed:
+prepacked; views: bf16 attention on the projections' strided views, as before ops.HEAD_MAJOR_FROM; shared: the
+latents given once for guidance's two halves, as minidiff's pipelines give them (batch 2 only); --keep-freed:
 the CLI's allocator setting, for every side). Prints
 each side's median and min step time and its ratio to the first side's median, and the machine.
 """
@@ -29,11 +30,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check(spec):
     lib, dt, *options = spec.split() + [""]
     options = [o for o in options if o]
-    if lib not in ("minidiff", "diffusers") or dt not in DTYPES or set(options) - {"channels_last", "prepack", "onednn", "fuse", "views"}:
+    if lib not in ("minidiff", "diffusers") or dt not in DTYPES or set(options) - {"channels_last", "prepack", "onednn", "fuse", "views", "shared"}:
         raise SystemExit(f"cpu_ab.py: side {spec!r}: want 'minidiff|diffusers fp32|bf16|fp16 [channels_last] "
-                         "[prepack] [onednn] [fuse] [views]'")
-    if {"prepack", "onednn", "views"} & set(options) and lib != "minidiff":
-        raise SystemExit(f"cpu_ab.py: side {spec!r}: prepack, onednn and views are minidiff's")
+                         "[prepack] [onednn] [fuse] [views] [shared]'")
+    if {"prepack", "onednn", "views", "shared"} & set(options) and lib != "minidiff":
+        raise SystemExit(f"cpu_ab.py: side {spec!r}: prepack, onednn, views and shared are minidiff's")
     return lib, dt, options
 
 
@@ -51,7 +52,7 @@ def load(spec, root):
         onednn_linears(model)
     if "fuse" in options:
         model.fuse_qkv_projections()
-    return model, DTYPES[dt], "channels_last" in options, "views" in options
+    return model, DTYPES[dt], "channels_last" in options, "views" in options, "shared" in options
 
 
 def main():
@@ -70,7 +71,9 @@ def main():
         from minidiff.device import keep_freed_memory
         keep_freed_memory()
     for spec in a.sides:
-        check(spec)  # before the 4 GB of files are built
+        if "shared" in check(spec)[2] and a.batch != 2:
+            raise SystemExit(f"cpu_ab.py: side {spec!r}: shared needs --batch 2 (guidance's two halves)")
+    # (checked before the 4 GB of files are built)
     root = os.path.join(a.cache, "sd15")
     bench.build_sd15(root)
     g = torch.Generator().manual_seed(0)
@@ -79,8 +82,8 @@ def main():
     head_major_from = ops.HEAD_MAJOR_FROM
     sides = []
     for spec in a.sides:
-        model, dtype, cl, views = load(spec, root)
-        xs = x.to(dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
+        model, dtype, cl, views, shared = load(spec, root)
+        xs = (x[:1] if shared else x).to(dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
         sides.append((spec, model, (xs, t, c.to(dtype)), [], views))
     print(f"# {bench.machine()}; {torch.get_num_threads()} threads; batch {a.batch}, 64x64 latents")
     with torch.no_grad():

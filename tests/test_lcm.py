@@ -29,12 +29,13 @@ def load_lcm(repo):
 
 
 def count_unet_calls(pipe):
-    """Count the UNet's forward passes (an instance attribute shadowing the method)."""
+    """Count the UNet's forward passes and the text rows of each (an instance attribute shadowing the method);
+    the latents may come once for guidance's two halves (UNet2DConditionModel.forward)."""
     calls = []
     forward = pipe.unet.forward
 
     def counting(*args, **kwargs):
-        calls.append(args[0].shape[0] if args else kwargs["sample"].shape[0])
+        calls.append(args[2].shape[0] if len(args) > 2 else kwargs["encoder_hidden_states"].shape[0])
         return forward(*args, **kwargs)
 
     pipe.unet.forward = counting

@@ -128,12 +128,13 @@ def test_model_family_variants(tmp_path, variant):
     kw = dict(prompt="a lighthouse", num_inference_steps=4, height=32, width=32, output_type="np",
               guidance_scale=7.0, negative_prompt="fog")
     calls = []
-    hook = ours.unet.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    hook = ours.unet.register_forward_hook(lambda m, i, o: calls.append((i[0].shape[0], o[0].shape[0])))
     a = ours(**kw, generator=gen(7)).images
     hook.remove()
     assert_same_image(a, ref(**kw, generator=gen(7)).images)
-    # one UNet pass per timestep; LCM UNets take the guidance as an embedding: no CFG batch
-    assert calls == [1 if variant == "lcm" else 2] * len(ours.scheduler.timesteps)
+    # one UNet pass per timestep, the latents given once; LCM UNets take the guidance as an embedding: no CFG
+    # batch, else two rows out (guidance's halves)
+    assert calls == [(1, 1 if variant == "lcm" else 2)] * len(ours.scheduler.timesteps)
 
 
 def test_cpu_offload_gives_same_image(sd):

@@ -128,6 +128,13 @@ def _diffusers_pipe(folder, cls=None, **kw):
     return pipe
 
 
+# minidiff's guided SD 1.x/2.x steps run the UNet's layers before the text once for both halves (another summation
+# order: ~1e-7 relative there, 4e-6 at the UNet's output); at 64x64 pixels these shrunk four-level UNets normalise
+# 1x1 maps in the mid block, which magnifies that ~100x, and guidance 7.5 and three steps more: measured 1.2e-4 to
+# 4.8e-4 on SD 2.1 (0 when the latents are repeated, as diffusers does). A wrong weight or rule is off by far more.
+GUIDED_IMAGE_REL = 1e-3
+
+
 def _gen(seed=0):
     return torch.Generator().manual_seed(seed)
 
@@ -143,7 +150,7 @@ def test_sd_repo_in_real_form_gives_diffusers_image(repo, tmp_path):
     kw = dict(prompt="a photo of a cat", num_inference_steps=3, height=64, width=64, output_type="np")
     want = ref(**kw, generator=_gen()).images
     got = ours(**kw, generator=_gen()).images
-    assert_close(got, want, name=repo)
+    assert_close(got, want, rel=GUIDED_IMAGE_REL, name=repo)
 
 
 @pytest.mark.parametrize("variant", [None, "fp16"])
@@ -246,5 +253,5 @@ def test_more_repos_in_real_form_give_diffusers_images(repo, call, tmp_path):
         kw.update(height=64, width=64)
     want = ref(**kw, generator=_gen()).images
     got = ours(**kw, generator=_gen()).images
-    assert_close(got, want, name=repo)
+    assert_close(got, want, rel=GUIDED_IMAGE_REL, name=repo)
     assert np.abs((np.asarray(got) * 255).round() - (np.asarray(want) * 255).round()).max() <= 1

@@ -187,3 +187,58 @@ def test_missing_added_cond_kwargs(tmp_path):
     kw["added_cond_kwargs"] = {"text_embeds": kw["added_cond_kwargs"]["text_embeds"]}
     with pytest.raises(ValueError, match=r"added_cond_kwargs\['time_ids'\]"):
         ours(**kw)
+
+
+def guided_inputs(config, latents):
+    """Guidance's two halves as diffusers takes them: the latents repeated, each conditioning with 2 x rows."""
+    full = inputs(config, batch=2 * latents)
+    full["timestep"] = torch.tensor(500.0)
+    if "timestep_cond" in full:  # the guidance embedding is one per latent (LCMs)
+        full["timestep_cond"] = torch.cat([full["timestep_cond"][:latents]] * 2)
+    full["sample"] = torch.cat([full["sample"][:latents]] * 2)
+    return full
+
+
+@pytest.mark.parametrize("name", list(CONFIGS))
+@pytest.mark.parametrize("latents", [1, 2])
+def test_latents_given_once_for_guidance_halves(tmp_path, name, latents):
+    """The sample with B rows and the text with 2B: the same output as diffusers' on the repeated sample, and the
+    layers before the text (conv_in, SD's first self-attention) run on B rows only."""
+    config = CONFIGS[name]
+    ref, ours = reference_and_ours(tmp_path, config)
+    full = guided_inputs(config, latents)
+    once = dict(full, sample=full["sample"][:latents])
+    if "timestep_cond" in full:
+        once["timestep_cond"] = full["timestep_cond"][:latents]
+    rows = {}
+    hooks = [module.register_forward_hook(lambda m, i, o, key=key: rows.setdefault(key, []).append(i[0].shape[0]))
+             for key, module in ours.named_modules() if key in ("conv_in", "conv_out") or key.endswith(".attn1")
+             or key.endswith(".attn2")]
+    with torch.no_grad():
+        expected = ref(**full).sample
+        got = ours(**once).sample
+        repeated = ours(**full).sample
+    for hook in hooks:
+        hook.remove()
+    assert got.shape == expected.shape
+    assert_close(got, expected, name=f"{name}, latents once")
+    assert_close(got, repeated, rel=1e-5, name=f"{name}, latents once against repeated")
+    # SD 1.x/2.x: conv_in, the first resnet and the first self-attention come before any text; SDXL's added
+    # embedding (and the class embedding of "options") carries the text into every resnet: all rows from conv_in
+    shared = latents if name in ("sd1", "sd2", "lcm", "segmind") else 2 * latents
+    assert rows["conv_in"] == [shared, 2 * latents] and rows["conv_out"] == [2 * latents] * 2
+    assert all(r == [2 * latents] * 2 for k, r in rows.items() if k.endswith(".attn2"))
+    assert rows[next(k for k in rows if k.endswith(".attn1"))] == [shared, 2 * latents]
+
+
+def test_latents_once_with_a_text_mask_and_bad_rows(tmp_path):
+    config = CONFIGS["sd1"]
+    ref, ours = reference_and_ours(tmp_path, config)
+    full = guided_inputs(config, 1)
+    text_mask = torch.ones(2, 7)
+    text_mask[0, 5:] = 0
+    with torch.no_grad():
+        assert_close(ours(**dict(full, sample=full["sample"][:1]), encoder_attention_mask=text_mask).sample,
+                     ref(**full, encoder_attention_mask=text_mask).sample, name="latents once, a text mask")
+        with pytest.raises(ValueError, match=r"sample has 2 rows and encoder_hidden_states 3"):
+            ours(**dict(full, encoder_hidden_states=torch.randn(3, 7, CROSS)))

@@ -22,7 +22,7 @@ import torch.nn as nn
 from minidiff import ops
 from .base import Model, ModelOutput
 # the blocks (Attention, ResnetBlock2D, GEGLU: also reachable as minidiff.models.unet.<name>)
-from .unet_blocks import (GEGLU, Attention, DownBlock, ResnetBlock2D, TimestepEmbedding,  # noqa: F401
+from .unet_blocks import (GEGLU, Attention, DownBlock, ResnetBlock2D, TimestepEmbedding, tile_batch,  # noqa: F401
                           UNetMidBlock2DCrossAttn, UpBlock, timestep_embedding)
 
 # ----------------------------------------------------------------------------- the UNet
@@ -202,7 +202,8 @@ class UNet2DConditionModel(Model):
         """The vector every resnet adds: embedded timestep [+ class/guidance] [+ SDXL text/size ids]."""
         cfg, b = self.config, sample.shape[0]
         t = timestep if torch.is_tensor(timestep) else torch.tensor(timestep, device=sample.device)
-        t = t.to(sample.device).reshape(-1).expand(b)  # a number or (1,) broadcasts to the batch
+        t = t.to(sample.device).reshape(-1)
+        t = t.expand(b) if t.numel() == 1 else t  # a number or (1,) broadcasts to the batch
         sinusoid = timestep_embedding(t, self.config.block_out_channels[0], cfg.flip_sin_to_cos, cfg.freq_shift)
         emb = self.time_embedding(sinusoid.to(sample.dtype), timestep_cond)
         if cfg.class_embed_type is not None:
@@ -235,13 +236,29 @@ class UNet2DConditionModel(Model):
         LoRA acts through the modules it replaces. The residual arguments are ControlNet's additions.
         `features` (minidiff's own, for distillation): a dict that receives each block's output by name
         (`down_blocks.i`: its last resnet/attention pair, before the downsampler; `mid_block`; `up_blocks.i`).
+
+        minidiff's own too: `sample` may hold fewer rows than `encoder_hidden_states` when it would otherwise be
+        repeated, as classifier-free guidance repeats the latents for its unconditional and conditional halves
+        (encoder_hidden_states k * B rows, sample B rows: the same as torch.cat([sample] * k)). The layers before the
+        text enters (SD 1.x/2.x: conv_in, the first resnet and the first self-attention) then run once per latent,
+        not k times; the pipelines pass the latents so. The output has the text's rows.
         """
         context = encoder_hidden_states
+        rows = sample.shape[0] if context is None else context.shape[0]
+        if rows % sample.shape[0]:
+            raise ValueError(f"UNet2DConditionModel: sample has {sample.shape[0]} rows and encoder_hidden_states "
+                             f"{rows}: the text's rows must equal the sample's or be a multiple of them (guidance's "
+                             "halves sharing the latents)")
+        # attn1's mask has the text's rows; SDXL's added embedding (or a class embedding) carries the text into the
+        # time embedding that every resnet adds, leaving only conv_in to run once: not worth another rounding order
+        cfg = self.config
+        if attention_mask is not None or cfg.class_embed_type is not None or cfg.addition_embed_type is not None:
+            sample = tile_batch(sample, rows)
         # keep = 0, drop = -10000 added to the attention logits, as diffusers does
         mask = None if attention_mask is None else ((1 - attention_mask.to(sample.dtype)) * -10000.0)[:, None, None]
         context_mask = None if encoder_attention_mask is None else (
             (1 - encoder_attention_mask.to(sample.dtype)) * -10000.0)[:, None, None]
-        if self.config.center_input_sample:
+        if cfg.center_input_sample:
             sample = 2 * sample - 1.0
         emb = self.time_embed(sample, timestep, timestep_cond, class_labels, added_cond_kwargs)
 
@@ -252,6 +269,7 @@ class UNet2DConditionModel(Model):
             skips += block_skips
             if features is not None:
                 features[f"down_blocks.{i}"] = block_skips[len(block.resnets) - 1]
+        skips = [tile_batch(s, x.shape[0]) for s in skips]  # conv_in's output may still have the latents' rows
         if down_block_additional_residuals is not None:
             skips = [s + r for s, r in zip(skips, down_block_additional_residuals)]
         if self.mid_block is not None:
@@ -270,7 +288,7 @@ class UNet2DConditionModel(Model):
             if features is not None:
                 features[f"up_blocks.{i}"] = x
 
-        x = self.conv_out(self.conv_norm_out(x, silu=True))
+        x = self.conv_out(self.conv_norm_out(tile_batch(x, rows), silu=True))
         return UNet2DConditionOutput(sample=x) if return_dict else (x,)
 
 

@@ -47,6 +47,12 @@ class TimestepEmbedding(nn.Module):
         return self.linear_2(F.silu(self.linear_1(x)))
 
 
+def tile_batch(x, n):
+    """`x` repeated along the batch up to n rows, as torch.cat([x] * (n // len(x))): a UNet given the latents once
+    for classifier-free guidance's halves tiles its features where the conditioning first enters."""
+    return x if x.shape[0] == n else torch.cat([x] * (n // x.shape[0]))  # cat keeps channels_last; repeat does not
+
+
 class ResnetBlock2D(nn.Module):
     """Pre-norm residual block; the time embedding is added between the two convolutions."""
 
@@ -63,11 +69,12 @@ class ResnetBlock2D(nn.Module):
 
     def forward(self, x, temb):
         h = self.conv1(self.norm1(x, silu=True))
-        h = h + self.time_emb_proj(F.silu(temb))[:, :, None, None]
-        h = self.conv2(self.norm2(h, silu=True))
+        t = self.time_emb_proj(F.silu(temb))[:, :, None, None]
+        n = max(h.shape[0], t.shape[0])  # the embedding may have the text's rows (a timestep per row)
+        h = self.conv2(self.norm2(tile_batch(h, n) + tile_batch(t, n), silu=True))
         if self.conv_shortcut is not None:
             x = self.conv_shortcut(x)
-        out = x + h
+        out = tile_batch(x, n) + h
         return out if self.output_scale_factor == 1 else out / self.output_scale_factor
 
 
@@ -130,7 +137,11 @@ class BasicTransformerBlock(nn.Module):
     def forward(self, x, context, mask=None, context_mask=None):
         # branch first: the sum takes the branch's contiguous layout, so that the tokens of an NCHW map (a transposed
         # view) are copied once, by norm1, not again by each norm after it (the same sum: addition commutes)
+        n = x.shape[0] if context is None else context.shape[0]
+        if self.only_cross_attention:
+            x = tile_batch(x, n)
         x = self.attn1(self.norm1(x), context if self.only_cross_attention else None, mask) + x
+        x = tile_batch(x, n)  # the text enters here: from here on, one row per prompt
         x = self.attn2(self.norm2(x), context, context_mask) + x
         return self.ff(self.norm3(x)) + x
 
@@ -164,10 +175,10 @@ class Transformer2DModel(nn.Module):
             x = block(x, context, mask, context_mask)
         if self.linear_projection:
             x = self.proj_out(x)
-        x = x.reshape(b, h, w, -1).permute(0, 3, 1, 2)
+        x = x.reshape(-1, h, w, x.shape[-1]).permute(0, 3, 1, 2)  # -1: the blocks may have tiled the batch
         if not self.linear_projection:
             x = self.proj_out(x)
-        return residual + x  # residual first: the sum takes its contiguous layout, no extra copy
+        return tile_batch(residual, x.shape[0]) + x  # residual first: the sum takes its contiguous layout, no extra copy
 
 
 class Downsample2D(nn.Module):

@@ -168,8 +168,9 @@ class StableDiffusionPipeline(DiffusionPipeline):
                 if self._interrupt:
                     continue
                 guided = self.do_classifier_free_guidance
-                x = torch.cat([latents] * 2) if guided else latents
-                x = self.scheduler.scale_model_input(x, t).to(embeds.dtype)
+                # guided, the latents go in once for both halves of `embeds`: the UNet runs what comes before the
+                # text once and tiles it (UNet2DConditionModel.forward), the same as torch.cat([latents] * 2)
+                x = self.scheduler.scale_model_input(latents, t).to(embeds.dtype)
                 noise_pred = unet(x, t, encoder_hidden_states=embeds, timestep_cond=timestep_cond,
                                   cross_attention_kwargs=cross_attention_kwargs,
                                   added_cond_kwargs=added, return_dict=False)[0].to(latents.dtype)
