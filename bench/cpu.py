@@ -264,7 +264,7 @@ def table(*logs):
 def error(a):
     """Relative error (max |diff| / max |ref|, and RMS / RMS) of each variant's UNet step against fp32 eager."""
     import torch
-    from minidiff import UNet2DConditionModel
+    from minidiff import UNet2DConditionModel, ops, prepack
     torch.set_num_threads(a.threads)
     root = os.path.join(a.cache, "sd15")
     bench.build_sd15(root)
@@ -274,15 +274,26 @@ def error(a):
     with torch.no_grad():
         ref = m(x, 500, c).sample
         variants = {"fp32 channels_last": (torch.float32, "cl"), "fp32 fused qkv": (torch.float32, "fused"),
+                    "fp32 oneDNN linears (GEGLU inside the matmul)": (torch.float32, "onednn"),
                     "bf16": (torch.bfloat16, ""), "bf16 channels_last": (torch.bfloat16, "cl"),
-                    "bf16 fused qkv": (torch.bfloat16, "fused")}
+                    "bf16 fused qkv": (torch.bfloat16, "fused"),
+                    "bf16 channels_last oneDNN linears (the default)": (torch.bfloat16, "cl onednn"),
+                    "bf16 channels_last oneDNN linears, GEGLU unfused": (torch.bfloat16, "cl onednn unfused")}
         for name, (dtype, option) in variants.items():
+            option = option.split()
             m.unfuse_qkv_projections()
-            m.to(dtype=dtype, memory_format=torch.channels_last if option == "cl" else torch.contiguous_format)
-            if option == "fused":
+            prepack.unpack_weights(m)
+            layout = torch.channels_last if "cl" in option else torch.contiguous_format
+            m.to(dtype=dtype, memory_format=layout)
+            if "fused" in option:
                 m.fuse_qkv_projections()
-            xi = x.to(dtype, memory_format=torch.channels_last if option == "cl" else torch.contiguous_format)
+            if "onednn" in option:
+                prepack.onednn_linears(m)
+            # any geglu in the seam but the reference turns the fused GEGLU off (unet_blocks.GEGLU)
+            ops.geglu = (lambda h: ops.ref_geglu(h)) if "unfused" in option else ops.ref_geglu
+            xi = x.to(dtype, memory_format=layout)
             out = m(xi, 500, c.to(dtype)).sample.float()
+            ops.geglu = ops.ref_geglu
             d = out - ref
             print(f"| {name} | {d.abs().max() / ref.abs().max():.2e} | {d.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt():.2e} |",
                   flush=True)
