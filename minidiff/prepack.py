@@ -90,6 +90,16 @@ def onednn_linear(x, weight, bias=None):
     return F.linear(x, weight, bias)
 
 
+def fusable_weights(layer):
+    """(weight, bias) where `layer` is oneDNN's matmul and nothing else, so that the op after it may run inside the
+    matmul (onednn_geglu): a OneDNNLinear, or a LoRA layer whose adapters are all fused; None otherwise, and for a
+    layer with forward hooks (the fused call would skip them)."""
+    weights = getattr(layer, "onednn_weights", None)
+    if weights is None or layer._forward_hooks or layer._forward_pre_hooks:
+        return None
+    return weights()
+
+
 def onednn_geglu(x, weight, bias=None):
     """ops.ref_geglu(F.linear(x, weight, bias)) with the gate's GELU and the product inside oneDNN's matmuls: the
     gate's rows of W with GELU applied to the matmul's fp32 result, then the value's rows with the product by the

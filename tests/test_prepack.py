@@ -314,7 +314,8 @@ def test_geglu_runs_its_gelu_and_product_inside_onednns_matmul(dtype, bias, monk
 
 def test_geglu_leaves_its_matmul_to_the_seam_autograd_and_unfused_loras(monkeypatch):
     """The fused GEGLU is the reference op computed another way: a kernel put in the seam (ops.use) takes every call;
-    training (autograd) and an unfused LoRA on the projection take the plain path; a fused one keeps the fusion."""
+    a forward hook on the projection, training (autograd) and an unfused LoRA on it take the plain path; a fused
+    LoRA keeps the fusion."""
     from minidiff import lora, ops
     from minidiff.models.unet_blocks import GEGLU
     calls = []
@@ -330,6 +331,12 @@ def test_geglu_leaves_its_matmul_to_the_seam_autograd_and_unfused_loras(monkeypa
     with torch.no_grad(), ops.use(geglu=lambda h: seen.append(h.shape) or ops.ref_geglu(h)):
         assert torch.allclose(layer(x), plain(x), atol=1e-6)
     assert seen == [(3, 16)] * 2 and not calls  # both layers' calls reached the seam's op
+    seen = []
+    hook = layer.proj.register_forward_hook(lambda module, args, out: seen.append(out.shape))
+    with torch.no_grad():
+        assert torch.allclose(layer(x), plain(x), atol=1e-6)
+    hook.remove()
+    assert seen == [(3, 16)] and not calls  # a hook on the projection: the plain call, which runs it
     xg = x.clone().requires_grad_()
     layer(xg).sum().backward()
     assert xg.grad is not None and layer.proj.weight.grad is not None and not calls

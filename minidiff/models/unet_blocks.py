@@ -109,8 +109,7 @@ class GEGLU(nn.Module):
         # where the projection is oneDNN's CPU matmul (minidiff.prepack), the GELU and the product run inside it
         # (prepack.onednn_geglu: the first level's feed-forward 0.6x the time in bf16); a kernel put in the seam
         # (ops.use(geglu=...)) takes every call
-        weights = getattr(self.proj, "onednn_weights", None)
-        weights = weights() if weights is not None and ops.geglu is ops.ref_geglu else None
+        weights = prepack.fusable_weights(self.proj) if ops.geglu is ops.ref_geglu else None
         if weights is not None and prepack.onednn_matmul_can_take(x, *weights):
             return prepack.onednn_geglu(x, *weights)
         return ops.geglu(self.proj(x))
