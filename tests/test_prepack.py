@@ -349,3 +349,17 @@ def test_geglu_leaves_its_matmul_to_the_seam_autograd_and_unfused_loras(monkeypa
         for model in (plain, layer):
             lora.fuse_lora(model)
         assert torch.allclose(layer(x), plain(x), atol=1e-5) and calls == [(16, 16)]
+
+
+def test_a_fused_geglu_compiles_in_one_graph():
+    """Under torch.compile (fullgraph) the GEGLU of a OneDNNLinear projection is the plain one (oneDNN's ops are not
+    traced), with no graph break, and gives the eager fused output."""
+    from minidiff.models.unet_blocks import FeedForward
+    torch.manual_seed(0)
+    model = FeedForward(32).eval()
+    prepack.onednn_linears(model)
+    x = torch.randn(2, 10, 32)
+    with torch.no_grad():
+        ref = model(x)
+        out = torch.compile(model, fullgraph=True)(x)
+    assert torch.allclose(out, ref, atol=1e-5)
