@@ -12,6 +12,8 @@ there before. A replacement takes the reference's arguments and returns what it 
 references below are the definition (and what the Triton kernels in `minidiff.kernels` are tested
 against). Models build their norms from the two layers at the bottom, `ops.GroupNorm` and `ops.LayerNorm`:
 torch's classes with the same parameter names (so checkpoint keys do not change) that compute here.
+While `geglu` is the reference, a GEGLU whose projection is oneDNN's CPU matmul computes that same reference
+inside the matmul (minidiff.prepack.onednn_geglu); any other geglu put here takes every call.
 """
 import contextlib
 import math
