@@ -363,3 +363,20 @@ def test_a_fused_geglu_compiles_in_one_graph():
         ref = model(x)
         out = torch.compile(model, fullgraph=True)(x)
     assert torch.allclose(out, ref, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype, tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+def test_a_onednn_unet_with_fused_geglus_matches_diffusers(folder, dtype, tol, monkeypatch):
+    """The whole UNet with every linear on oneDNN (its GEGLUs fused, counted) against diffusers' UNet on the same
+    file: fp32 to summation order, bf16 to its rounding (diffusers' own bf16 rounds after the projection)."""
+    import diffusers
+    calls = []
+    fused = prepack.onednn_geglu
+    monkeypatch.setattr(prepack, "onednn_geglu", lambda x, w, b=None: calls.append(w.shape) or fused(x, w, b))
+    from minidiff import UNet2DConditionModel
+    ours = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+    prepack.onednn_linears(ours)
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+    ref, out = step(theirs, dtype), step(ours, dtype)
+    assert calls and len(calls) == sum(type(m).__name__ == "GEGLU" for m in ours.modules())
+    assert (out - ref).abs().max().item() <= tol * ref.abs().max().item()
