@@ -55,6 +55,23 @@ def test_a_prepacked_unet_and_vae_match_the_plain_ones(folder, dtype, tol, chann
     assert torch.equal(step(pipe.unet, dtype, channels_last), ref)  # back to the very same computation
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("cin, cout, size, stride", [(32, 64, 8, 1), (64, 48, 16, 2), (320, 320, 8, 1)])
+def test_channels_last_packed_convolutions_are_the_plain_ones_bit_for_bit(dtype, cin, cout, size, stride):
+    """The weight is reordered once, straight from the dense OHWI tensor the plain call reads: the same oneDNN
+    convolution on the same blocked weight, so the same bits (what the docstring claims for channels_last)."""
+    g = torch.Generator().manual_seed(cin)
+    conv = torch.nn.Conv2d(cin, cout, 3, stride=stride, padding=1).to(dtype).to(memory_format=torch.channels_last)
+    packed = torch.nn.Conv2d(cin, cout, 3, stride=stride, padding=1).to(dtype).to(memory_format=torch.channels_last)
+    packed.load_state_dict(conv.state_dict())
+    prepack.prepack_weights(packed)
+    x = torch.randn(2, cin, size, size, generator=g).to(dtype).contiguous(memory_format=torch.channels_last)
+    with torch.no_grad():
+        out = packed(x)
+        assert packed._packed is not None and packed._packed.is_mkldnn
+        assert torch.equal(out, conv(x))
+
+
 def test_a_weight_changed_in_place_or_replaced_is_repacked():
     conv = torch.nn.Conv2d(8, 16, 3, padding=1)
     prepack.prepack_weights(conv)
