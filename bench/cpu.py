@@ -51,6 +51,8 @@ SIDES = {
     "minidiff CLI fp32": ("minidiff", "torch.float32", CLI_LINEAR, CLI_ALLOCATOR),
     "minidiff CLI prepack": ("minidiff", "'auto'", "from minidiff.prepack import prepack_weights; "
                              "prepack_weights(p.unet)", CLI_ALLOCATOR),  # --prepack (the VAE decodes once)
+    "minidiff CLI cpu kernel": ("minidiff", "'auto'", "", CLI_ALLOCATOR + "; from minidiff import kernels; "
+                                "kernels.use('cpu')"),  # --kernels cpu (the C++ attention; built before the timing)
     "minidiff default": ("minidiff", "'auto'", ""),
     "minidiff fp32": ("minidiff", "torch.float32", ""),
     "minidiff bf16": ("minidiff", "torch.bfloat16", ""),
@@ -279,6 +281,9 @@ def error(a):
                     "bf16 fused qkv": (torch.bfloat16, "fused"),
                     "bf16 channels_last oneDNN linears (the default)": (torch.bfloat16, "cl onednn"),
                     "bf16 channels_last oneDNN linears, GEGLU unfused": (torch.bfloat16, "cl onednn unfused")}
+        from minidiff.kernels import cpu_attention
+        if cpu_attention.missing() is None:  # the C++ attention kernel where it runs (kernels.use("cpu"))
+            variants["bf16 default + CPU attention kernel"] = (torch.bfloat16, "cl onednn cpuattn")
         for name, (dtype, option) in variants.items():
             option = option.split()
             m.unfuse_qkv_projections()
@@ -291,9 +296,10 @@ def error(a):
                 prepack.onednn_linears(m)
             # any geglu in the seam but the reference turns the fused GEGLU off (unet_blocks.GEGLU)
             ops.geglu = (lambda h: ops.ref_geglu(h)) if "unfused" in option else ops.ref_geglu
+            ops.attention = cpu_attention.attention if "cpuattn" in option else ops.ref_attention
             xi = x.to(dtype, memory_format=layout)
             out = m(xi, 500, c.to(dtype)).sample.float()
-            ops.geglu = ops.ref_geglu
+            ops.geglu, ops.attention = ops.ref_geglu, ops.ref_attention
             d = out - ref
             print(f"| {name} | {d.abs().max() / ref.abs().max():.2e} | {d.pow(2).mean().sqrt() / ref.pow(2).mean().sqrt():.2e} |",
                   flush=True)

@@ -5,11 +5,12 @@ ratios hold where separate processes' timings do not. Same random-weight SD 1.5 
     python bench/cpu_ab.py --rounds 6 --batch 2 "minidiff fp32" "minidiff fp32 prepack" "diffusers fp32"
     python bench/cpu_ab.py --rounds 5 "minidiff bf16 channels_last" "diffusers bf16"
 
-A side is "LIBRARY DTYPE [channels_last] [prepack] [onednn] [fuse] [views] [shared] [unfused]" (minidiff or diffusers; fp32, bf16 or
+A side is "LIBRARY DTYPE [channels_last] [prepack] [onednn] [fuse] [views] [shared] [unfused] [cpuattn]" (minidiff or diffusers; fp32, bf16 or
 fp16; onednn: the linears through oneDNN, minidiff.prepack.onednn_linears; prepack: that and the convolutions
 prepacked; views: bf16 attention on the projections' strided views, as before ops.HEAD_MAJOR_FROM; shared: the
 latents given once for guidance's two halves, as minidiff's pipelines give them (batch 2 only); unfused: GEGLU's
-GELU and product as separate ops after oneDNN's matmul, as before prepack.onednn_geglu; --keep-freed:
+GELU and product as separate ops after oneDNN's matmul, as before prepack.onednn_geglu; cpuattn: attention through
+the C++ AVX512_BF16 kernel, kernels.use("cpu"); --keep-freed:
 the CLI's allocator setting, for every side). Prints
 each side's median and min step time and its ratio to the first side's median, and the machine.
 """
@@ -25,17 +26,18 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import bench  # noqa: E402 (the SD 1.5 files' builder)
 
+OPTIONS = {"channels_last", "prepack", "onednn", "fuse", "views", "shared", "unfused", "cpuattn"}
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def check(spec):
     lib, dt, *options = spec.split() + [""]
     options = [o for o in options if o]
-    if lib not in ("minidiff", "diffusers") or dt not in DTYPES or set(options) - {"channels_last", "prepack", "onednn", "fuse", "views", "shared", "unfused"}:
+    if lib not in ("minidiff", "diffusers") or dt not in DTYPES or set(options) - OPTIONS:
         raise SystemExit(f"cpu_ab.py: side {spec!r}: want 'minidiff|diffusers fp32|bf16|fp16 [channels_last] "
-                         "[prepack] [onednn] [fuse] [views] [shared] [unfused]'")
-    if {"prepack", "onednn", "views", "shared", "unfused"} & set(options) and lib != "minidiff":
-        raise SystemExit(f"cpu_ab.py: side {spec!r}: prepack, onednn, views, shared and unfused are minidiff's")
+                         "[prepack] [onednn] [fuse] [views] [shared] [unfused] [cpuattn]'")
+    if set(options) - {"channels_last", "fuse"} and lib != "minidiff":
+        raise SystemExit(f"cpu_ab.py: side {spec!r}: options but channels_last and fuse are minidiff's")
     return lib, dt, options
 
 
@@ -81,6 +83,9 @@ def main():
     x, c, t = torch.randn(a.batch, 4, 64, 64, generator=g), torch.randn(a.batch, 77, 768, generator=g), torch.tensor(500.0)
     from minidiff import ops
     head_major_from = ops.HEAD_MAJOR_FROM
+    if any("cpuattn" in check(spec)[2] for spec in a.sides):
+        from minidiff.kernels import cpu_attention
+        cpu_attention.load()  # built before the timing
     sides = []
     for spec in a.sides:
         model, dtype, options = load(spec, root)
@@ -96,10 +101,11 @@ def main():
                 ops.HEAD_MAJOR_FROM = float("inf") if "views" in options else head_major_from
                 # any op in the seam but the reference itself turns the fused GEGLU off (unet_blocks.GEGLU)
                 ops.geglu = (lambda h: ops.ref_geglu(h)) if "unfused" in options else ops.ref_geglu
+                ops.attention = cpu_attention.attention if "cpuattn" in options else ops.ref_attention
                 start = time.perf_counter()
                 model(*args)
                 times.append(time.perf_counter() - start)
-    ops.HEAD_MAJOR_FROM, ops.geglu = head_major_from, ops.ref_geglu
+    ops.HEAD_MAJOR_FROM, ops.geglu, ops.attention = head_major_from, ops.ref_geglu, ops.ref_attention
     base = statistics.median(sides[0][3])
     for spec, _, _, times, _ in sides:
         print(f"{spec:34s} median {statistics.median(times):7.3f} s  min {min(times):7.3f} s  "

@@ -1,4 +1,4 @@
-"""Where an SD 1.5 UNet step's time goes on a CPU, op by op: torch.profiler over one step (batch 2, 64x64 latents,
+"""Where an SD 1.5 UNet step's time goes on a CPU, op by op: torch.profiler over one step (batch 2 or --batch 1, 64x64 latents,
 random weights in the real config, bench/bench.py's files), after one warm-up step, per dtype.
 
     python bench/cpu_profile.py --dtypes auto bfloat16 float32 --threads 1 [--lib minidiff diffusers]
@@ -46,7 +46,7 @@ LEAVES = ("aten::mkldnn_convolution", "aten::addmm", "aten::mm", "aten::bmm", "a
           "aten::add", "aten::add_", "aten::mul", "aten::div", "aten::cat", "aten::baddbmm")
 
 
-def profile_step(lib, dtype, root, threads):
+def profile_step(lib, dtype, root, threads, batch=2):
     torch.set_num_threads(threads)
     if lib == "minidiff":
         from minidiff import UNet2DConditionModel
@@ -56,7 +56,7 @@ def profile_step(lib, dtype, root, threads):
     layout = "channels_last" if m.conv_in.weight.is_contiguous(memory_format=torch.channels_last) else "NCHW"
     dtype = m.dtype
     g = torch.Generator().manual_seed(0)
-    x, c = torch.randn(2, 4, 64, 64, generator=g).to(dtype), torch.randn(2, 77, 768, generator=g).to(dtype)
+    x, c = torch.randn(batch, 4, 64, 64, generator=g).to(dtype), torch.randn(batch, 77, 768, generator=g).to(dtype)
     t = torch.tensor(500)
     with torch.no_grad():
         m(x, t, c)
@@ -72,7 +72,7 @@ def profile_step(lib, dtype, root, threads):
         by_op[e.key] += e.self_cpu_time_total
         counts[e.key] += e.count
     name = f"{lib} {str(dtype).replace('torch.', '')} {layout}"
-    print(f"\n### {name}: one UNet step, batch 2, 64x64, {threads} thread(s): {total / 1e6:.2f} s of self CPU time "
+    print(f"\n### {name}: one UNet step, batch {batch}, 64x64, {threads} thread(s): {total / 1e6:.2f} s of self CPU time "
           "(profiled)\n")
     print("| kind of op | s | share |\n| --- | ---: | ---: |")
     for kind, us in by_kind.most_common():
@@ -96,13 +96,14 @@ def main():
     p.add_argument("--dtypes", nargs="+", default=["auto", "bfloat16", "float32"])
     p.add_argument("--lib", nargs="+", default=["minidiff"], choices=["minidiff", "diffusers"])
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--batch", type=int, default=2, help="UNet batch: 2 = classifier-free guidance, 1 = LCM")
     a = p.parse_args()
     root = os.path.join(a.cache, "sd15")
     bench.build_sd15(root)
     print(f"machine: {bench.machine()}")
     for lib in a.lib:
         for dtype in a.dtypes:
-            profile_step(lib, dtype if dtype == "auto" else getattr(torch, dtype), root, a.threads)
+            profile_step(lib, dtype if dtype == "auto" else getattr(torch, dtype), root, a.threads, a.batch)
 
 
 if __name__ == "__main__":

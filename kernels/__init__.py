@@ -1,10 +1,11 @@
-"""Optional Triton kernels for the ops seam (see README.md).
+"""Optional kernels for the ops seam (see README.md): Triton's for CUDA, and a C++ attention for CPUs.
 
     from minidiff import kernels
     kernels.use("triton")     # group_norm(+SiLU), layer_norm, geglu, lora_linear, lut_weight -> kernels
+    kernels.use("cpu")        # attention -> the bf16 AVX512_BF16 kernel (cpu_attention.py; built at first use)
     kernels.use("reference")  # back to the plain PyTorch references (also ops.reset())
 
-or set MINIDIFF_KERNELS=triton before minidiff is imported. Kernels run on CUDA tensors; CPU tensors
+or set MINIDIFF_KERNELS=triton (or cpu) before minidiff is imported. Kernels run on CUDA tensors; CPU tensors
 take the reference (unless TRITON_INTERPRET=1, how the tests run the kernels without a GPU).
 Importing this package does not import Triton; use("triton") does, and says so when it is missing.
 """
@@ -16,7 +17,7 @@ from minidiff import ops
 # op name in the seam -> the file (module) holding its kernel wrapper of the same name
 KERNELS = {"group_norm": "group_norm", "layer_norm": "layer_norm", "geglu": "geglu", "lora_linear": "lora_linear",
            "lut_weight": "lut"}
-CHOICES = ("triton", "reference")
+CHOICES = ("triton", "cpu", "reference")
 
 
 def triton_ops():
@@ -30,17 +31,22 @@ def triton_ops():
 
 
 def use(kind="triton"):
-    """Turn the Triton kernels on ("triton") or off ("reference") through ops.use; returns its context
-    manager, so `with kernels.use("triton"): ...` puts back what was there before."""
+    """Turn the Triton kernels on ("triton"), the CPU attention kernel on ("cpu"; both may be on), or every kernel
+    off ("reference") through ops.use; returns its context manager, so `with kernels.use("triton"): ...` puts back
+    what was there before."""
     if kind not in CHOICES:
         raise ValueError(f"minidiff.kernels.use({kind!r}): choose one of {list(CHOICES)}")
     if kind == "reference":
-        return ops.use(**{name: None for name in KERNELS})
+        return ops.use(attention=None, **{name: None for name in KERNELS})
+    if kind == "cpu":
+        from . import cpu_attention
+        cpu_attention.load()  # built (or loaded) now: an error here, not at the first attention
+        return ops.use(attention=cpu_attention.attention)
     return ops.use(**triton_ops())
 
 
 def use_from_environment():
-    """MINIDIFF_KERNELS=triton|reference (unset or empty: nothing changes), read when minidiff is imported."""
+    """MINIDIFF_KERNELS=triton|cpu|reference (unset or empty: nothing changes), read when minidiff is imported."""
     kind = os.environ.get("MINIDIFF_KERNELS", "").strip().lower()
     if kind:
         if kind not in CHOICES:
