@@ -13,9 +13,9 @@ setup(
     install_requires=["torch>=2.1", "safetensors", "huggingface_hub", "tokenizers", "numpy", "pillow"],
     extras_require={
         "test": ["pytest", "diffusers==0.39.0", "transformers==4.57.6", "peft", "accelerate", "scikit-image",
-                 "compel==2.1.1", "pyparsing", "torchsde", "torchdiffeq", "scipy", "triton", "ninja"],  # torchsde..scipy: what k_diffusion.sampling imports (k-diffusion is installed --no-deps by .ci/run)
+                 "compel==2.1.1", "pyparsing", "torchsde", "torchdiffeq", "scipy", "triton", "ninja", "setuptools"],  # torchsde..scipy: what k_diffusion.sampling imports (k-diffusion is installed --no-deps by .ci/run)
         "triton": ["triton"],
-        "cpu-kernels": ["ninja"],  # kernels.use("cpu") builds its C++ with torch.utils.cpp_extension (and a C++ compiler)
+        "cpu-kernels": ["ninja", "setuptools"],  # kernels.use("cpu") builds its C++ with torch.utils.cpp_extension (and a C++ compiler)
     },
     entry_points={"console_scripts": ["minidiff=minidiff.cli:main"]},
 )

@@ -34,10 +34,13 @@ compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
 def missing():
     """Why the kernel cannot run here (a sentence), or None where it can: the CPU's AVX-512 flags, a C++ compiler
     and ninja (what torch.utils.cpp_extension builds with)."""
-    from torch.utils.cpp_extension import is_ninja_available
     lacking = [f for f in FLAGS if f not in cpu_flags()]
     if lacking:
         return f"this CPU lacks {', '.join(lacking)} (/proc/cpuinfo)"
+    try:
+        from torch.utils.cpp_extension import is_ninja_available
+    except ImportError as e:  # it imports setuptools, which Python 3.12's venvs lack
+        return f"torch.utils.cpp_extension cannot be imported ({e}; pip install setuptools)"
     compiler = os.environ.get("CXX", "c++")
     if shutil.which(compiler) is None:
         return f"no C++ compiler: {compiler!r} is not on PATH (set CXX)"
