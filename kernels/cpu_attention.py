@@ -17,6 +17,7 @@ import functools
 import os
 import shutil
 import sys
+import time
 
 import torch
 
@@ -28,6 +29,7 @@ SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention
 FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")  # what the kernel is compiled for
 CFLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
           "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP in PyTorch's CPU wheels
+STALE_LOCK_S = 300  # a build takes ~10 s here; a lock older than this is a killed build's
 compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
 
 
@@ -62,6 +64,10 @@ def load():
     if not os.path.exists(os.path.join(folder, f"{NAME}.so")):
         print(f"minidiff: compiling {SOURCE} (once; ~15 s on 2 cores; kept in {folder})", file=sys.stderr)
     os.makedirs(folder, exist_ok=True)
+    lock = os.path.join(folder, "lock")  # torch's build lock: a build killed midway leaves it, and every later
+    if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:  # load would wait forever
+        print(f"minidiff: removing {lock}, left by a build that did not finish", file=sys.stderr)
+        os.remove(lock)
     build(NAME, [SOURCE], extra_cflags=CFLAGS, extra_ldflags=["-fopenmp"], build_directory=folder,
           is_python_module=False, verbose=False)
     return torch.ops.minidiff_cpu.attention

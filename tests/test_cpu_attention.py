@@ -165,3 +165,24 @@ def test_cli_kernels_cpu_prints_records_replays_and_restores_the_seam(folder, tm
     a, b, c = (np.asarray(Image.open(p)).astype(int) for p in (out, again, plain))
     assert (a == b).all()
     assert np.abs(a - c).mean() <= 4  # SDPA's picture, to bf16 rounding (measured 2.1 of 255 on this tiny model)
+
+
+@needs_kernel
+def test_a_lock_left_by_a_killed_build_does_not_hang_the_next_load(capsys):
+    """torch's build lock, left behind by a build killed midway (Ctrl-C), would make every later load wait forever."""
+    import os
+    import time
+    import torch.utils.cpp_extension as ext
+    folder = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or ext.get_default_build_root(),
+                          f"{cpu_attention.NAME}-{torch.__version__}")
+    cpu_attention.load()
+    lock = os.path.join(folder, "lock")
+    open(lock, "w").close()
+    old = time.time() - cpu_attention.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    cpu_attention.load.cache_clear()
+    try:
+        assert cpu_attention.load() is not None
+    finally:
+        cpu_attention.load.cache_clear()
+    assert not os.path.exists(lock) and "left by a build that did not finish" in capsys.readouterr().err
