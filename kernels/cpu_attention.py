@@ -7,7 +7,7 @@ PyTorch's CPU flash attention does not use the bf16 dot-product units of CPUs wi
 faster than its fp32), and attention is a third of a bf16 SD 1.5 step there. This kernel runs both matmuls on them
 and keeps the softmax in fp32 (cpu_attention.cpp says how): 0.4-0.5x SDPA's time on SD 1.5's and SDXL's shapes, the
 same error against float64 (tests/test_cpu_attention.py). It is C++, outside plain PyTorch, so it is opt-in: built
-by torch.utils.cpp_extension at its first use (~15 s on 2 cores; needs a C++ compiler and ninja) and kept in
+by torch.utils.cpp_extension at its first use (~10 s on 2 cores; needs a C++ compiler and ninja) and kept in
 torch's extensions folder ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) for later processes.
 
 It takes bf16 CPU calls without a mask, causal flag, fp32 upcast or the classic math, with even head widths up to
@@ -23,6 +23,7 @@ import torch
 
 from minidiff import ops
 from minidiff.device import cpu_flags
+from minidiff.prepack import compiling
 
 NAME = "minidiff_cpu_attention"
 SOURCE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "cpu_attention.cpp")
@@ -30,7 +31,6 @@ FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512dq", "avx512_bf16")  # what t
 CFLAGS = ["-O3", "-std=c++17", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mavx512bf16", "-mfma",
           "-fopenmp"]  # -fopenmp: at::parallel_for is OpenMP in PyTorch's CPU wheels
 STALE_LOCK_S = 300  # a build takes ~10 s here; a lock older than this is a killed build's
-compiling = getattr(torch.compiler, "is_compiling", None) or (lambda: False)
 
 
 def missing():
@@ -62,7 +62,7 @@ def load():
     # one folder per torch version: the built library links against that torch's ABI
     folder = os.path.join(os.environ.get("TORCH_EXTENSIONS_DIR") or get_default_build_root(), f"{NAME}-{torch.__version__}")
     if not os.path.exists(os.path.join(folder, f"{NAME}.so")):
-        print(f"minidiff: compiling {SOURCE} (once; ~15 s on 2 cores; kept in {folder})", file=sys.stderr)
+        print(f"minidiff: compiling {SOURCE} (once; ~10 s on 2 cores; kept in {folder})", file=sys.stderr)
     os.makedirs(folder, exist_ok=True)
     lock = os.path.join(folder, "lock")  # torch's build lock: a build killed midway leaves it, and every later
     if os.path.exists(lock) and time.time() - os.path.getmtime(lock) > STALE_LOCK_S:  # load would wait forever

@@ -51,9 +51,8 @@ def parse_args(argv):
                                                           "caches the kernels across runs)")
     g.add_argument("--prepack", action="store_true", help="CPU: the denoiser's convolution weights reordered once "
                                                           "for oneDNN (one more copy of them; faster fp32 steps)")
-    g.add_argument("--kernels", choices=["cpu"], default=None, help="cpu: bf16 attention through minidiff's "
-                   "AVX512_BF16 C++ kernel (kernels/cpu_attention.py: compiled at first use, needs a C++ compiler "
-                   "and ninja; 0.4-0.5x SDPA's time on Zen 4)")
+    g.add_argument("--kernels", choices=["cpu"], default=None, help="cpu: bf16 attention through the AVX512_BF16 "
+                   "C++ kernel (kernels/cpu_attention.py; built at first use: a C++ compiler and ninja)")
     g.add_argument("--out", default="out.png", help="PNG file to write (default: out.png)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25, or 4 with --lcm)")
     g.add_argument("--guidance", type=float, default=None, help="guidance scale (default: 7.5 / bundled 5.0 / 1.0 with --lcm)")
@@ -194,8 +193,7 @@ def png_parameters(a, steps, guidance, width, height, sampler, model, dtype=None
     settings = {"Steps": steps, "Sampler": sampler, "CFG scale": guidance, "Seed": a.seed, "Size": f"{width}x{height}",
                 "Model": model, "LoRA": "LCM" if a.lcm else None, "Clip skip": a.clip_skip,
                 "Prompt syntax": a.prompt_syntax, "Dtype": dtype, "Layout": getattr(a, "layout", None),
-                "Prepacked": "yes" if getattr(a, "prepack", False) else None,
-                "Kernels": getattr(a, "kernels", None)}
+                "Prepacked": "yes" if getattr(a, "prepack", False) else None, "Kernels": getattr(a, "kernels", None)}
     return format_infotext(a.prompt, a.negative, settings)
 
 
@@ -308,8 +306,7 @@ def generate(a):
             use_kernels("cpu")
         except RuntimeError as e:
             raise SystemExit(f"minidiff: --kernels cpu: {e}") from None
-        print("minidiff: attention through the CPU kernel (kernels/cpu_attention.py) where it takes the call "
-              f"(bf16{'' if dtype == torch.bfloat16 else f'; this run is {dtype}: SDPA throughout'})", file=sys.stderr)
+        print("minidiff: attention through the CPU kernel (bf16 calls; the rest on SDPA)", file=sys.stderr)
     wanted = a.dtype == "auto" or getattr(a, "layout", None) == "channels_last"  # auto, or a --from-png made so
     fmt = fast_memory_format(dtype, a.device) if wanted else None  # set while the weights are read: one copy
     if os.path.isfile(model):
