@@ -2,7 +2,7 @@
 
     from minidiff import kernels
     kernels.use("triton")     # group_norm(+SiLU), layer_norm, geglu, lora_linear, lut_weight -> kernels
-    kernels.use("cpu")        # attention -> the bf16 AVX512_BF16 kernel (cpu_attention.py; built at first use)
+    kernels.use("cpu")        # attention -> the AVX512_BF16 CPU kernel (cpu_attention.py; built at first use)
     kernels.use("reference")  # back to the plain PyTorch references (also ops.reset())
 
 or set MINIDIFF_KERNELS=triton (or cpu) before minidiff is imported. Kernels run on CUDA tensors; CPU tensors

@@ -51,7 +51,7 @@ def parse_args(argv):
                                                           "caches the kernels across runs)")
     g.add_argument("--prepack", action="store_true", help="CPU: the denoiser's convolution weights reordered once "
                                                           "for oneDNN (one more copy of them; faster fp32 steps)")
-    g.add_argument("--kernels", choices=["cpu"], default=None, help="cpu: bf16 attention through the AVX512_BF16 "
+    g.add_argument("--kernels", choices=["cpu"], default=None, help="cpu: bf16/fp32 attention through the AVX512_BF16 "
                    "C++ kernel (kernels/cpu_attention.py; built at first use: a C++ compiler and ninja)")
     g.add_argument("--out", default="out.png", help="PNG file to write (default: out.png)")
     g.add_argument("--steps", type=int, default=None, help="denoising steps (default: 25, or 4 with --lcm)")
@@ -306,7 +306,7 @@ def generate(a):
             use_kernels("cpu")
         except RuntimeError as e:
             raise SystemExit(f"minidiff: --kernels cpu: {e}") from None
-        print("minidiff: attention through the CPU kernel (bf16 calls; the rest on SDPA)", file=sys.stderr)
+        print("minidiff: attention through the CPU kernel (bf16 and fp32 calls; the rest on SDPA)", file=sys.stderr)
     wanted = a.dtype == "auto" or getattr(a, "layout", None) == "channels_last"  # auto, or a --from-png made so
     fmt = fast_memory_format(dtype, a.device) if wanted else None  # set while the weights are read: one copy
     if os.path.isfile(model):

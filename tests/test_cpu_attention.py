@@ -1,5 +1,5 @@
-"""The C++ bf16 attention kernel for AVX512_BF16 CPUs (kernels/cpu_attention.py) against float64 attention on the
-same bf16 inputs (no further off than PyTorch's SDPA), against SDPA and diffusers' UNet through the seam, the calls
+"""The C++ attention kernel for AVX512_BF16 CPUs (kernels/cpu_attention.py), bf16 and fp32, against float64
+attention on the same inputs (no further off than PyTorch's SDPA), against SDPA and diffusers' UNet through the seam, the calls
 it leaves to SDPA, and the CLI's --kernels cpu. Runs where the CPU has the flags and a compiler and ninja are there
 (the tests say which is missing otherwise); the error paths run everywhere."""
 import numpy as np
@@ -16,8 +16,12 @@ REASON = cpu_attention.missing()
 needs_kernel = pytest.mark.skipif(REASON is not None, reason=f"the CPU attention kernel cannot run here: {REASON}")
 
 
-def bf16(*shape, seed=0, scale=1.0):
-    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).bfloat16()
+def bf16(*shape, seed=0, scale=1.0, dtype=torch.bfloat16):
+    return (torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale).to(dtype)
+
+
+# dtype: (floor of the relative error against float64, max |kernel - SDPA| over max |v|)
+TOLERANCE = {torch.bfloat16: (1e-4, 0.05), torch.float32: (1e-7, 1e-5)}
 
 
 def relative_error(out, ref):
@@ -25,6 +29,7 @@ def relative_error(out, ref):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 @pytest.mark.parametrize("batch, queries, keys, heads, width, scale", [
     (2, 1000, 1000, 8, 40, 2.0),   # SD 1.5's first level (fewer tokens), keys not a multiple of 16 or 256
     (1, 300, 77, 5, 64, 1.0),      # cross-attention over the text, SDXL's width
@@ -33,22 +38,24 @@ def relative_error(out, ref):
     (1, 40, 64, 1, 256, 0.5),      # the widest head it takes
     (3, 17, 300, 4, 80, 8.0),      # sharp softmax (logits in the hundreds): the row max keeps it finite
 ])
-def test_the_kernel_is_as_close_to_float64_as_sdpa(batch, queries, keys, heads, width, scale):
+def test_the_kernel_is_as_close_to_float64_as_sdpa(batch, queries, keys, heads, width, scale, dtype):
     kernels.cpu_attention.load()
-    c = heads * width
-    q, k, v = bf16(batch, queries, c, seed=1, scale=scale), bf16(batch, keys, c, seed=2, scale=scale), bf16(batch, keys, c, seed=3)
+    c, (floor, off) = heads * width, TOLERANCE[dtype]
+    q, k = bf16(batch, queries, c, seed=1, scale=scale, dtype=dtype), bf16(batch, keys, c, seed=2, scale=scale, dtype=dtype)
+    v = bf16(batch, keys, c, seed=3, dtype=dtype)
     ref = ops.ref_attention(q.double(), k.double(), v.double(), heads)
     sdpa = ops.ref_attention(q, k, v, heads)
     out = cpu_attention.attention(q, k, v, heads)
-    assert out.shape == sdpa.shape and out.dtype == torch.bfloat16 and torch.isfinite(out).all()
-    assert relative_error(out, ref) <= 1.25 * relative_error(sdpa, ref) + 1e-4
-    assert (out.float() - sdpa.float()).abs().max().item() <= 0.05 * v.float().abs().max().item()
+    assert out.shape == sdpa.shape and out.dtype == dtype and torch.isfinite(out).all()
+    assert relative_error(out, ref) <= 1.25 * relative_error(sdpa, ref) + floor
+    assert (out.float() - sdpa.float()).abs().max().item() <= off * v.float().abs().max().item()
 
 
 @needs_kernel
-def test_strided_views_of_a_fused_projection_give_the_same_bits():
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_strided_views_of_a_fused_projection_give_the_same_bits(dtype):
     """The projections' outputs go in as views (token stride 3C for a fused QKV): read in place, same result."""
-    qkv = bf16(2, 200, 3 * 64, seed=4, scale=2.0)
+    qkv = bf16(2, 200, 3 * 64, seed=4, scale=2.0, dtype=dtype)
     q, k, v = qkv.chunk(3, dim=-1)
     assert not q.is_contiguous()
     out = cpu_attention.attention(q, k, v, 4)
@@ -56,7 +63,7 @@ def test_strided_views_of_a_fused_projection_give_the_same_bits():
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", ["mask", "causal", "upcast", "classic", "fp32", "odd width", "autograd"])
+@pytest.mark.parametrize("case", ["mask", "causal", "upcast", "classic", "fp16", "odd width", "autograd"])
 def test_calls_it_does_not_take_go_to_sdpa_unchanged(case, monkeypatch):
     kernel = cpu_attention.load()
     monkeypatch.setattr(cpu_attention, "load", lambda: pytest.fail(f"{case}: the kernel took the call"))
@@ -64,8 +71,8 @@ def test_calls_it_does_not_take_go_to_sdpa_unchanged(case, monkeypatch):
     q, k, v = bf16(1, 24, c, seed=5), bf16(1, 30, c, seed=6), bf16(1, 30, c, seed=7)
     kw = {"mask": {"mask": torch.rand(1, 1, 24, 30, generator=torch.Generator().manual_seed(0)) > 0.3},
           "causal": {"causal": True}, "upcast": {"upcast": True}, "classic": {"classic": True}}.get(case, {})
-    if case == "fp32":
-        q, k, v = q.float(), k.float(), v.float()
+    if case == "fp16":
+        q, k, v = q.half(), k.half(), v.half()
     if case == "autograd":
         q.requires_grad_(True)
     out = cpu_attention.attention(q, k, v, heads, **kw)
@@ -83,35 +90,36 @@ def folder(tmp_path_factory):
     return path
 
 
-def step(unet):
-    kw = {k: v.to(torch.bfloat16) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
+def step(unet, dtype):
+    kw = {k: v.to(dtype) if torch.is_tensor(v) and v.is_floating_point() and k != "timestep" else v
           for k, v in unet_inputs(unet).items()}
     with torch.no_grad():
         return unet(**kw).sample.float()
 
 
 @needs_kernel
-def test_a_unet_through_the_seam_matches_sdpa_and_diffusers(folder, monkeypatch):
-    """kernels.use("cpu") routes every attention of a bf16 UNet to the kernel (counted); the output is SDPA's and
-    diffusers' to bf16 rounding; kernels.use("reference") puts SDPA back."""
+@pytest.mark.parametrize("dtype, tolerance", [(torch.bfloat16, 3e-2), (torch.float32, 1e-4)])
+def test_a_unet_through_the_seam_matches_sdpa_and_diffusers(folder, monkeypatch, dtype, tolerance):
+    """kernels.use("cpu") routes every attention of a bf16 or fp32 UNet to the kernel (counted); the output is
+    SDPA's and diffusers' to rounding; kernels.use("reference") puts SDPA back."""
     import diffusers
     from minidiff import UNet2DConditionModel
-    ours = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.bfloat16)
-    theirs = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=torch.bfloat16)
-    sdpa, ref = step(ours), step(theirs)
+    ours = UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+    theirs = diffusers.UNet2DConditionModel.from_pretrained(folder, subfolder="unet", torch_dtype=dtype)
+    sdpa, ref = step(ours, dtype), step(theirs, dtype)
     kernel, calls = cpu_attention.load(), []
     monkeypatch.setattr(cpu_attention, "load", lambda: lambda *a: calls.append(a[0].shape) or kernel(*a))
     try:
         kernels.use("cpu")
-        out = step(ours)
+        out = step(ours, dtype)
     finally:
         kernels.use("reference")
     assert ops.attention is ops.ref_attention
     attentions = sum(type(m).__name__ == "Attention" for m in ours.modules())
     assert attentions > 0 and len(calls) == attentions
     scale = ref.abs().max().item()
-    assert (out - sdpa).abs().max().item() <= 3e-2 * scale
-    assert (out - ref).abs().max().item() <= 3e-2 * scale
+    assert (out - sdpa).abs().max().item() <= tolerance * scale
+    assert (out - ref).abs().max().item() <= tolerance * scale
 
 
 def test_without_the_cpu_flags_use_cpu_says_what_is_missing(monkeypatch):
