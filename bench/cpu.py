@@ -20,7 +20,8 @@ included), anon RSS the memory it owns at the end. The load average is recorded 
 Sides: "minidiff default" is the library's torch_dtype="auto" (the fast dtype, layout and linears: bf16 on a CPU
 where bf16 is fast, so "minidiff bf16" is the same run there and is left out unless named); "minidiff CLI
 default" and "minidiff CLI fp32" are what `minidiff generate` runs with --dtype auto and --dtype float32 (its
-allocator setting first, device.keep_freed_memory; the linears on oneDNN where measured faster); "minidiff compiled" is the default plus
+allocator setting first, device.keep_freed_memory; the linears on oneDNN where measured faster; the fast layout,
+for fp32 the VAE's); "minidiff compiled" is the default plus
 `pipe.unet.compile()`; compile time = step 1 - the median step. The compiled side's inductor cache
 (TORCHINDUCTOR_CACHE_DIR) starts empty for each benchmark: its first process compiles cold, later ones (the
 same shapes) read the cache. Ratios are against diffusers fp32, diffusers' default.
@@ -42,17 +43,20 @@ import bench  # noqa: E402 (the SD 1.5 configs and the builder of the random-wei
 MAX_RSS_MB = 8000  # a child past this is killed (the machine's memory is shared)
 
 CLI_ALLOCATOR = "from minidiff.device import keep_freed_memory; keep_freed_memory()"  # what the CLI does first
-CLI_LINEAR = "from minidiff.device import use_fast_linear; [use_fast_linear(m) for m in p.modules()]"
+CLI_FAST = ("from minidiff.device import use_fast_layout, use_fast_linear; "  # the CLI's layout (fp32: the VAE's)
+              "[(use_fast_layout(m), use_fast_linear(m)) for m in p.modules()]")  # and linears, for any dtype
 
 # side: (library, torch_dtype expression, what is done to the loaded pipeline `p`[, what runs before loading])
 SIDES = {
     # as `minidiff generate` runs them: its allocator setting, "auto" (dtype, layout, linears) or --dtype float32
     "minidiff CLI default": ("minidiff", "'auto'", "", CLI_ALLOCATOR),
-    "minidiff CLI fp32": ("minidiff", "torch.float32", CLI_LINEAR, CLI_ALLOCATOR),
+    "minidiff CLI fp32": ("minidiff", "torch.float32", CLI_FAST, CLI_ALLOCATOR),
     "minidiff CLI prepack": ("minidiff", "'auto'", "from minidiff.prepack import prepack_weights; "
                              "prepack_weights(p.unet)", CLI_ALLOCATOR),  # --prepack (the VAE decodes once)
     "minidiff CLI cpu kernel": ("minidiff", "'auto'", "", CLI_ALLOCATOR + "; from minidiff import kernels; "
                                 "kernels.use('cpu')"),  # --kernels cpu (the C++ attention; built before the timing)
+    "minidiff CLI fp32 cpu kernel": ("minidiff", "torch.float32", CLI_FAST, CLI_ALLOCATOR + "; from minidiff "
+                                     "import kernels; kernels.use('cpu')"),  # --dtype float32 --kernels cpu
     "minidiff default": ("minidiff", "'auto'", ""),
     "minidiff fp32": ("minidiff", "torch.float32", ""),
     "minidiff bf16": ("minidiff", "torch.bfloat16", ""),

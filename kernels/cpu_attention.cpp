@@ -27,6 +27,7 @@ namespace {
 
 constexpr int64_t QB = 32;   // query rows per task
 constexpr int64_t KB = 256;  // keys per block (a multiple of 32)
+constexpr int64_t MAXD = 512;  // the widest head: the VAE's mid-block attention (1 head of 512)
 
 // 2^x for x <= 0 (the row max is subtracted first): 2^round(x) * 2^f, f in [-0.5, 0.5], by a degree-7 polynomial
 // (relative error ~2e-7, below fp32's rounding of the sums it feeds)
@@ -163,10 +164,10 @@ void attend(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, doubl
   const int64_t tiles = (Lq + QB - 1) / QB;
   const float c = (float)(scale * 1.4426950408889634);  // log2(e): the exponentials are powers of 2
   at::parallel_for(0, B * H * tiles, 1, [&](int64_t begin, int64_t end) {
-    alignas(64) uint32_t Q[QB * 256];  // the task's queries as lanes (zeros past Lq)
+    alignas(64) uint32_t Q[QB * MAXD];  // the task's queries as lanes (zeros past Lq)
     alignas(64) float S[QB * KB];      // scores; fp32: P in place
     alignas(64) uint16_t Pb[QB * KB];  // bf16: P
-    alignas(64) float O[QB * 256];
+    alignas(64) float O[QB * MAXD];
     float m[QB], l[QB], alpha[QB];
     for (int64_t task = begin; task < end; task++) {
       const int64_t bh = task / tiles, i0 = (task % tiles) * QB, b = bh / H, h = bh % H;
@@ -250,7 +251,7 @@ at::Tensor attention(const at::Tensor& q, const at::Tensor& k, const at::Tensor&
   const int64_t B = q.size(0), H = q.size(1), D = q.size(3), Lk = k.size(2);
   TORCH_CHECK(k.size(0) == B && k.size(1) == H && k.size(3) == D && v.sizes() == k.sizes(),
               "cpu_attention: k and v must be (batch, heads, keys, dims) with q's batch, heads and dims");
-  TORCH_CHECK(D % 2 == 0 && D <= 256 && Lk >= 1, "cpu_attention: head dims must be even and at most 256, keys >= 1");
+  TORCH_CHECK(D % 2 == 0 && D <= MAXD && Lk >= 1, "cpu_attention: head dims must be even and at most 512, keys >= 1");
   TORCH_CHECK(q.stride(3) == 1 && k.stride(3) == 1 && v.stride(3) == 1, "cpu_attention: the dims must be contiguous");
   auto out = at::empty({B, q.size(2), H, D}, q.options());
   if (dtype == at::kBFloat16)

@@ -12,7 +12,7 @@ by torch.utils.cpp_extension at its first use (~10 s on 2 cores; needs a C++ com
 torch's extensions folder ($TORCH_EXTENSIONS_DIR, default ~/.cache/torch_extensions) for later processes.
 
 It takes bf16 and fp32 CPU calls without a mask, causal flag, fp32 upcast or the classic math, with even head widths up to
-256 and no autograd, outside torch.compile; every other call goes to ops.ref_attention (SDPA) unchanged.
+512 (the VAE's 1 x 512) and no autograd, outside torch.compile; every other call goes to ops.ref_attention (SDPA) unchanged.
 """
 import functools
 import os
@@ -79,7 +79,7 @@ def can_take(q, k, v, heads, mask, causal, upcast, classic):
     c, cv = q.shape[-1], v.shape[-1]
     return (not compiling() and mask is None and not causal and not upcast and not classic
             and q.device.type == "cpu" and q.dtype == k.dtype == v.dtype and q.dtype in DTYPES
-            and q.dim() == 3 and c == cv and c % heads == 0 and (c // heads) % 2 == 0 and c // heads <= 256
+            and q.dim() == 3 and c == cv and c % heads == 0 and (c // heads) % 2 == 0 and c // heads <= 512
             and k.shape[1] >= 1 and not (torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))))
 
 

@@ -307,7 +307,7 @@ def generate(a):
         except RuntimeError as e:
             raise SystemExit(f"minidiff: --kernels cpu: {e}") from None
         print("minidiff: attention through the CPU kernel (bf16 and fp32 calls; the rest on SDPA)", file=sys.stderr)
-    wanted = a.dtype == "auto" or getattr(a, "layout", None) == "channels_last"  # auto, or a --from-png made so
+    wanted = getattr(a, "layout", "fast") in ("fast", "channels_last")  # a --from-png: its layout, else the fast one
     fmt = fast_memory_format(dtype, a.device) if wanted else None  # set while the weights are read: one copy
     if os.path.isfile(model):
         pipe = DiffusionPipeline.from_single_file(model, torch_dtype=dtype, device=a.device,
@@ -325,7 +325,7 @@ def generate(a):
     a.layout = None
     if wanted and any([use_fast_layout(m, a.device) for m in pipe.modules()]):
         a.layout = "channels_last"  # recorded in the PNG: --from-png makes the same picture
-        print("minidiff: layout channels_last (auto: bf16 convolutions on a CPU run in NHWC)", file=sys.stderr)
+        print("minidiff: layout channels_last (CPU: bf16 convolutions and fp32 autoencoders run in NHWC)", file=sys.stderr)
     linears = sum([use_fast_linear(m, a.device) for m in pipe.modules()])
     if linears:  # the same picture (bf16 bitwise, fp32 to summation order), so not recorded in the PNG
         print(f"minidiff: {linears} linear layers on oneDNN's matmul (measured faster here than PyTorch's own)",

@@ -110,22 +110,26 @@ def latent_dtype(dtype):
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
-def fast_memory_format(dtype, device="cpu"):
+def fast_memory_format(dtype, device="cpu", decoder=False):
     """The layout convolutions run fastest in, where it differs from PyTorch's default: channels_last (NHWC) for
     bf16 on a CPU, whose oneDNN kernels compute in NHWC and otherwise reorder every NCHW input and output (an SD 1.5
-    bf16 UNet step: 13% less CPU time, its VAE decode 3x less, measured in docs/cpu_profile.md); None elsewhere
-    (fp32 convolutions measured the same in both layouts here)."""
-    if torch.device(device or "cpu").type == "cpu" and dtype == torch.bfloat16:
+    bf16 UNet step: 13% less CPU time, its VAE decode 3x less, measured in docs/cpu_profile.md), and for an fp32
+    `decoder` (an autoencoder: 128-512 channels at 256-512 px, where oneDNN's NHWC kernels beat its blocked NCHW
+    ones: SD 1.5's VAE decode 0.83x the time, TAESD's 0.68x, Zen 4); None elsewhere (an fp32 UNet measured the same
+    in both layouts, so it keeps NCHW and its memory-mapped weights)."""
+    on_cpu = torch.device(device or "cpu").type == "cpu"
+    if on_cpu and (dtype == torch.bfloat16 or (decoder and dtype == torch.float32)):
         return torch.channels_last
     return None
 
 
 def use_fast_layout(model, device=None):
-    """Put a model with convolutions (UNet, VAE, ...) in fast_memory_format(its dtype); returns whether it did.
-    What torch_dtype="auto" and the CLI's --dtype auto do after loading; the output is the same up to the dtype's
-    rounding (a different summation order)."""
+    """Put a model with convolutions (UNet, VAE, ...) in fast_memory_format(its dtype; a model with a `decoder`
+    is an autoencoder); returns whether it did. What torch_dtype="auto" and the CLI do after loading; the output
+    is the same up to the dtype's rounding (a different summation order)."""
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    fmt = fast_memory_format(convs[0].weight.dtype, device or convs[0].weight.device) if convs else None
+    fmt = (fast_memory_format(convs[0].weight.dtype, device or convs[0].weight.device, hasattr(model, "decoder"))
+           if convs else None)
     if fmt is None:
         return False
     model.to(memory_format=fmt)

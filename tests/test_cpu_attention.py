@@ -35,7 +35,8 @@ def relative_error(out, ref):
     (1, 300, 77, 5, 64, 1.0),      # cross-attention over the text, SDXL's width
     (1, 33, 513, 2, 160, 3.0),     # SD 1.5's third level width, a query tile cut short
     (1, 5, 1, 3, 2, 1.0),          # one key: the output is v
-    (1, 40, 64, 1, 256, 0.5),      # the widest head it takes
+    (1, 40, 64, 1, 256, 0.5),      # SDXL-refiner-like wide heads
+    (1, 300, 300, 1, 512, 0.3),    # the widest head it takes: the VAE's mid-block attention
     (3, 17, 300, 4, 80, 8.0),      # sharp softmax (logits in the hundreds): the row max keeps it finite
 ])
 def test_the_kernel_is_as_close_to_float64_as_sdpa(batch, queries, keys, heads, width, scale, dtype):
@@ -63,11 +64,11 @@ def test_strided_views_of_a_fused_projection_give_the_same_bits(dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", ["mask", "causal", "upcast", "classic", "fp16", "odd width", "autograd"])
+@pytest.mark.parametrize("case", ["mask", "causal", "upcast", "classic", "fp16", "odd width", "too wide", "autograd"])
 def test_calls_it_does_not_take_go_to_sdpa_unchanged(case, monkeypatch):
     kernel = cpu_attention.load()
     monkeypatch.setattr(cpu_attention, "load", lambda: pytest.fail(f"{case}: the kernel took the call"))
-    heads, c = 4, 4 * (5 if case == "odd width" else 8)
+    heads, c = (1, 514) if case == "too wide" else (4, 4 * (5 if case == "odd width" else 8))
     q, k, v = bf16(1, 24, c, seed=5), bf16(1, 30, c, seed=6), bf16(1, 30, c, seed=7)
     kw = {"mask": {"mask": torch.rand(1, 1, 24, 30, generator=torch.Generator().manual_seed(0)) > 0.3},
           "causal": {"causal": True}, "upcast": {"upcast": True}, "classic": {"classic": True}}.get(case, {})

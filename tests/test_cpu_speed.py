@@ -134,8 +134,17 @@ def test_a_wrong_memory_format_is_refused_before_anything_is_read(tmp_path):
 
 
 def test_auto_on_a_cpu_without_bf16_units_is_fp32_as_loaded(folder, plain_cpu):
+    """fp32 as loaded: the UNet in NCHW (its weights the file's mapped pages), the VAE in NHWC (an fp32 decode's
+    large maps run faster there: device.fast_memory_format), the same image as the plain load to fp32 rounding."""
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype="auto")
     assert pipe.unet.dtype == torch.float32 and not channels_last(pipe.unet)
+    assert channels_last(pipe.vae.decoder) and pipe.vae.dtype == torch.float32
+    plain = StableDiffusionPipeline.from_pretrained(folder)
+    assert not channels_last(plain.vae.decoder)
+    z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours, ref = pipe.vae.decode(z).sample, plain.vae.decode(z).sample
+    assert (ours - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
 def test_bf16_channels_last_matches_fp32_eager(folder):
@@ -234,8 +243,21 @@ def test_cli_prints_and_records_the_dtype(folder, tmp_path, capsys, bf16_cpu):
     fp32 = tmp_path / "c.png"
     main(["generate", "a red cube", "--model", folder, "--steps", "2", "--width", "32", "--height", "32",
           "--out", str(fp32)])
-    assert "dtype float32 (auto" in capsys.readouterr().err
-    assert "Dtype: float32" in Image.open(fp32).text["parameters"]
+    err, params = capsys.readouterr().err, Image.open(fp32).text["parameters"]
+    assert "dtype float32 (auto" in err and "layout channels_last" in err  # the fp32 VAE's (fast_memory_format)
+    assert "Dtype: float32" in params and "Layout: channels_last" in params
+    same = tmp_path / "d.png"
+    main(["generate", "--from-png", str(fp32), "--out", str(same)])
+    assert "layout channels_last" in capsys.readouterr().err
+    assert (np.asarray(Image.open(same)) == np.asarray(Image.open(fp32))).all()
+    # a PNG made before fp32 autoencoders ran in NHWC (no Layout) is replayed in NCHW, as it was made
+    from PIL.PngImagePlugin import PngInfo
+    info, older = PngInfo(), tmp_path / "e.png"
+    info.add_text("parameters", params.replace(", Layout: channels_last", ""))
+    Image.open(fp32).save(older, pnginfo=info)
+    assert "Layout" not in Image.open(older).text["parameters"]
+    main(["generate", "--from-png", str(older), "--out", str(tmp_path / "f.png")])
+    assert "layout channels_last" not in capsys.readouterr().err
 
 
 def psnr(a, b):
