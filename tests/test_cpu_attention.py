@@ -64,14 +64,16 @@ def test_strided_views_of_a_fused_projection_give_the_same_bits(dtype):
 
 
 @needs_kernel
-@pytest.mark.parametrize("case", ["mask", "causal", "upcast", "classic", "fp16", "odd width", "too wide", "autograd"])
+@pytest.mark.parametrize("case", ["mask", "causal", "upcast", "classic", "fp16", "odd width", "too wide", "fp32 wide", "autograd"])
 def test_calls_it_does_not_take_go_to_sdpa_unchanged(case, monkeypatch):
     kernel = cpu_attention.load()
     monkeypatch.setattr(cpu_attention, "load", lambda: pytest.fail(f"{case}: the kernel took the call"))
-    heads, c = (1, 514) if case == "too wide" else (4, 4 * (5 if case == "odd width" else 8))
+    heads, c = {"too wide": (1, 514), "fp32 wide": (1, 258), "odd width": (4, 20)}.get(case, (4, 32))
     q, k, v = bf16(1, 24, c, seed=5), bf16(1, 30, c, seed=6), bf16(1, 30, c, seed=7)
     kw = {"mask": {"mask": torch.rand(1, 1, 24, 30, generator=torch.Generator().manual_seed(0)) > 0.3},
           "causal": {"causal": True}, "upcast": {"upcast": True}, "classic": {"classic": True}}.get(case, {})
+    if case == "fp32 wide":
+        q, k, v = q.float(), k.float(), v.float()
     if case == "fp16":
         q, k, v = q.half(), k.half(), v.half()
     if case == "autograd":
