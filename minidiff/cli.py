@@ -325,7 +325,7 @@ def generate(a):
     a.layout = None
     if wanted and any([use_fast_layout(m, a.device) for m in pipe.modules()]):
         a.layout = "channels_last"  # recorded in the PNG: --from-png makes the same picture
-        print("minidiff: layout channels_last (CPU: bf16 convolutions and fp32 autoencoders run in NHWC)", file=sys.stderr)
+        print("minidiff: layout channels_last (bf16 convolutions on a CPU run in NHWC)", file=sys.stderr)
     linears = sum([use_fast_linear(m, a.device) for m in pipe.modules()])
     if linears:  # the same picture (bf16 bitwise, fp32 to summation order), so not recorded in the PNG
         print(f"minidiff: {linears} linear layers on oneDNN's matmul (measured faster here than PyTorch's own)",

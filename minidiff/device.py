@@ -11,6 +11,7 @@ On CUDA, bf16 where the GPU has it (same range as fp32: no VAE overflow), else f
 The library's default stays diffusers' (fp32 when nothing is passed); the CLI picks fast_dtype().
 Note: here "auto" means "this device's fast dtype", not transformers' "the dtype the file was saved in".
 """
+import collections
 import functools
 import os
 
@@ -110,29 +111,47 @@ def latent_dtype(dtype):
     return torch.float32 if dtype == torch.bfloat16 else dtype
 
 
-def fast_memory_format(dtype, device="cpu", decoder=False):
+def fast_memory_format(dtype, device="cpu"):
     """The layout convolutions run fastest in, where it differs from PyTorch's default: channels_last (NHWC) for
     bf16 on a CPU, whose oneDNN kernels compute in NHWC and otherwise reorder every NCHW input and output (an SD 1.5
-    bf16 UNet step: 13% less CPU time, its VAE decode 3x less, measured in docs/cpu_profile.md), and for an fp32
-    `decoder` (an autoencoder: 128-512 channels at 256-512 px, where oneDNN's NHWC kernels beat its blocked NCHW
-    ones: SD 1.5's VAE decode 0.83x the time, TAESD's 0.68x, Zen 4); None elsewhere (an fp32 UNet measured the same
-    in both layouts, so it keeps NCHW and its memory-mapped weights)."""
-    on_cpu = torch.device(device or "cpu").type == "cpu"
-    if on_cpu and (dtype == torch.bfloat16 or (decoder and dtype == torch.float32)):
+    bf16 UNet step: 13% less CPU time, its VAE decode 3x less, measured in docs/cpu_profile.md); None elsewhere
+    (an fp32 UNet measured the same in both layouts, so it keeps NCHW and its memory-mapped weights; fp32
+    autoencoders decode in NHWC without a copy of their weights: nhwc_decode)."""
+    if torch.device(device or "cpu").type == "cpu" and dtype == torch.bfloat16:
         return torch.channels_last
     return None
 
 
+def nhwc_decode(decode, z):
+    """decode(z) with z in channels_last where that is faster: an fp32 decode on a CPU, whose oneDNN convolutions
+    then run their NHWC kernels on the autoencoder's 128-512-channel maps at 256-512 px (SD 1.5's VAE to 512x512
+    15.0 s against 18.7-20.2 s in NCHW, TAESD 1.08 s against 1.60 s; Zen 4, 2 threads). The weights stay as loaded
+    (the file's mapped pages: no copy, no memory), the image comes back in NCHW, equal to the NCHW decode to fp32
+    rounding. Elsewhere decode(z) as it is (bf16 models are laid out in NHWC already: fast_memory_format)."""
+    if z.device.type == "cpu" and z.dtype == torch.float32 and z.dim() == 4:
+        return decode(z.contiguous(memory_format=torch.channels_last)).contiguous()
+    return decode(z)
+
+
 def use_fast_layout(model, device=None):
-    """Put a model with convolutions (UNet, VAE, ...) in fast_memory_format(its dtype; a model with a `decoder`
-    is an autoencoder); returns whether it did. What torch_dtype="auto" and the CLI do after loading; the output
-    is the same up to the dtype's rounding (a different summation order)."""
+    """Put a model with convolutions (UNet, VAE, ...) in fast_memory_format(its dtype); returns whether it did.
+    What torch_dtype="auto" and the CLI do after loading; the output is the same up to the dtype's rounding (a
+    different summation order). Where that copies weights, the model's
+    other tensors are copied too: loaded as the file's dtype they are its memory-mapped pages, and while one of them
+    lives the whole mapping does, every page read so far included (the old convolution weights: an SD 1.5 VAE
+    loaded in fp32 and laid out kept +0.3 GB resident beside their copies)."""
     convs = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)]
-    fmt = (fast_memory_format(convs[0].weight.dtype, device or convs[0].weight.device, hasattr(model, "decoder"))
-           if convs else None)
+    fmt = fast_memory_format(convs[0].weight.dtype, device or convs[0].weight.device) if convs else None
     if fmt is None:
         return False
+    tensors = list(model.parameters()) + list(model.buffers())
+    before = [t.data_ptr() for t in tensors]
     model.to(memory_format=fmt)
+    storages = collections.Counter(t.untyped_storage().data_ptr() for t in tensors)
+    if any(t.data_ptr() != p for t, p in zip(tensors, before)):  # something was copied: copy the rest
+        for t, p in zip(tensors, before):  # (not views of a shared storage, a fused QKV's: they stay one)
+            if t.data_ptr() == p and t.numel() and storages[t.untyped_storage().data_ptr()] == 1:
+                t.data = t.data.clone()
     return True
 
 

@@ -133,18 +133,53 @@ def test_a_wrong_memory_format_is_refused_before_anything_is_read(tmp_path):
                 load(missing, memory_format=bad)
 
 
+def test_a_layout_change_leaves_nothing_on_the_files_mapped_pages(folder, tmp_path):
+    """use_fast_layout on a bf16 VAE loaded as the file's dtype (its tensors the file's mapped pages) copies every
+    tensor, not only the convolution weights, so that the mapping can go (else the pages read so far stay resident
+    beside the copies); the values are the same."""
+    from minidiff import AutoencoderKL
+    AutoencoderKL.from_pretrained(folder, subfolder="vae", torch_dtype=torch.bfloat16).save_pretrained(tmp_path)
+    vae = AutoencoderKL.from_pretrained(tmp_path, torch_dtype=torch.bfloat16)
+    want = {k: t.clone() for k, t in vae.state_dict().items()}
+    before = {k: t.data_ptr() for k, t in vae.state_dict().items()}
+    assert device.use_fast_layout(vae) and channels_last(vae.decoder)
+    after = vae.state_dict()
+    assert all(after[k].data_ptr() != p for k, p in before.items() if after[k].numel())
+    assert all(torch.equal(after[k], t) for k, t in want.items())
+
+
 def test_auto_on_a_cpu_without_bf16_units_is_fp32_as_loaded(folder, plain_cpu):
-    """fp32 as loaded: the UNet in NCHW (its weights the file's mapped pages), the VAE in NHWC (an fp32 decode's
-    large maps run faster there: device.fast_memory_format), the same image as the plain load to fp32 rounding."""
+    """fp32 as loaded, the weights in NCHW (the file's mapped pages)."""
     pipe = StableDiffusionPipeline.from_pretrained(folder, torch_dtype="auto")
-    assert pipe.unet.dtype == torch.float32 and not channels_last(pipe.unet)
-    assert channels_last(pipe.vae.decoder) and pipe.vae.dtype == torch.float32
-    plain = StableDiffusionPipeline.from_pretrained(folder)
-    assert not channels_last(plain.vae.decoder)
+    assert pipe.unet.dtype == torch.float32 and not channels_last(pipe.unet) and not channels_last(pipe.vae.decoder)
+
+
+@pytest.mark.parametrize("kind", ["vae", "taesd"])
+def test_an_fp32_decode_runs_in_nhwc_with_the_weights_untouched(folder, kind, monkeypatch, tmp_path):
+    """An fp32 decode on a CPU hands its decoder the latents in channels_last (device.nhwc_decode: oneDNN's NHWC
+    kernels), with no copy of the weights; the image comes back in NCHW and equals the NCHW decode and diffusers'
+    to fp32 rounding."""
+    import diffusers
+    from minidiff import AutoencoderKL, AutoencoderTiny
+    if kind == "vae":
+        ours = AutoencoderKL.from_pretrained(folder, subfolder="vae")
+        theirs = diffusers.AutoencoderKL.from_pretrained(folder, subfolder="vae")
+    else:
+        torch.manual_seed(0)
+        theirs = diffusers.AutoencoderTiny(encoder_block_out_channels=(8, 8, 8, 8),
+                                           decoder_block_out_channels=(8, 8, 8, 8))
+        theirs.save_pretrained(tmp_path)
+        ours = AutoencoderTiny.from_pretrained(tmp_path)
+    weights = {k: t.data_ptr() for k, t in ours.state_dict().items()}
+    seen = []
+    monkeypatch.setattr(ours.decoder, "forward", (lambda f: lambda x: seen.append(
+        x.is_contiguous(memory_format=torch.channels_last)) or f(x))(ours.decoder.forward))
     z = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
-        ours, ref = pipe.vae.decode(z).sample, plain.vae.decode(z).sample
-    assert (ours - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
+        out, ref = ours.decode(z).sample, theirs.decode(z).sample
+    assert seen and all(seen) and out.is_contiguous()
+    assert {k: t.data_ptr() for k, t in ours.state_dict().items()} == weights
+    assert (out - ref).abs().max().item() <= 1e-4 * ref.abs().max().item()
 
 
 def test_bf16_channels_last_matches_fp32_eager(folder):
@@ -244,20 +279,13 @@ def test_cli_prints_and_records_the_dtype(folder, tmp_path, capsys, bf16_cpu):
     main(["generate", "a red cube", "--model", folder, "--steps", "2", "--width", "32", "--height", "32",
           "--out", str(fp32)])
     err, params = capsys.readouterr().err, Image.open(fp32).text["parameters"]
-    assert "dtype float32 (auto" in err and "layout channels_last" in err  # the fp32 VAE's (fast_memory_format)
-    assert "Dtype: float32" in params and "Layout: channels_last" in params
-    same = tmp_path / "d.png"
-    main(["generate", "--from-png", str(fp32), "--out", str(same)])
+    assert "dtype float32 (auto" in err and "layout channels_last" not in err  # an fp32 UNet keeps NCHW
+    assert "Dtype: float32" in params and "Layout" not in params
+    # an explicit --dtype bfloat16 gets the fast layout too (as every dtype gets oneDNN's linears)
+    main(["generate", "a red cube", "--model", folder, "--steps", "2", "--width", "32", "--height", "32",
+          "--dtype", "bfloat16", "--out", str(tmp_path / "d.png")])
     assert "layout channels_last" in capsys.readouterr().err
-    assert (np.asarray(Image.open(same)) == np.asarray(Image.open(fp32))).all()
-    # a PNG made before fp32 autoencoders ran in NHWC (no Layout) is replayed in NCHW, as it was made
-    from PIL.PngImagePlugin import PngInfo
-    info, older = PngInfo(), tmp_path / "e.png"
-    info.add_text("parameters", params.replace(", Layout: channels_last", ""))
-    Image.open(fp32).save(older, pnginfo=info)
-    assert "Layout" not in Image.open(older).text["parameters"]
-    main(["generate", "--from-png", str(older), "--out", str(tmp_path / "f.png")])
-    assert "layout channels_last" not in capsys.readouterr().err
+    assert "Layout: channels_last" in Image.open(tmp_path / "d.png").text["parameters"]
 
 
 def psnr(a, b):

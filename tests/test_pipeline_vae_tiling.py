@@ -42,7 +42,9 @@ def test_pipeline_vae_tiling_with_taesd_matches_diffusers(repo):
     with torch.no_grad():
         decoded = ref.vae.decode(latents / ref.vae.config.scaling_factor).sample
     want = ref.image_processor.postprocess(decoded, output_type="np")
-    assert np.abs(tiled - want).max() <= 1e-4  # images in [0, 1]; fp32 on both sides
+    # images in [0, 1]; fp32 on both sides, minidiff's decode in NHWC (device.nhwc_decode: another summation order,
+    # which this TAESD's large values magnify to ~3e-4 in a few pixels; a quarter of one uint8 level allowed)
+    assert np.abs(tiled - want).max() <= 1e-3
     assert np.abs(tiled - plain).max() > 1e-3  # tiling really ran (tiles and blends differ from one decode)
     ours.disable_vae_tiling()
     ours.disable_vae_slicing()

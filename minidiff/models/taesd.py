@@ -16,6 +16,7 @@ from typing import ClassVar
 import torch
 import torch.nn as nn
 
+from ..device import nhwc_decode
 from .base import ModelOutput
 from .autoencoder import ACTIVATIONS, Autoencoder, DecoderOutput, activation
 
@@ -193,7 +194,7 @@ class AutoencoderTiny(Autoencoder):
     def decode(self, x, generator=None, return_dict=True):
         """Latents (B, latent_channels, h, w) -> images in [-1, 1]. `generator` is unused (diffusers' signature)."""
         self._check_channels(x, self.config.latent_channels, "x", "latent_channels")
-        images = self._sliced(self._decode_one, x)
+        images = self._sliced(lambda t: nhwc_decode(self._decode_one, t), x)
         return DecoderOutput(images) if return_dict else (images,)
 
     def forward(self, sample, return_dict=True):

@@ -17,6 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .. import fused_qkv, ops
+from ..device import nhwc_decode
 from ..schedulers.common import randn_tensor
 # check_finite, retrieve_latents: also reachable as minidiff.models.vae.<name>
 from .autoencoder import (ACTIVATIONS, Autoencoder, DecoderOutput, activation, check_finite,  # noqa: F401
@@ -333,7 +334,7 @@ class AutoencoderKL(Autoencoder):
         """Latents (B, latent_channels, h, w) in the decoder's space -> images in about [-1, 1].
         `generator` is accepted for diffusers' signature and unused: decoding is deterministic."""
         self._check_channels(z, self.config.latent_channels, "z", "latent_channels")
-        images = self._sliced(self._decode_one, z)
+        images = self._sliced(lambda t: nhwc_decode(self._decode_one, t), z)
         return DecoderOutput(images) if return_dict else (images,)
 
     def forward(self, sample, sample_posterior=False, return_dict=True, generator=None):
