@@ -21,7 +21,7 @@ Sides: "minidiff default" is the library's torch_dtype="auto" (the fast dtype, l
 where bf16 is fast, so "minidiff bf16" is the same run there and is left out unless named); "minidiff CLI
 default" and "minidiff CLI fp32" are what `minidiff generate` runs with --dtype auto and --dtype float32 (its
 allocator setting first, device.keep_freed_memory; the linears on oneDNN where measured faster; the fast layout,
-for fp32 the VAE's); "minidiff compiled" is the default plus
+which fp32 leaves NCHW); "minidiff compiled" is the default plus
 `pipe.unet.compile()`; compile time = step 1 - the median step. The compiled side's inductor cache
 (TORCHINDUCTOR_CACHE_DIR) starts empty for each benchmark: its first process compiles cold, later ones (the
 same shapes) read the cache. Ratios are against diffusers fp32, diffusers' default.
@@ -43,8 +43,8 @@ import bench  # noqa: E402 (the SD 1.5 configs and the builder of the random-wei
 MAX_RSS_MB = 8000  # a child past this is killed (the machine's memory is shared)
 
 CLI_ALLOCATOR = "from minidiff.device import keep_freed_memory; keep_freed_memory()"  # what the CLI does first
-CLI_FAST = ("from minidiff.device import use_fast_layout, use_fast_linear; "  # the CLI's layout (fp32: the VAE's)
-              "[(use_fast_layout(m), use_fast_linear(m)) for m in p.modules()]")  # and linears, for any dtype
+CLI_FAST = ("from minidiff.device import use_fast_layout, use_fast_linear; "  # the CLI's layout and linears,
+            "[(use_fast_layout(m), use_fast_linear(m)) for m in p.modules()]")  # for any dtype
 
 # side: (library, torch_dtype expression, what is done to the loaded pipeline `p`[, what runs before loading])
 SIDES = {
